@@ -1,0 +1,444 @@
+//! What pymem needs to know about one interpreter binary (a static `python3.X`
+//! executable or a shared `libpython3.X.so`), read from the ELF file alone so
+//! that it works on stripped PGO/LTO builds: only `.dynsym`, the PLT and its
+//! relocations are used, and they exist in every dynamically linked build.
+use std::{collections::HashMap, fmt, path::Path};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+use object::{
+    Object, ObjectSection, ObjectSymbol, ObjectSymbolTable, RelocationTarget, SectionKind,
+    elf::{R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT},
+    read::elf::Dyn as _,
+    read::elf::ElfFile64,
+};
+
+/// A CPython version, from the binary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PyVersion {
+    pub major: u8,
+    pub minor: u8,
+    pub micro: u8,
+}
+
+impl fmt::Display for PyVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+    }
+}
+
+impl PyVersion {
+    /// pymalloc's arena size: 256 KiB up to 3.9, 1 MiB since 3.10.
+    pub fn arena_size(&self) -> u64 {
+        if (self.major, self.minor) >= (3, 10) {
+            1 << 20
+        } else {
+            256 << 10
+        }
+    }
+}
+
+/// A probe location inside the binary file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbePoint {
+    /// Virtual address in the ELF (for logs).
+    pub vaddr: u64,
+    /// File offset, what the kernel's uprobe takes.
+    pub file_offset: u64,
+}
+
+/// The libc entry points the interpreter calls through its PLT.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LibcStubs {
+    pub malloc: Option<ProbePoint>,
+    pub calloc: Option<ProbePoint>,
+    pub realloc: Option<ProbePoint>,
+    pub free: Option<ProbePoint>,
+    pub mmap: Option<ProbePoint>,
+    pub munmap: Option<ProbePoint>,
+}
+
+/// Everything needed to attach to one interpreter binary.
+#[derive(Clone, Debug)]
+pub struct Interpreter {
+    pub version: PyVersion,
+    /// Free-threaded (PEP 703) build: mimalloc, no pymalloc arenas.
+    pub free_threaded: bool,
+    pub stubs: LibcStubs,
+    pub trace_track: Option<ProbePoint>,
+    pub trace_untrack: Option<ProbePoint>,
+}
+
+/// Symbols whose definition marks a file as a CPython interpreter (an
+/// extension module only imports them).
+const INTERPRETER_SYMBOLS: [&str; 2] = ["PyObject_Malloc", "Py_Initialize"];
+
+/// Reads an interpreter binary. `name_hint` is the file name (used only when
+/// the binary carries no version of its own, and for `t` builds).
+pub fn analyze(path: &Path, name_hint: &str) -> Result<Interpreter> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: read-only private mapping; a binary changing under a running
+    // process is already undefined behaviour for that process.
+    let data = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("mapping {}", path.display()))?;
+    analyze_bytes(&data, name_hint)
+}
+
+/// The file is an executable that loads CPython from `libpython3.X.so`: the
+/// interpreter is that library, once the loader has mapped it.
+#[derive(Debug)]
+pub struct LinksLibpython;
+
+impl fmt::Display for LinksLibpython {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("links libpython dynamically")
+    }
+}
+
+impl std::error::Error for LinksLibpython {}
+
+/// Whether the ELF's dynamic section needs a `libpython3*` library.
+fn links_libpython(elf: &ElfFile64<'_, object::Endianness>) -> bool {
+    let endian = elf.endian();
+    let sections = elf.elf_section_table();
+    let Ok(Some((dynamic, link))) = sections.dynamic(endian, elf.data()) else {
+        return false;
+    };
+    let Ok(strings) = sections.strings(endian, elf.data(), link) else {
+        return false;
+    };
+    dynamic.iter().any(|entry| {
+        entry.tag32(endian) == Some(object::elf::DT_NEEDED)
+            && entry
+                .string(endian, strings)
+                .is_ok_and(|name| name.starts_with(b"libpython3"))
+    })
+}
+
+pub fn analyze_bytes(data: &[u8], name_hint: &str) -> Result<Interpreter> {
+    if data.len() < 4 || &data[..4] != b"\x7fELF" {
+        bail!("not an ELF file");
+    }
+    let elf =
+        ElfFile64::<object::Endianness>::parse(data).map_err(|e| anyhow!("unreadable ELF: {e}"))?;
+    if elf.architecture() != object::Architecture::X86_64 {
+        bail!("unsupported architecture {:?}", elf.architecture());
+    }
+    let defined: HashMap<&str, u64> = elf
+        .dynamic_symbols()
+        .filter(|s| s.is_definition())
+        .filter_map(|s| Some((s.name().ok()?, s.address())))
+        .collect();
+    if !INTERPRETER_SYMBOLS.iter().all(|s| defined.contains_key(s)) {
+        if links_libpython(&elf) {
+            return Err(LinksLibpython.into());
+        }
+        bail!("not a CPython interpreter (does not define PyObject_Malloc/Py_Initialize)");
+    }
+    let version = read_version(&elf, &defined, name_hint)?;
+    if !(3..=3).contains(&version.major) || version.minor < 6 {
+        bail!("unsupported Python version {version}");
+    }
+    let free_threaded = is_free_threaded(name_hint);
+    let stubs = plt_stubs(&elf).context("resolving the PLT")?;
+    let point = |name: &str| defined.get(name).and_then(|&a| probe_point(&elf, a));
+    Ok(Interpreter {
+        version,
+        free_threaded,
+        stubs,
+        trace_track: point("PyTraceMalloc_Track"),
+        trace_untrack: point("PyTraceMalloc_Untrack"),
+    })
+}
+
+/// Free-threaded builds carry the `t` ABI flag in their file names
+/// (`python3.13t`, `libpython3.13t.so`).
+fn is_free_threaded(name_hint: &str) -> bool {
+    let stem = name_hint.split(".so").next().unwrap_or(name_hint);
+    (stem.starts_with("python3.") || stem.starts_with("libpython3.")) && stem.ends_with('t')
+}
+
+/// Converts an ELF virtual address into a file offset via its section.
+pub fn probe_point(elf: &ElfFile64<'_, object::Endianness>, vaddr: u64) -> Option<ProbePoint> {
+    let section = elf.sections().find(|s| {
+        s.kind() == SectionKind::Text && vaddr >= s.address() && vaddr < s.address() + s.size()
+    })?;
+    let (offset, _) = section.file_range()?;
+    Some(ProbePoint {
+        vaddr,
+        file_offset: vaddr - section.address() + offset,
+    })
+}
+
+/// Reads a value of `len` bytes at `vaddr` from the file image.
+fn read_at<'d>(elf: &ElfFile64<'d, object::Endianness>, vaddr: u64, len: u64) -> Option<&'d [u8]> {
+    elf.sections().find_map(|s| {
+        if vaddr < s.address() || vaddr + len > s.address() + s.size() {
+            return None;
+        }
+        let data = s.data().ok()?;
+        let start = (vaddr - s.address()) as usize;
+        data.get(start..start + len as usize)
+    })
+}
+
+/// 3.11+: the exported `Py_Version` (PY_VERSION_HEX). Before: the
+/// `PY_VERSION` string that `Py_GetVersion` passes to its `snprintf`
+/// (decoded, since the literal is often tail-merged into another string).
+fn read_version(
+    elf: &ElfFile64<'_, object::Endianness>,
+    defined: &HashMap<&str, u64>,
+    name_hint: &str,
+) -> Result<PyVersion> {
+    if let Some(&addr) = defined.get("Py_Version")
+        && let Some(bytes) = read_at(elf, addr, 4)
+    {
+        let hex = u32::from_le_bytes(bytes.try_into().expect("4 bytes"));
+        return Ok(PyVersion {
+            major: (hex >> 24) as u8,
+            minor: (hex >> 16) as u8,
+            micro: (hex >> 8) as u8,
+        });
+    }
+    if let Some(&addr) = defined.get("Py_GetVersion")
+        && let Some(version) = version_from_get_version(elf, addr)
+    {
+        return Ok(version);
+    }
+    bail!("no Py_Version and no version string in Py_GetVersion (file {name_hint:?})")
+}
+
+/// Looks at the strings `Py_GetVersion` loads with RIP-relative `lea`s and
+/// returns the first that reads `3.X.Y`.
+fn version_from_get_version(
+    elf: &ElfFile64<'_, object::Endianness>,
+    addr: u64,
+) -> Option<PyVersion> {
+    let code = read_at(elf, addr, 128)?;
+    let decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+    for instr in decoder.into_iter().take(40) {
+        if instr.mnemonic() != Mnemonic::Lea || instr.memory_base() != Register::RIP {
+            continue;
+        }
+        let target = instr.ip_rel_memory_address();
+        let Some(bytes) = read_at(elf, target, 16) else {
+            continue;
+        };
+        let text: String = bytes
+            .iter()
+            .take_while(|&&b| b != 0)
+            .map(|&b| b as char)
+            .collect();
+        if let Some(version) = parse_version(&text) {
+            return Some(version);
+        }
+    }
+    None
+}
+
+/// `3.8.18` (optionally followed by a tag such as `+` or `rc1`).
+fn parse_version(text: &str) -> Option<PyVersion> {
+    let mut parts = text.splitn(3, '.');
+    let major: u8 = parts.next()?.parse().ok()?;
+    let minor: u8 = parts.next()?.parse().ok()?;
+    let micro_text = parts.next()?;
+    let digits: String = micro_text
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let micro: u8 = digits.parse().ok()?;
+    (major == 3).then_some(PyVersion {
+        major,
+        minor,
+        micro,
+    })
+}
+
+/// Finds the PLT stubs through which the interpreter calls libc's allocator.
+///
+/// Every `jmp *slot(%rip)` in `.plt`, `.plt.sec` and `.plt.got` is decoded
+/// (iced-x86), and its GOT slot is named by the JUMP_SLOT/GLOB_DAT relocation
+/// that fills it. The probe goes on the stub's first instruction (the
+/// `endbr64` of IBT stubs), so a return probe there sees the caller's return
+/// address on top of the stack.
+fn plt_stubs(elf: &ElfFile64<'_, object::Endianness>) -> Result<LibcStubs> {
+    let mut slot_names: HashMap<u64, String> = HashMap::new();
+    for (offset, reloc) in elf.dynamic_relocations().into_iter().flatten() {
+        let object::RelocationFlags::Elf { r_type } = reloc.flags() else {
+            continue;
+        };
+        if r_type != R_X86_64_JUMP_SLOT && r_type != R_X86_64_GLOB_DAT {
+            continue;
+        }
+        if let RelocationTarget::Symbol(index) = reloc.target()
+            && let Ok(symbol) = elf
+                .dynamic_symbol_table()
+                .context("no .dynsym")?
+                .symbol_by_index(index)
+            && let Ok(name) = symbol.name()
+        {
+            // Versioned names: `malloc@GLIBC_2.2.5` -> `malloc`.
+            let base = name.split('@').next().unwrap_or(name);
+            slot_names.insert(offset, base.to_string());
+        }
+    }
+    let mut stubs = LibcStubs::default();
+    for section in elf.sections() {
+        let Ok(name) = section.name() else { continue };
+        if !matches!(name, ".plt" | ".plt.sec" | ".plt.got") {
+            continue;
+        }
+        let code = section.data().map_err(|e| anyhow!("{name}: {e}"))?;
+        let Some((file_offset, _)) = section.file_range() else {
+            continue;
+        };
+        let mut decoder = Decoder::with_ip(64, code, section.address(), DecoderOptions::NONE);
+        let mut entry_start: Option<u64> = None;
+        for instr in &mut decoder {
+            if instr.code() == Code::Endbr64 {
+                entry_start = Some(instr.ip());
+                continue;
+            }
+            let is_slot_jump = instr.mnemonic() == Mnemonic::Jmp
+                && instr.op_count() == 1
+                && instr.op0_kind() == OpKind::Memory
+                && instr.memory_base() == Register::RIP;
+            if is_slot_jump && let Some(target) = slot_names.get(&instr.ip_rel_memory_address()) {
+                let vaddr = entry_start.unwrap_or(instr.ip());
+                let point = ProbePoint {
+                    vaddr,
+                    file_offset: vaddr - section.address() + file_offset,
+                };
+                let slot = match target.as_str() {
+                    "malloc" => &mut stubs.malloc,
+                    "calloc" => &mut stubs.calloc,
+                    "realloc" => &mut stubs.realloc,
+                    "free" => &mut stubs.free,
+                    "mmap" | "mmap64" => &mut stubs.mmap,
+                    "munmap" => &mut stubs.munmap,
+                    _ => {
+                        entry_start = None;
+                        continue;
+                    }
+                };
+                slot.get_or_insert(point);
+            }
+            entry_start = None;
+        }
+    }
+    Ok(stubs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_strings() {
+        assert_eq!(
+            parse_version("3.8.18"),
+            Some(PyVersion {
+                major: 3,
+                minor: 8,
+                micro: 18
+            })
+        );
+        assert_eq!(parse_version("3.9.2+").map(|v| v.micro), Some(2));
+        assert_eq!(parse_version("%.80s (%.80s) %.80s"), None);
+    }
+
+    /// Ground truth: each pyenv interpreter's own `sys.version_info`.
+    #[test]
+    fn reads_the_version_of_every_pyenv_interpreter() {
+        let root = std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+            .join(".pyenv/versions");
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            eprintln!("SKIP: no pyenv at {}", root.display());
+            return;
+        };
+        let mut checked = 0;
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let Some(lib) = std::fs::read_dir(dir.join("lib")).ok().and_then(|it| {
+                it.flatten().map(|e| e.path()).find(|p| {
+                    let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                    name.starts_with("libpython3") && name.contains(".so.")
+                })
+            }) else {
+                continue;
+            };
+            let name = lib.file_name().unwrap().to_string_lossy().into_owned();
+            let truth = std::process::Command::new(dir.join("bin/python3"))
+                .args(["-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"])
+                .output()
+                .unwrap();
+            let truth = String::from_utf8_lossy(&truth.stdout).trim().to_string();
+            let interp =
+                analyze(&lib, &name).unwrap_or_else(|e| panic!("{}: {e:#}", lib.display()));
+            assert_eq!(interp.version.to_string(), truth, "{}", lib.display());
+            assert!(interp.stubs.malloc.is_some() && interp.stubs.free.is_some());
+            assert!(interp.stubs.mmap.is_some() && interp.stubs.munmap.is_some());
+            checked += 1;
+        }
+        assert!(checked >= 3, "only {checked} pyenv interpreters found");
+    }
+
+    #[test]
+    fn free_threaded_names() {
+        assert!(is_free_threaded("python3.13t"));
+        assert!(is_free_threaded("libpython3.14t.so.1.0"));
+        assert!(!is_free_threaded("python3.11"));
+        assert!(!is_free_threaded("libpython3.11.so.1.0"));
+        assert!(!is_free_threaded("python3"));
+    }
+
+    #[test]
+    fn rejects_non_elf_and_truncated_elf() {
+        let err = analyze_bytes(b"#!/bin/sh\necho hi\n", "python3").unwrap_err();
+        assert!(err.to_string().contains("not an ELF"), "{err}");
+        let real = std::fs::read("/proc/self/exe").unwrap();
+        let err = analyze_bytes(&real[..200], "python3").unwrap_err();
+        assert!(err.to_string().contains("ELF"), "{err}");
+    }
+
+    #[test]
+    fn rejects_elf_that_is_not_python() {
+        let real = std::fs::read("/bin/ls").unwrap();
+        let err = analyze_bytes(&real, "ls").unwrap_err();
+        assert!(
+            err.to_string().contains("not a CPython interpreter"),
+            "{err}"
+        );
+    }
+
+    /// Ground truth from the system's own tools: objdump names the PLT stubs
+    /// (`<malloc@plt>`) in Debian's stripped PGO build.
+    #[test]
+    fn finds_plt_stubs_in_stripped_debian_python() {
+        let path = Path::new("/usr/bin/python3.11");
+        if !path.exists() {
+            eprintln!("SKIP: /usr/bin/python3.11 is not installed");
+            return;
+        }
+        let interp = analyze(path, "python3.11").unwrap();
+        assert_eq!((interp.version.major, interp.version.minor), (3, 11));
+        let dis = std::process::Command::new("objdump")
+            .args(["-d", "-j", ".plt", "-j", ".plt.sec", "/usr/bin/python3.11"])
+            .output()
+            .unwrap();
+        let dis = String::from_utf8_lossy(&dis.stdout);
+        for (name, point) in [
+            ("malloc", interp.stubs.malloc),
+            ("free", interp.stubs.free),
+            ("realloc", interp.stubs.realloc),
+            ("calloc", interp.stubs.calloc),
+            ("munmap", interp.stubs.munmap),
+        ] {
+            let point = point.unwrap_or_else(|| panic!("{name} stub not found"));
+            let label = format!("{:016x} <{name}@plt>:", point.vaddr);
+            assert!(dis.contains(&label), "objdump has no {label}");
+        }
+        assert!(interp.stubs.mmap.is_some());
+        assert!(interp.trace_track.is_some() && interp.trace_untrack.is_some());
+    }
+}

@@ -1,0 +1,248 @@
+//! Finding CPython processes: procfs for the processes, ELF analysis for the
+//! interpreter binary each one runs (cached per binary inode).
+pub mod elf;
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt as _,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+pub use elf::Interpreter;
+
+/// Identity of a binary file: probes shared by all its processes are
+/// attached once per inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BinaryId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// The interpreter binary a process runs.
+#[derive(Clone, Debug)]
+pub struct Binary {
+    pub id: BinaryId,
+    /// A path the kernel can open from our namespace: `/proc/PID/map_files/…`
+    /// or `/proc/PID/exe`, valid while the process lives.
+    pub open_path: PathBuf,
+    /// The path as the process sees it (inside its root).
+    pub display_path: String,
+    pub interpreter: Arc<Interpreter>,
+}
+
+/// A CPython process found in procfs.
+#[derive(Clone, Debug)]
+pub struct PythonProcess {
+    pub pid: u32,
+    /// PID inside the process's own PID namespace (innermost).
+    pub ns_pid: u32,
+    pub comm: String,
+    pub cmdline: String,
+    pub binary: Binary,
+}
+
+/// Why a process is not observed.
+#[derive(Debug)]
+pub enum Skip {
+    /// Not Python at all; not worth a log line above debug.
+    NotPython(String),
+    /// Looks like Python (name or libpython) but can't be observed: worth
+    /// one log line.
+    Unsupported(String),
+    /// The interpreter library is not mapped yet (just exec'd): try again.
+    NotYetMapped,
+    /// The process is gone.
+    Gone,
+}
+
+/// Caches binary analysis per inode, so hundreds of processes running the
+/// same interpreter cost one ELF read.
+#[derive(Default, Clone)]
+pub struct Discoverer {
+    /// `Err(None)`: an executable that links libpython (look at its maps
+    /// again); `Err(Some(reason))`: not usable.
+    #[allow(clippy::type_complexity)]
+    cache: Arc<Mutex<HashMap<BinaryId, Result<Arc<Interpreter>, Option<String>>>>>,
+}
+
+impl Discoverer {
+    pub fn inspect(&self, pid: u32) -> Result<PythonProcess, Skip> {
+        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+        let exe_link = proc_dir.join("exe");
+        let exe_target = match std::fs::read_link(&exe_link) {
+            Ok(target) => target.display().to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Skip::Gone),
+            // Kernel threads have no exe.
+            Err(e) => return Err(Skip::NotPython(format!("no executable: {e}"))),
+        };
+        let maps = std::fs::read_to_string(proc_dir.join("maps")).map_err(|_| Skip::Gone)?;
+        let exe_name = base_name(&exe_target).to_string();
+        let candidate = match find_libpython(&maps) {
+            Some((range, path)) => Some((proc_dir.join("map_files").join(range), path)),
+            None => None,
+        };
+        let (open_path, display_path) = match candidate {
+            Some(found) => found,
+            None => (exe_link.clone(), exe_target.clone()),
+        };
+        let name = base_name(&display_path).to_string();
+        let looks_like_python = name.contains("python") || exe_name.contains("python");
+        let meta = std::fs::metadata(&open_path).map_err(|_| Skip::Gone)?;
+        let id = BinaryId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        let analysis = {
+            let mut cache = self.cache.lock().expect("discover cache");
+            cache
+                .entry(id)
+                .or_insert_with(|| match elf::analyze(&open_path, &name) {
+                    Ok(interpreter) => Ok(Arc::new(interpreter)),
+                    Err(e) if e.is::<elf::LinksLibpython>() => Err(None),
+                    Err(e) => Err(Some(format!("{e:#}"))),
+                })
+                .clone()
+        };
+        let interpreter = match analysis {
+            Ok(interpreter) => interpreter,
+            // An executable linking libpython before the loader mapped it.
+            Err(None) => return Err(Skip::NotYetMapped),
+            Err(Some(reason)) => {
+                let reason = format!("{display_path}: {reason}");
+                return Err(if looks_like_python {
+                    Skip::Unsupported(reason)
+                } else {
+                    Skip::NotPython(reason)
+                });
+            }
+        };
+        let status = procfs::process::Process::new(pid as i32)
+            .and_then(|p| p.status())
+            .map_err(|_| Skip::Gone)?;
+        let ns_pid = status
+            .nspid
+            .as_ref()
+            .and_then(|ids| ids.last().copied())
+            .unwrap_or(pid as i32) as u32;
+        let cmdline = std::fs::read(proc_dir.join("cmdline"))
+            .map(|raw| {
+                raw.split(|&b| b == 0)
+                    .filter(|part| !part.is_empty())
+                    .map(|part| String::from_utf8_lossy(part).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        Ok(PythonProcess {
+            pid,
+            ns_pid,
+            comm: status.name,
+            cmdline,
+            binary: Binary {
+                id,
+                open_path,
+                display_path,
+                interpreter,
+            },
+        })
+    }
+
+    /// Forgets analysis results of binaries that no longer run.
+    pub fn retain(&self, keep: impl Fn(&BinaryId) -> bool) {
+        self.cache
+            .lock()
+            .expect("discover cache")
+            .retain(|id, _| keep(id));
+    }
+}
+
+/// Every numeric entry of /proc.
+pub fn all_pids() -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// True when `pid` is a thread-group leader (a process, not a thread).
+pub fn is_process(pid: u32) -> bool {
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.status())
+        .map(|s| s.tgid == pid as i32)
+        .unwrap_or(false)
+}
+
+fn base_name(path: &str) -> &str {
+    let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// The first executable mapping of a `libpython3.X[t].so` in a maps file:
+/// (`start-end` range for map_files, path).
+fn find_libpython(maps: &str) -> Option<(String, String)> {
+    maps.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let range = fields.next()?;
+        let _perms = fields.next()?;
+        let _offset = fields.next()?;
+        let _dev = fields.next()?;
+        let _inode = fields.next()?;
+        let path = fields.collect::<Vec<_>>().join(" ");
+        let name = base_name(&path);
+        (name.starts_with("libpython3") && name.contains(".so")).then(|| (range.to_string(), path))
+    })
+}
+
+/// Reads the current program break of a process (end of `[heap]`), or its
+/// start when it has no heap yet.
+pub fn current_brk(pid: u32) -> Result<u64> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .with_context(|| format!("reading maps of {pid}"))?;
+    for line in maps.lines() {
+        if line.ends_with("[heap]") {
+            let range = line.split_whitespace().next().unwrap_or_default();
+            let end = range
+                .split('-')
+                .nth(1)
+                .ok_or_else(|| anyhow!("bad maps line"))?;
+            return Ok(u64::from_str_radix(end, 16)?);
+        }
+    }
+    let stat = procfs::process::Process::new(pid as i32)?.stat()?;
+    match stat.start_brk {
+        Some(start) => Ok(start),
+        None => bail!("no heap and no start_brk for {pid}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_libpython_in_maps() {
+        let maps = "\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 123 /root/.pyenv/versions/3.11.7/bin/python3.11
+7f1c2a000000-7f1c2a100000 r--p 00000000 fe:01 456 /root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0
+7f1c2a100000-7f1c2a300000 r-xp 00100000 fe:01 456 /root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0
+";
+        let (range, path) = find_libpython(maps).unwrap();
+        assert_eq!(range, "7f1c2a000000-7f1c2a100000");
+        assert!(path.ends_with("libpython3.11.so.1.0"));
+        assert!(find_libpython("7f-8f r-xp 0 0:0 1 /usr/lib/libc.so.6\n").is_none());
+    }
+
+    #[test]
+    fn this_test_binary_is_not_python() {
+        let me = std::process::id();
+        match Discoverer::default().inspect(me) {
+            Err(Skip::NotPython(reason)) => assert!(reason.contains("not a CPython")),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

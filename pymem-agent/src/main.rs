@@ -1,0 +1,138 @@
+//! `pymem`: a system-wide eBPF observer of CPython memory.
+mod attach;
+mod discover;
+mod events;
+mod export;
+mod model;
+mod observer;
+mod top;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use log::info;
+
+use crate::{
+    export::ProcessLabel,
+    model::LeakPolicy,
+    observer::{Observer, ObserverConfig},
+};
+
+/// The agent's default address: loopback only; expose it deliberately.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
+
+#[derive(Parser)]
+#[command(
+    name = "pymem",
+    version,
+    about = "System-wide eBPF observer of CPython memory"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Observe every CPython process and serve metrics and the JSON API.
+    Agent(AgentArgs),
+    /// Live terminal view of every Python process's memory.
+    Top(top::TopArgs),
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ObserveArgs {
+    /// Trailing window for growth rate and leak detection (e.g. 60s, 5m).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub window: Duration,
+    /// How often the kernel counters are sampled.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub sample_interval: Duration,
+    /// Minimum growth over one window before a leak is suspected, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub leak_min_growth: u64,
+    /// Per-process budget of allocation-probe hits per second (each costs
+    /// ~1-10 µs); a process above it is moved to syscall accounting. 0
+    /// disables the budget.
+    #[arg(long, default_value_t = 1000)]
+    pub probe_budget: u64,
+    /// Allocation-probe hits a process may spend at once (imports at
+    /// start-up) before the per-second budget applies.
+    #[arg(long, default_value_t = 5000)]
+    pub probe_burst: u64,
+}
+
+impl ObserveArgs {
+    pub fn observer_config(&self) -> ObserverConfig {
+        ObserverConfig {
+            sample_interval: self.sample_interval,
+            policy: LeakPolicy {
+                window: self.window,
+                min_growth_bytes: self.leak_min_growth as f64,
+                ..LeakPolicy::default()
+            },
+            hit_budget_per_sec: self.probe_budget,
+            hit_budget_burst: self.probe_burst,
+            ..ObserverConfig::default()
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Address for /metrics and /api/v1 (HOST:PORT, or a port on 127.0.0.1).
+    #[arg(long, default_value = DEFAULT_LISTEN, value_parser = export::parse_listen)]
+    listen: SocketAddr,
+    /// Labels of per-process series (comma-separated). Fewer labels, fewer
+    /// series: without `pid`, processes sharing the other labels are summed.
+    #[arg(long, value_delimiter = ',', default_values_t = export::DEFAULT_LABELS.to_vec(), value_enum)]
+    labels: Vec<ProcessLabel>,
+    #[command(flatten)]
+    observe: ObserveArgs,
+}
+
+fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent(args) => run_agent(args),
+        Command::Top(args) => top::run(args),
+    }
+}
+
+fn run_agent(args: AgentArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        // Bind before loading probes: a busy port fails fast and clean.
+        let listener = export::bind(args.listen).await?;
+        let snapshot = Arc::new(RwLock::new(model::Snapshot::default()));
+        let (observer, events) = Observer::new(args.observe.observer_config(), snapshot.clone())?;
+        info!(
+            "serving http://{}/metrics and /api/v1/processes",
+            args.listen
+        );
+        let server = tokio::spawn(export::serve(listener, snapshot, args.labels));
+        let result = observer.run(events, shutdown_signal()).await;
+        server.abort();
+        result
+    })
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+}

@@ -1,0 +1,291 @@
+//! The per-process model: heap size from the kernel counters, its trend over
+//! a trailing window, and the leak verdict. Pure data, no I/O: the observer
+//! feeds it samples, the exporters read snapshots.
+use std::{collections::VecDeque, time::Duration};
+
+use pymem_common::ProcStats;
+use serde::{Deserialize, Serialize};
+
+/// How a process's memory outside pymalloc is being measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Accounting {
+    /// uprobes on the interpreter's libc allocator and extension tracking:
+    /// exact live bytes.
+    #[default]
+    Probes,
+    /// The process went over its probe budget: its per-allocation probes
+    /// are detached and growth outside pymalloc comes from brk/mmap
+    /// syscalls (live bytes at the switch are kept).
+    Syscalls,
+}
+
+/// Tuning of the leak detector.
+#[derive(Clone, Copy, Debug)]
+pub struct LeakPolicy {
+    /// Trailing window for the growth slope.
+    pub window: Duration,
+    /// Growth over one window below which nothing is called a leak.
+    pub min_growth_bytes: f64,
+    /// How well a straight line must explain the samples (R²): steady churn
+    /// scatters around a flat line and stays far below this.
+    pub min_fit: f64,
+}
+
+impl Default for LeakPolicy {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(60),
+            min_growth_bytes: 1024.0 * 1024.0,
+            min_fit: 0.8,
+        }
+    }
+}
+
+/// Heap bytes by source, from summed kernel counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeapBreakdown {
+    pub arena_bytes: u64,
+    pub raw_bytes: u64,
+    pub extension_bytes: u64,
+    /// Growth outside pymalloc seen through syscalls (syscall accounting).
+    pub syscall_bytes: u64,
+}
+
+impl HeapBreakdown {
+    pub fn from_stats(s: &ProcStats) -> Self {
+        Self {
+            arena_bytes: s.arena_alloc_bytes.saturating_sub(s.arena_free_bytes),
+            raw_bytes: s.raw_alloc_bytes.saturating_sub(s.raw_free_bytes),
+            extension_bytes: s.ext_alloc_bytes.saturating_sub(s.ext_free_bytes),
+            syscall_bytes: s.sys_alloc_bytes.saturating_sub(s.sys_free_bytes),
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.arena_bytes + self.raw_bytes + self.extension_bytes + self.syscall_bytes
+    }
+}
+
+/// The trailing samples of one process's heap.
+#[derive(Clone, Debug, Default)]
+pub struct HeapHistory {
+    /// (seconds since observation started, heap bytes)
+    samples: VecDeque<(f64, f64)>,
+}
+
+impl HeapHistory {
+    /// Keeps at most `retain` seconds of samples (the UI wants more history
+    /// than the leak window).
+    pub fn push(&mut self, t: f64, heap: u64, retain: f64) {
+        self.samples.push_back((t, heap as f64));
+        while self
+            .samples
+            .front()
+            .is_some_and(|&(first, _)| t - first > retain)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    pub fn points(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
+        self.samples.iter().copied()
+    }
+
+    /// Least-squares slope (bytes/s) and R² over the last `window` seconds,
+    /// with the time span actually covered.
+    pub fn trend(&self, window: f64) -> Trend {
+        let Some(&(last_t, _)) = self.samples.back() else {
+            return Trend::default();
+        };
+        let recent: Vec<(f64, f64)> = self
+            .samples
+            .iter()
+            .copied()
+            .filter(|&(t, _)| last_t - t <= window + 1e-9)
+            .collect();
+        if recent.len() < 2 {
+            return Trend::default();
+        }
+        let n = recent.len() as f64;
+        let mean_t = recent.iter().map(|p| p.0).sum::<f64>() / n;
+        let mean_y = recent.iter().map(|p| p.1).sum::<f64>() / n;
+        let (mut stt, mut sty, mut syy) = (0.0, 0.0, 0.0);
+        for &(t, y) in &recent {
+            stt += (t - mean_t) * (t - mean_t);
+            sty += (t - mean_t) * (y - mean_y);
+            syy += (y - mean_y) * (y - mean_y);
+        }
+        if stt == 0.0 {
+            return Trend::default();
+        }
+        let slope = sty / stt;
+        let fit = if syy == 0.0 {
+            0.0
+        } else {
+            (sty * sty) / (stt * syy)
+        };
+        Trend {
+            slope,
+            fit,
+            span: last_t - recent[0].0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Trend {
+    /// bytes per second
+    pub slope: f64,
+    /// R² of the linear fit, 0..1
+    pub fit: f64,
+    /// seconds covered by the samples used
+    pub span: f64,
+}
+
+impl Trend {
+    /// Growth sustained over a full window: positive slope, a good linear
+    /// fit, and enough bytes to matter. Churn has a flat, noisy trend.
+    pub fn is_leak(&self, policy: &LeakPolicy) -> bool {
+        let window = policy.window.as_secs_f64();
+        self.span >= window * 0.9
+            && self.slope > 0.0
+            && self.fit >= policy.min_fit
+            && self.slope * window >= policy.min_growth_bytes
+    }
+}
+
+/// One process as the API and the exporters see it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    /// PID inside the process's own PID namespace.
+    pub ns_pid: u32,
+    pub comm: String,
+    pub cmdline: String,
+    pub python_version: String,
+    /// Interpreter binary as the process sees it.
+    pub binary: String,
+    pub heap_bytes: u64,
+    pub heap: HeapBreakdown,
+    pub growth_bytes_per_second: f64,
+    pub rss_bytes: u64,
+    pub leak_suspected: bool,
+    pub allocated_bytes_total: u64,
+    pub freed_bytes_total: u64,
+    /// Per source (`arena`, `raw`, `extension`, `syscall`).
+    pub allocated_bytes_by_source: SourceTotals,
+    pub freed_bytes_by_source: SourceTotals,
+    pub accounting: Accounting,
+    /// Budgeted probe hits per second over the last sample interval.
+    pub probe_hits_per_second: f64,
+    /// Seconds since pymem started observing the process; memory allocated
+    /// before that is not in `heap_bytes`.
+    pub observed_seconds: f64,
+    /// Recent heap samples, oldest first: (seconds ago, bytes).
+    pub heap_history: Vec<(f64, u64)>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceTotals {
+    pub arena: u64,
+    pub raw: u64,
+    pub extension: u64,
+    pub syscall: u64,
+}
+
+impl SourceTotals {
+    pub fn allocated(s: &ProcStats) -> Self {
+        Self {
+            arena: s.arena_alloc_bytes,
+            raw: s.raw_alloc_bytes,
+            extension: s.ext_alloc_bytes,
+            syscall: s.sys_alloc_bytes,
+        }
+    }
+
+    pub fn freed(s: &ProcStats) -> Self {
+        Self {
+            arena: s.arena_free_bytes,
+            raw: s.raw_free_bytes,
+            extension: s.ext_free_bytes,
+            syscall: s.sys_free_bytes,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.arena + self.raw + self.extension + self.syscall
+    }
+
+    pub fn by_label(&self) -> [(&'static str, u64); 4] {
+        [
+            ("arena", self.arena),
+            ("raw", self.raw),
+            ("extension", self.extension),
+            ("syscall", self.syscall),
+        ]
+    }
+}
+
+/// Agent-wide figures for the exporters.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentInfo {
+    pub events_lost_total: u64,
+    pub live_map_full_total: u64,
+    pub attached_binaries: usize,
+    pub probe_links: usize,
+    pub skipped_processes_total: u64,
+    pub attach_errors_total: u64,
+    pub budget_switches_total: u64,
+}
+
+/// What the observer publishes once per sample interval.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Snapshot {
+    pub processes: Vec<ProcessInfo>,
+    pub agent: AgentInfo,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn history(points: impl IntoIterator<Item = (f64, f64)>) -> HeapHistory {
+        let mut h = HeapHistory::default();
+        for (t, y) in points {
+            h.push(t, y as u64, 600.0);
+        }
+        h
+    }
+
+    #[test]
+    fn steady_growth_is_a_leak_once_the_window_is_covered() {
+        let policy = LeakPolicy {
+            window: Duration::from_secs(10),
+            ..Default::default()
+        };
+        let growing = history((0..=12).map(|t| (t as f64, 1e8 + t as f64 * 1e6)));
+        let trend = growing.trend(10.0);
+        assert!((trend.slope - 1e6).abs() < 1.0, "{trend:?}");
+        assert!(trend.is_leak(&policy));
+        let young = history((0..=5).map(|t| (t as f64, 1e8 + t as f64 * 1e6)));
+        assert!(
+            !young.trend(10.0).is_leak(&policy),
+            "window not covered yet"
+        );
+    }
+
+    #[test]
+    fn churn_and_plateaus_are_not_leaks() {
+        let policy = LeakPolicy {
+            window: Duration::from_secs(10),
+            ..Default::default()
+        };
+        let churn = history((0..=20).map(|t| (t as f64, 1e8 + if t % 2 == 0 { 4e6 } else { 0.0 })));
+        assert!(!churn.trend(10.0).is_leak(&policy));
+        let flat = history((0..=20).map(|t| (t as f64, 5e7)));
+        assert!(!flat.trend(10.0).is_leak(&policy));
+        let shrinking = history((0..=20).map(|t| (t as f64, 1e9 - t as f64 * 1e6)));
+        assert!(!shrinking.trend(10.0).is_leak(&policy));
+    }
+}

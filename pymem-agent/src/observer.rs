@@ -1,0 +1,438 @@
+//! The observer: one task that owns the probes, follows processes, samples
+//! the kernel counters into the model and publishes snapshots.
+//!
+//! kernel probes -> ring buffer / counters -> this loop -> `Snapshot` ->
+//! exporters (metrics, JSON API, TUI).
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use log::{debug, info, warn};
+use pymem_common::{ProcStats, event_kind};
+use tokio::sync::mpsc;
+
+use crate::{
+    attach::{KernelConfig, Probes},
+    discover::{self, BinaryId, Discoverer, PythonProcess, Skip},
+    events::EventStream,
+    model::{
+        Accounting, AgentInfo, HeapBreakdown, HeapHistory, LeakPolicy, ProcessInfo, Snapshot,
+        SourceTotals,
+    },
+};
+
+#[derive(Clone, Copy, Debug)]
+pub struct ObserverConfig {
+    pub sample_interval: Duration,
+    pub policy: LeakPolicy,
+    /// Budgeted probe hits per process per second before it is moved to
+    /// syscall accounting; 0 = never.
+    pub hit_budget_per_sec: u64,
+    /// Hits a process may spend at once (start-up imports) on top of the rate.
+    pub hit_budget_burst: u64,
+    /// Full /proc rescans, a safety net behind exec/fork events.
+    pub rescan_interval: Duration,
+    /// Heap history kept per process (for the UI).
+    pub history: Duration,
+}
+
+impl Default for ObserverConfig {
+    fn default() -> Self {
+        Self {
+            sample_interval: Duration::from_secs(1),
+            policy: LeakPolicy::default(),
+            hit_budget_per_sec: 1000,
+            hit_budget_burst: 5000,
+            rescan_interval: Duration::from_secs(10),
+            history: Duration::from_secs(300),
+        }
+    }
+}
+
+pub type SharedSnapshot = Arc<RwLock<Snapshot>>;
+
+/// Results of discovery work done off the loop.
+enum Found {
+    Python(Box<PythonProcess>),
+    Skipped(u32, Skip),
+    /// The full scan finished; the set of pids seen in /proc.
+    ScanDone(HashSet<u32>),
+}
+
+struct Observed {
+    process: PythonProcess,
+    since: Instant,
+    history: HeapHistory,
+    accounting: Accounting,
+    stats: ProcStats,
+    last_hits: u64,
+    hits_per_second: f64,
+    last_sample: Instant,
+    rss_bytes: u64,
+}
+
+pub struct Observer {
+    config: ObserverConfig,
+    probes: Probes,
+    discoverer: Discoverer,
+    observed: HashMap<u32, Observed>,
+    /// Pids already inspected and found not to be Python (or unusable).
+    skipped: HashSet<u32>,
+    /// Binaries whose arena probes could not be attached (logged once).
+    failed_binaries: HashSet<BinaryId>,
+    found_tx: mpsc::UnboundedSender<Found>,
+    found_rx: mpsc::UnboundedReceiver<Found>,
+    info: AgentInfo,
+    exits_since_sweep: usize,
+    snapshot: SharedSnapshot,
+}
+
+impl Observer {
+    pub fn new(config: ObserverConfig, snapshot: SharedSnapshot) -> Result<(Self, EventStream)> {
+        let (probes, ring) = Probes::load(KernelConfig {
+            hit_budget_per_sec: config.hit_budget_per_sec,
+            hit_budget_burst: config.hit_budget_burst,
+        })?;
+        let events = EventStream::new(ring)?;
+        let (found_tx, found_rx) = mpsc::unbounded_channel();
+        Ok((
+            Self {
+                config,
+                probes,
+                discoverer: Discoverer::default(),
+                observed: HashMap::new(),
+                skipped: HashSet::new(),
+                failed_binaries: HashSet::new(),
+                found_tx,
+                found_rx,
+                info: AgentInfo::default(),
+                exits_since_sweep: 0,
+                snapshot,
+            },
+            events,
+        ))
+    }
+
+    /// Runs until `shutdown` completes; dropping the observer detaches
+    /// every probe.
+    pub async fn run(
+        mut self,
+        mut events: EventStream,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        tokio::pin!(shutdown);
+        self.spawn_scan();
+        let mut sample = tokio::time::interval(self.config.sample_interval);
+        sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rescan = tokio::time::interval(self.config.rescan_interval);
+        rescan.tick().await;
+        let mut sweep = tokio::time::interval(Duration::from_secs(60));
+        sweep.tick().await;
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                batch = events.next_batch() => {
+                    for event in batch? {
+                        self.on_event(event);
+                    }
+                }
+                Some(found) = self.found_rx.recv() => self.on_found(found),
+                _ = sample.tick() => self.sample(),
+                _ = rescan.tick() => self.spawn_scan(),
+                _ = sweep.tick() => self.sweep(),
+            }
+        }
+        info!("detaching probes from {} processes", self.observed.len());
+        Ok(())
+    }
+
+    fn on_event(&mut self, event: pymem_common::Event) {
+        let pid = event.tgid;
+        match event.kind {
+            event_kind::EXEC => {
+                // A tracked process that execs something else is a new image.
+                if self.observed.contains_key(&pid) {
+                    self.forget(pid);
+                }
+                self.skipped.remove(&pid);
+                self.spawn_inspect(pid, true);
+            }
+            event_kind::FORK => self.spawn_inspect(pid, false),
+            event_kind::EXIT => self.forget(pid),
+            event_kind::BUDGET_EXCEEDED => self.over_budget(pid, event.size),
+            event_kind::ARENA_ALLOC | event_kind::ARENA_FREE => {}
+            other => debug!("unknown event kind {other}"),
+        }
+    }
+
+    fn over_budget(&mut self, pid: u32, hits: u64) {
+        let Some(observed) = self.observed.get_mut(&pid) else {
+            return;
+        };
+        if observed.accounting == Accounting::Syscalls {
+            return;
+        }
+        let arena_size = observed.process.binary.interpreter.version.arena_size();
+        match self.probes.switch_to_syscalls(pid, arena_size) {
+            Ok(()) => {
+                observed.accounting = Accounting::Syscalls;
+                self.info.budget_switches_total += 1;
+                info!(
+                    "pid {pid} ({}): over its allocation-probe budget ({} hits/s, burst {}) after {hits} hits; now accounting memory outside pymalloc by brk/mmap syscalls",
+                    observed.process.comm,
+                    self.config.hit_budget_per_sec,
+                    self.config.hit_budget_burst
+                );
+            }
+            Err(e) => warn!("pid {pid}: switching to syscall accounting failed: {e:#}"),
+        }
+    }
+
+    fn forget(&mut self, pid: u32) {
+        if self.observed.remove(&pid).is_some() {
+            self.probes.forget_process(pid);
+            self.exits_since_sweep += 1;
+            debug!("pid {pid} exited");
+        }
+    }
+
+    /// Inspects one process off the loop. Right after exec the loader may
+    /// not have mapped libpython yet: retry for up to ~1 s.
+    fn spawn_inspect(&self, pid: u32, after_exec: bool) {
+        let discoverer = self.discoverer.clone();
+        let tx = self.found_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            if !after_exec && !discover::is_process(pid) {
+                return; // a new thread, not a new process
+            }
+            let delays_ms = [0u64, 10, 20, 40, 80, 150, 250, 400];
+            let mut last = Skip::Gone;
+            for delay in delays_ms {
+                std::thread::sleep(Duration::from_millis(delay));
+                match discoverer.inspect(pid) {
+                    Ok(process) => {
+                        let _ = tx.send(Found::Python(Box::new(process)));
+                        return;
+                    }
+                    Err(Skip::NotYetMapped) => last = Skip::NotYetMapped,
+                    Err(skip) => {
+                        last = skip;
+                        break;
+                    }
+                }
+            }
+            let _ = tx.send(Found::Skipped(pid, last));
+        });
+    }
+
+    /// Scans /proc for processes not yet known.
+    fn spawn_scan(&self) {
+        let known: HashSet<u32> = self
+            .observed
+            .keys()
+            .chain(self.skipped.iter())
+            .copied()
+            .collect();
+        let discoverer = self.discoverer.clone();
+        let tx = self.found_tx.clone();
+        let me = std::process::id();
+        tokio::task::spawn_blocking(move || {
+            let pids: HashSet<u32> = discover::all_pids().into_iter().collect();
+            for &pid in &pids {
+                if pid == me || known.contains(&pid) {
+                    continue;
+                }
+                let found = match discoverer.inspect(pid) {
+                    Ok(process) => Found::Python(Box::new(process)),
+                    Err(skip) => Found::Skipped(pid, skip),
+                };
+                if tx.send(found).is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(Found::ScanDone(pids));
+        });
+    }
+
+    fn on_found(&mut self, found: Found) {
+        match found {
+            Found::Python(process) => self.observe(*process),
+            Found::Skipped(pid, skip) => {
+                match &skip {
+                    Skip::Unsupported(reason) => {
+                        self.info.skipped_processes_total += 1;
+                        info!("pid {pid}: not observed: {reason}");
+                    }
+                    Skip::NotPython(reason) => debug!("pid {pid}: not Python: {reason}"),
+                    Skip::NotYetMapped => {
+                        info!("pid {pid}: links libpython but never mapped it; not observed")
+                    }
+                    Skip::Gone => debug!("pid {pid}: exited before it could be inspected"),
+                }
+                if !matches!(skip, Skip::Gone) {
+                    self.skipped.insert(pid);
+                }
+            }
+            Found::ScanDone(pids) => {
+                self.skipped.retain(|pid| pids.contains(pid));
+                let gone: Vec<u32> = self
+                    .observed
+                    .keys()
+                    .filter(|pid| !pids.contains(pid))
+                    .copied()
+                    .collect();
+                for pid in gone {
+                    self.forget(pid);
+                }
+            }
+        }
+    }
+
+    fn observe(&mut self, process: PythonProcess) {
+        let pid = process.pid;
+        if self.observed.contains_key(&pid) {
+            return;
+        }
+        let interp = &process.binary.interpreter;
+        if interp.free_threaded {
+            self.skipped.insert(pid);
+            self.info.skipped_processes_total += 1;
+            info!(
+                "pid {pid} ({}): free-threaded Python {} uses mimalloc, not pymalloc arenas; not supported yet",
+                process.comm, interp.version
+            );
+            return;
+        }
+        if self.failed_binaries.contains(&process.binary.id) {
+            self.skipped.insert(pid);
+            return;
+        }
+        if let Err(e) = self.probes.ensure_binary(&process.binary) {
+            warn!("{e:#}; processes running it are not observed");
+            self.failed_binaries.insert(process.binary.id);
+            self.info.attach_errors_total += 1;
+            self.skipped.insert(pid);
+            return;
+        }
+        if let Err(e) = self.probes.attach_process(pid, &process.binary) {
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                self.info.attach_errors_total += 1;
+                warn!("pid {pid} ({}): attaching failed: {e:#}", process.comm);
+            } else {
+                debug!("pid {pid} exited during attach: {e:#}");
+            }
+            return;
+        }
+        info!(
+            "observing pid {pid} ({}) Python {} from {}",
+            process.comm, interp.version, process.binary.display_path
+        );
+        let now = Instant::now();
+        self.observed.insert(
+            pid,
+            Observed {
+                process,
+                since: now,
+                history: HeapHistory::default(),
+                accounting: Accounting::Probes,
+                stats: ProcStats::default(),
+                last_hits: 0,
+                hits_per_second: 0.0,
+                last_sample: now,
+                rss_bytes: 0,
+            },
+        );
+    }
+
+    fn sample(&mut self) {
+        let now = Instant::now();
+        let page_size = procfs::page_size();
+        let retain = self.config.history.as_secs_f64();
+        let mut processes = Vec::with_capacity(self.observed.len());
+        let mut gone = Vec::new();
+        for (&pid, observed) in self.observed.iter_mut() {
+            let Ok(statm) = procfs::process::Process::new(pid as i32).and_then(|p| p.statm())
+            else {
+                gone.push(pid);
+                continue;
+            };
+            observed.rss_bytes = statm.resident * page_size;
+            let stats = self.probes.process_stats(pid).unwrap_or_default();
+            let dt = now.duration_since(observed.last_sample).as_secs_f64();
+            if dt > 0.0 {
+                observed.hits_per_second =
+                    stats.probe_hits.saturating_sub(observed.last_hits) as f64 / dt;
+            }
+            observed.last_hits = stats.probe_hits;
+            observed.last_sample = now;
+            observed.stats = stats;
+            let heap = HeapBreakdown::from_stats(&stats);
+            let t = now.duration_since(observed.since).as_secs_f64();
+            observed.history.push(t, heap.total(), retain);
+            processes.push(process_info(observed, heap, t, &self.config.policy));
+        }
+        for pid in gone {
+            self.forget(pid);
+        }
+        processes.sort_by_key(|p| p.pid);
+        self.info.events_lost_total = self.probes.events_lost();
+        self.info.live_map_full_total = self.probes.live_map_full();
+        self.info.attached_binaries = self.probes.attached_binaries();
+        self.info.probe_links = self.probes.probe_links();
+        let snapshot = Snapshot {
+            processes,
+            agent: self.info.clone(),
+        };
+        *self.snapshot.write().expect("snapshot lock") = snapshot;
+    }
+
+    fn sweep(&mut self) {
+        if self.exits_since_sweep == 0 {
+            return;
+        }
+        self.exits_since_sweep = 0;
+        let alive: HashSet<u32> = self.observed.keys().copied().collect();
+        self.probes.sweep(|pid| alive.contains(&pid));
+        let binaries: HashSet<BinaryId> = self
+            .observed
+            .values()
+            .map(|o| o.process.binary.id)
+            .collect();
+        self.probes.retain_binaries(|id| binaries.contains(id));
+        self.discoverer.retain(|id| binaries.contains(id));
+    }
+}
+
+fn process_info(o: &Observed, heap: HeapBreakdown, t: f64, policy: &LeakPolicy) -> ProcessInfo {
+    let trend = o.history.trend(policy.window.as_secs_f64());
+    let allocated = SourceTotals::allocated(&o.stats);
+    let freed = SourceTotals::freed(&o.stats);
+    ProcessInfo {
+        pid: o.process.pid,
+        ns_pid: o.process.ns_pid,
+        comm: o.process.comm.clone(),
+        cmdline: o.process.cmdline.clone(),
+        python_version: o.process.binary.interpreter.version.to_string(),
+        binary: o.process.binary.display_path.clone(),
+        heap_bytes: heap.total(),
+        heap,
+        growth_bytes_per_second: trend.slope,
+        rss_bytes: o.rss_bytes,
+        leak_suspected: trend.is_leak(policy),
+        allocated_bytes_total: allocated.total(),
+        freed_bytes_total: freed.total(),
+        allocated_bytes_by_source: allocated,
+        freed_bytes_by_source: freed,
+        accounting: o.accounting,
+        probe_hits_per_second: o.hits_per_second,
+        observed_seconds: t,
+        heap_history: o
+            .history
+            .points()
+            .map(|(at, bytes)| (t - at, bytes as u64))
+            .collect(),
+    }
+}

@@ -1,0 +1,174 @@
+//! Types shared by the eBPF programs and the agent.
+//!
+//! Everything that crosses the kernel boundary is `#[repr(C)]` and made of
+//! plain integers: no enums, no `Option`, no padding the verifier could trip
+//! over. Kinds are `u32` constants.
+#![no_std]
+
+/// Event kinds written to the `EVENTS` ring buffer.
+pub mod event_kind {
+    /// A task called execve; `tgid` is the new image's process.
+    pub const EXEC: u32 = 1;
+    /// A thread-group leader exited.
+    pub const EXIT: u32 = 2;
+    /// A process forked; `tgid` is the child, `addr` the parent's tgid.
+    pub const FORK: u32 = 3;
+    /// A pymalloc arena was mapped at `addr` with `size` bytes.
+    pub const ARENA_ALLOC: u32 = 4;
+    /// A pymalloc arena at `addr` (`size` bytes) was unmapped.
+    pub const ARENA_FREE: u32 = 5;
+    /// The process used up its probe-hit budget (token bucket); `size` is
+    /// its budgeted probe hits so far.
+    pub const BUDGET_EXCEEDED: u32 = 6;
+}
+
+/// One ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub kind: u32,
+    pub tgid: u32,
+    /// Thread id (kernel pid) that produced the event.
+    pub tid: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` at the event.
+    pub ts_ns: u64,
+    pub addr: u64,
+    pub size: u64,
+}
+
+/// Per-process counters kept by the kernel side in a per-CPU hash map keyed
+/// by tgid. Userspace sums the per-CPU copies.
+///
+/// Sources:
+/// - `arena`: pymalloc arenas mapped/unmapped by the interpreter,
+/// - `raw`: blocks the interpreter took from libc `malloc` (requests that
+///   leave pymalloc, > 512 bytes, and the raw domain),
+/// - `ext`: extension buffers reported with `PyTraceMalloc_Track/Untrack`,
+/// - `sys`: brk/mmap growth outside pymalloc while a process is under
+///   syscall accounting (after it exceeded its probe budget).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcStats {
+    pub arena_alloc_bytes: u64,
+    pub arena_free_bytes: u64,
+    pub arena_allocs: u64,
+    pub arena_frees: u64,
+    pub raw_alloc_bytes: u64,
+    pub raw_free_bytes: u64,
+    pub raw_allocs: u64,
+    pub raw_frees: u64,
+    pub ext_alloc_bytes: u64,
+    pub ext_free_bytes: u64,
+    pub ext_allocs: u64,
+    pub ext_frees: u64,
+    pub sys_alloc_bytes: u64,
+    pub sys_free_bytes: u64,
+    /// Hits of the PID-scoped (budgeted) probes: raw malloc family and
+    /// extension track/untrack, return probes included.
+    pub probe_hits: u64,
+    /// Allocations that could not be remembered because a live-block map
+    /// was full; their bytes are not in any `*_alloc_bytes`.
+    pub untracked_allocs: u64,
+}
+
+impl ProcStats {
+    /// Adds another CPU's copy into this one.
+    pub fn accumulate(&mut self, other: &ProcStats) {
+        self.arena_alloc_bytes += other.arena_alloc_bytes;
+        self.arena_free_bytes += other.arena_free_bytes;
+        self.arena_allocs += other.arena_allocs;
+        self.arena_frees += other.arena_frees;
+        self.raw_alloc_bytes += other.raw_alloc_bytes;
+        self.raw_free_bytes += other.raw_free_bytes;
+        self.raw_allocs += other.raw_allocs;
+        self.raw_frees += other.raw_frees;
+        self.ext_alloc_bytes += other.ext_alloc_bytes;
+        self.ext_free_bytes += other.ext_free_bytes;
+        self.ext_allocs += other.ext_allocs;
+        self.ext_frees += other.ext_frees;
+        self.sys_alloc_bytes += other.sys_alloc_bytes;
+        self.sys_free_bytes += other.sys_free_bytes;
+        self.probe_hits += other.probe_hits;
+        self.untracked_allocs += other.untracked_allocs;
+    }
+}
+
+/// Key of the live-block maps: one allocation of one process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BlockKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
+/// An allocation call in flight between its entry and return probe, keyed by
+/// the thread (`pid_tgid`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingCall {
+    /// Bytes requested.
+    pub size: u64,
+    /// For realloc: the block being resized (0 for malloc/calloc/mmap).
+    pub old_addr: u64,
+}
+
+/// Per-process token bucket of the kernel-side probe budget: refilled at
+/// the budgeted rate, one token per probe hit, capped at the burst size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BudgetState {
+    /// Tokens in units of 1e-9 hit (so refill is `elapsed_ns * rate`).
+    pub nano_tokens: u64,
+    pub last_ns: u64,
+    /// Non-zero once BUDGET_EXCEEDED was sent for this process.
+    pub notified: u64,
+}
+
+/// Per-process state of syscall accounting (processes over budget).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallModeState {
+    /// Last program break seen; 0 until the first brk returns.
+    pub brk: u64,
+    /// The arena size of this interpreter: anonymous mappings of exactly
+    /// this size are pymalloc's and already counted by the arena probes.
+    pub arena_size: u64,
+}
+
+/// Pending mmap syscall of a process under syscall accounting.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingMmap {
+    pub len: u64,
+}
+
+/// Index of the drop counters in the `COUNTERS` per-CPU array.
+pub mod counter {
+    /// Ring-buffer records lost because the buffer was full.
+    pub const EVENTS_LOST: u32 = 0;
+    /// Live-block map insertions that failed (map full).
+    pub const LIVE_MAP_FULL: u32 = 1;
+    pub const LEN: u32 = 2;
+}
+
+/// Cookies attached to the shared uprobes: which libc entry point of the
+/// interpreter the probe sits on. Arena probes carry the arena size instead.
+pub mod cookie {
+    pub const MALLOC: u64 = 1;
+    pub const CALLOC: u64 = 2;
+    pub const REALLOC: u64 = 3;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for ProcStats {}
+    unsafe impl aya::Pod for BlockKey {}
+    unsafe impl aya::Pod for PendingCall {}
+    unsafe impl aya::Pod for BudgetState {}
+    unsafe impl aya::Pod for SyscallModeState {}
+    unsafe impl aya::Pod for PendingMmap {}
+}

@@ -1,0 +1,189 @@
+//! Maps and load-time configuration shared by all probes.
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use pymem_common::{
+    BlockKey, BudgetState, Event, PendingCall, PendingMmap, ProcStats, SyscallModeState, counter,
+    event_kind,
+};
+
+/// Sustained budgeted probe hits per second a process may cost before the
+/// agent is told to move it to cheaper accounting; 0 disables the budget.
+/// Set at load time.
+#[unsafe(no_mangle)]
+static HIT_BUDGET_PER_SEC: u64 = 0;
+
+/// Budgeted probe hits a process may spend at once (start-up imports).
+#[unsafe(no_mangle)]
+static HIT_BUDGET_BURST: u64 = 0;
+
+const NANO: u64 = 1_000_000_000;
+
+/// Offset of `child_pid` in the `sched_process_fork` record (read from
+/// tracefs by the agent: it moved when the comm fields became `__data_loc`).
+#[unsafe(no_mangle)]
+static FORK_CHILD_PID_OFFSET: u64 = 20;
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Drop counters, see `pymem_common::counter`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+
+#[map]
+pub static PROC_STATS: PerCpuHashMap<u32, ProcStats> =
+    PerCpuHashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+
+/// Processes the agent observes (tgid -> arena size); used to follow forks.
+#[map]
+pub static TRACKED: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
+
+#[map]
+pub static ARENAS: HashMap<BlockKey, u64> = HashMap::with_max_entries(1 << 18, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static RAW_LIVE: HashMap<BlockKey, u64> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static EXT_LIVE: HashMap<BlockKey, u64> = HashMap::with_max_entries(1 << 18, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static SYS_LIVE: HashMap<BlockKey, u64> = HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static PENDING_ARENA: LruHashMap<u64, PendingCall> = LruHashMap::with_max_entries(16384, 0);
+
+#[map]
+pub static PENDING_RAW: LruHashMap<u64, PendingCall> = LruHashMap::with_max_entries(16384, 0);
+
+#[map]
+pub static PENDING_MMAP: LruHashMap<u64, PendingMmap> = LruHashMap::with_max_entries(16384, 0);
+
+#[map]
+pub static BUDGET: HashMap<u32, BudgetState> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+
+/// Processes under syscall accounting, inserted by the agent.
+#[map]
+pub static SYSCALL_MODE: HashMap<u32, SyscallModeState> =
+    HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+
+#[inline(always)]
+pub fn current_ids() -> (u64, u32, u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    (pid_tgid, (pid_tgid >> 32) as u32, pid_tgid as u32)
+}
+
+#[inline(always)]
+pub fn bump_counter(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Sends one event; a full ring buffer is counted, never silent.
+#[inline(always)]
+pub fn emit(kind: u32, tgid: u32, tid: u32, addr: u64, size: u64) {
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut entry) => {
+            entry.write(Event {
+                kind,
+                tgid,
+                tid,
+                _pad: 0,
+                ts_ns: unsafe { bpf_ktime_get_ns() },
+                addr,
+                size,
+            });
+            entry.submit(0);
+        }
+        None => bump_counter(counter::EVENTS_LOST),
+    }
+}
+
+/// This CPU's counters of `tgid`, created on first use.
+#[inline(always)]
+pub fn stats(tgid: u32) -> Option<&'static mut ProcStats> {
+    if let Some(ptr) = PROC_STATS.get_ptr_mut(tgid) {
+        return Some(unsafe { &mut *ptr });
+    }
+    let _ = PROC_STATS.insert(tgid, ProcStats::default(), 0);
+    PROC_STATS.get_ptr_mut(tgid).map(|ptr| unsafe { &mut *ptr })
+}
+
+/// Remembers a live block; returns false (and counts it) when the map is full.
+#[inline(always)]
+pub fn remember(map: &HashMap<BlockKey, u64>, tgid: u32, addr: u64, size: u64) -> bool {
+    let key = BlockKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    if map.insert(key, size, 0).is_ok() {
+        true
+    } else {
+        bump_counter(counter::LIVE_MAP_FULL);
+        false
+    }
+}
+
+/// Forgets a live block and returns its size, if it was known.
+#[inline(always)]
+pub fn forget(map: &HashMap<BlockKey, u64>, tgid: u32, addr: u64) -> Option<u64> {
+    let key = BlockKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    let size = unsafe { map.get(key) }.copied()?;
+    map.remove(key).ok()?;
+    Some(size)
+}
+
+/// Charges one hit of a budgeted probe to `tgid` and tells the agent, once,
+/// when the process has used up its budget: a token bucket refilled at
+/// `HIT_BUDGET_PER_SEC` and holding at most `HIT_BUDGET_BURST` hits, so that
+/// start-up bursts (imports) pass and sustained hot loops do not.
+#[inline(always)]
+pub fn charge(tgid: u32, tid: u32, stats: &mut ProcStats) {
+    stats.probe_hits += 1;
+    let rate = unsafe { core::ptr::read_volatile(&HIT_BUDGET_PER_SEC) };
+    if rate == 0 {
+        return;
+    }
+    let capacity = unsafe { core::ptr::read_volatile(&HIT_BUDGET_BURST) } * NANO;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let state = match BUDGET.get_ptr_mut(tgid) {
+        Some(ptr) => unsafe { &mut *ptr },
+        None => {
+            let full = BudgetState {
+                nano_tokens: capacity,
+                last_ns: now,
+                notified: 0,
+            };
+            let _ = BUDGET.insert(tgid, full, 0);
+            match BUDGET.get_ptr_mut(tgid) {
+                Some(ptr) => unsafe { &mut *ptr },
+                None => return,
+            }
+        }
+    };
+    // Cap the elapsed time before multiplying so the refill cannot overflow.
+    let elapsed = now.saturating_sub(state.last_ns).min(capacity / rate + 1);
+    state.last_ns = now;
+    state.nano_tokens = (state.nano_tokens + elapsed * rate).min(capacity);
+    if state.nano_tokens >= NANO {
+        state.nano_tokens -= NANO;
+    } else if state.notified == 0 {
+        state.notified = 1;
+        emit(event_kind::BUDGET_EXCEEDED, tgid, tid, 0, stats.probe_hits);
+    }
+}
+
+#[inline(always)]
+pub fn fork_child_pid_offset() -> usize {
+    unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFFSET) as usize }
+}

@@ -1,0 +1,89 @@
+//! pymalloc arenas: the interpreter's own `mmap`/`munmap` calls (uprobes on
+//! its PLT stubs, shared by every process of one binary). The attach cookie
+//! carries the interpreter's arena size, so other mappings are ignored.
+use aya_ebpf::{
+    EbpfContext,
+    helpers::bpf_get_attach_cookie,
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use pymem_common::{PendingCall, event_kind};
+
+use crate::maps::{ARENAS, PENDING_ARENA, current_ids, emit, forget, remember, stats};
+
+const PROT_READ_WRITE: u64 = 0x3;
+const MAP_PRIVATE_ANONYMOUS: u64 = 0x22;
+
+#[uprobe]
+pub fn arena_mmap(ctx: ProbeContext) -> u32 {
+    match try_arena_mmap(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_arena_mmap(ctx: &ProbeContext) -> Result<u32, u32> {
+    let arena_size = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let len: u64 = ctx.arg(1).ok_or(1u32)?;
+    let prot: u64 = ctx.arg(2).ok_or(1u32)?;
+    let flags: u64 = ctx.arg(3).ok_or(1u32)?;
+    if len != arena_size || prot != PROT_READ_WRITE || flags != MAP_PRIVATE_ANONYMOUS {
+        return Ok(0);
+    }
+    let (pid_tgid, _, _) = current_ids();
+    let pending = PendingCall {
+        size: len,
+        old_addr: 0,
+    };
+    PENDING_ARENA
+        .insert(pid_tgid, pending, 0)
+        .map_err(|_| 1u32)?;
+    Ok(0)
+}
+
+#[uretprobe]
+pub fn arena_mmap_ret(ctx: RetProbeContext) -> u32 {
+    match try_arena_mmap_ret(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_arena_mmap_ret(ctx: &RetProbeContext) -> Result<u32, u32> {
+    let (pid_tgid, tgid, tid) = current_ids();
+    let pending = unsafe { PENDING_ARENA.get(pid_tgid) }
+        .copied()
+        .ok_or(0u32)?;
+    let _ = PENDING_ARENA.remove(pid_tgid);
+    let addr: u64 = ctx.ret();
+    // MAP_FAILED is (void *)-1.
+    if addr == u64::MAX || addr == 0 {
+        return Ok(0);
+    }
+    let stats = stats(tgid).ok_or(1u32)?;
+    if remember(&ARENAS, tgid, addr, pending.size) {
+        stats.arena_alloc_bytes += pending.size;
+        stats.arena_allocs += 1;
+    } else {
+        stats.untracked_allocs += 1;
+    }
+    emit(event_kind::ARENA_ALLOC, tgid, tid, addr, pending.size);
+    Ok(0)
+}
+
+#[uprobe]
+pub fn arena_munmap(ctx: ProbeContext) -> u32 {
+    match try_arena_munmap(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_arena_munmap(ctx: &ProbeContext) -> Result<u32, u32> {
+    let (_, tgid, tid) = current_ids();
+    let addr: u64 = ctx.arg(0).ok_or(1u32)?;
+    // Only arenas seen being mapped count: earlier ones were never added.
+    let size = forget(&ARENAS, tgid, addr).ok_or(0u32)?;
+    let stats = stats(tgid).ok_or(1u32)?;
+    stats.arena_free_bytes += size;
+    stats.arena_frees += 1;
+    emit(event_kind::ARENA_FREE, tgid, tid, addr, size);
+    Ok(0)
+}

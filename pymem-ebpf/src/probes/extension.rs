@@ -1,0 +1,53 @@
+//! Extension buffers: numpy and friends report every data buffer through
+//! `PyTraceMalloc_Track/Untrack`, whether tracemalloc runs or not.
+//! Attached per process and budgeted.
+use aya_ebpf::{macros::uprobe, programs::ProbeContext};
+
+use crate::maps::{EXT_LIVE, charge, current_ids, forget, remember, stats};
+
+#[uprobe]
+pub fn ext_track(ctx: ProbeContext) -> u32 {
+    match try_ext_track(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_ext_track(ctx: &ProbeContext) -> Result<u32, u32> {
+    let (_, tgid, tid) = current_ids();
+    // PyTraceMalloc_Track(unsigned int domain, uintptr_t ptr, size_t size)
+    let addr: u64 = ctx.arg(1).ok_or(1u32)?;
+    let size: u64 = ctx.arg(2).ok_or(1u32)?;
+    let stats = stats(tgid).ok_or(1u32)?;
+    charge(tgid, tid, stats);
+    // Tracking a pointer again replaces its size, as tracemalloc does.
+    if let Some(old) = forget(&EXT_LIVE, tgid, addr) {
+        stats.ext_free_bytes += old;
+        stats.ext_frees += 1;
+    }
+    if remember(&EXT_LIVE, tgid, addr, size) {
+        stats.ext_alloc_bytes += size;
+        stats.ext_allocs += 1;
+    } else {
+        stats.untracked_allocs += 1;
+    }
+    Ok(0)
+}
+
+#[uprobe]
+pub fn ext_untrack(ctx: ProbeContext) -> u32 {
+    match try_ext_untrack(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_ext_untrack(ctx: &ProbeContext) -> Result<u32, u32> {
+    let (_, tgid, tid) = current_ids();
+    // PyTraceMalloc_Untrack(unsigned int domain, uintptr_t ptr)
+    let addr: u64 = ctx.arg(1).ok_or(1u32)?;
+    let stats = stats(tgid).ok_or(1u32)?;
+    charge(tgid, tid, stats);
+    let size = forget(&EXT_LIVE, tgid, addr).ok_or(0u32)?;
+    stats.ext_free_bytes += size;
+    stats.ext_frees += 1;
+    Ok(0)
+}

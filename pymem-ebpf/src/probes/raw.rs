@@ -1,0 +1,115 @@
+//! Blocks the interpreter takes from libc: uprobes on the interpreter's own
+//! `malloc`/`calloc`/`realloc`/`free` PLT stubs. In PGO builds the raw
+//! allocator is inlined behind guards at ~170 sites, but every one of them
+//! still calls libc through the PLT. Attached per process and budgeted.
+use aya_ebpf::{
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use pymem_common::PendingCall;
+
+use crate::maps::{PENDING_RAW, RAW_LIVE, charge, current_ids, forget, remember, stats};
+
+#[inline(always)]
+fn begin(size: u64, old_addr: u64) -> Result<u32, u32> {
+    let (pid_tgid, tgid, tid) = current_ids();
+    let stats = stats(tgid).ok_or(1u32)?;
+    charge(tgid, tid, stats);
+    PENDING_RAW
+        .insert(pid_tgid, PendingCall { size, old_addr }, 0)
+        .map_err(|_| 1u32)?;
+    Ok(0)
+}
+
+#[uprobe]
+pub fn raw_malloc(ctx: ProbeContext) -> u32 {
+    match ctx
+        .arg::<u64>(0)
+        .ok_or(1u32)
+        .and_then(|size| begin(size, 0))
+    {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[uprobe]
+pub fn raw_calloc(ctx: ProbeContext) -> u32 {
+    match try_raw_calloc(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_raw_calloc(ctx: &ProbeContext) -> Result<u32, u32> {
+    let count: u64 = ctx.arg(0).ok_or(1u32)?;
+    let elem: u64 = ctx.arg(1).ok_or(1u32)?;
+    // An overflowing calloc returns NULL and is ignored on return.
+    begin(count.wrapping_mul(elem), 0)
+}
+
+#[uprobe]
+pub fn raw_realloc(ctx: ProbeContext) -> u32 {
+    match try_raw_realloc(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_raw_realloc(ctx: &ProbeContext) -> Result<u32, u32> {
+    let old: u64 = ctx.arg(0).ok_or(1u32)?;
+    let size: u64 = ctx.arg(1).ok_or(1u32)?;
+    begin(size, old)
+}
+
+#[uretprobe]
+pub fn raw_alloc_ret(ctx: RetProbeContext) -> u32 {
+    match try_raw_alloc_ret(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_raw_alloc_ret(ctx: &RetProbeContext) -> Result<u32, u32> {
+    let (pid_tgid, tgid, tid) = current_ids();
+    let pending = unsafe { PENDING_RAW.get(pid_tgid) }.copied().ok_or(0u32)?;
+    let _ = PENDING_RAW.remove(pid_tgid);
+    let stats = stats(tgid).ok_or(1u32)?;
+    charge(tgid, tid, stats);
+    let addr: u64 = ctx.ret();
+    if addr == 0 {
+        // Failed: a failed realloc leaves the old block in place.
+        return Ok(0);
+    }
+    if pending.old_addr != 0
+        && let Some(old_size) = forget(&RAW_LIVE, tgid, pending.old_addr)
+    {
+        stats.raw_free_bytes += old_size;
+        stats.raw_frees += 1;
+    }
+    if remember(&RAW_LIVE, tgid, addr, pending.size) {
+        stats.raw_alloc_bytes += pending.size;
+        stats.raw_allocs += 1;
+    } else {
+        stats.untracked_allocs += 1;
+    }
+    Ok(0)
+}
+
+#[uprobe]
+pub fn raw_free(ctx: ProbeContext) -> u32 {
+    match try_raw_free(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_raw_free(ctx: &ProbeContext) -> Result<u32, u32> {
+    let (_, tgid, tid) = current_ids();
+    let addr: u64 = ctx.arg(0).ok_or(1u32)?;
+    let stats = stats(tgid).ok_or(1u32)?;
+    charge(tgid, tid, stats);
+    if addr == 0 {
+        return Ok(0);
+    }
+    // Blocks allocated before we attached are unknown and stay uncounted.
+    let size = forget(&RAW_LIVE, tgid, addr).ok_or(0u32)?;
+    stats.raw_free_bytes += size;
+    stats.raw_frees += 1;
+    Ok(0)
+}

@@ -1,0 +1,127 @@
+//! Syscall accounting for processes over their probe budget: growth of the
+//! libc heap (brk) and of anonymous private mappings, from syscall
+//! tracepoints that cost a fraction of a uprobe hit. Only processes the agent
+//! put in `SYSCALL_MODE` are counted.
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use pymem_common::PendingMmap;
+
+use crate::maps::{PENDING_MMAP, SYS_LIVE, SYSCALL_MODE, current_ids, forget, remember, stats};
+
+// Field offsets of the syscall tracepoints (stable: after the 8-byte common
+// header and the 8-byte syscall number slot).
+const ARG0: usize = 16;
+const ARG1: usize = 24;
+const ARG2: usize = 32;
+const ARG3: usize = 40;
+const ARG4: usize = 48;
+const RET: usize = 16;
+
+const PROT_WRITE: u64 = 0x2;
+const MAP_PRIVATE: u64 = 0x02;
+const MAP_ANONYMOUS: u64 = 0x20;
+const MAP_STACK: u64 = 0x20000;
+
+#[tracepoint]
+pub fn sys_exit_brk(ctx: TracePointContext) -> u32 {
+    match try_sys_exit_brk(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_sys_exit_brk(ctx: &TracePointContext) -> Result<u32, u32> {
+    let (_, tgid, _) = current_ids();
+    let state = SYSCALL_MODE.get_ptr_mut(tgid).ok_or(0u32)?;
+    let state = unsafe { &mut *state };
+    let new_brk: u64 = unsafe { ctx.read_at(RET) }.map_err(|_| 1u32)?;
+    let old_brk = state.brk;
+    state.brk = new_brk;
+    if old_brk == 0 {
+        return Ok(0);
+    }
+    let stats = stats(tgid).ok_or(1u32)?;
+    if new_brk > old_brk {
+        stats.sys_alloc_bytes += new_brk - old_brk;
+    } else {
+        stats.sys_free_bytes += old_brk - new_brk;
+    }
+    Ok(0)
+}
+
+#[tracepoint]
+pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
+    match try_sys_enter_mmap(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_sys_enter_mmap(ctx: &TracePointContext) -> Result<u32, u32> {
+    let (pid_tgid, tgid, _) = current_ids();
+    let state = unsafe { SYSCALL_MODE.get(tgid) }.ok_or(0u32)?;
+    let read = |offset| unsafe { ctx.read_at::<u64>(offset) }.map_err(|_| 1u32);
+    let (addr, len, prot, flags, fd) = (
+        read(ARG0)?,
+        read(ARG1)?,
+        read(ARG2)?,
+        read(ARG3)?,
+        read(ARG4)?,
+    );
+    let anonymous_private = flags & (MAP_PRIVATE | MAP_ANONYMOUS) == MAP_PRIVATE | MAP_ANONYMOUS;
+    // Arenas are already counted; thread stacks and fixed remaps are not heap.
+    if addr != 0
+        || !anonymous_private
+        || flags & MAP_STACK != 0
+        || prot & PROT_WRITE == 0
+        || fd as i64 != -1
+        || len == state.arena_size
+    {
+        return Ok(0);
+    }
+    PENDING_MMAP
+        .insert(pid_tgid, PendingMmap { len }, 0)
+        .map_err(|_| 1u32)?;
+    Ok(0)
+}
+
+#[tracepoint]
+pub fn sys_exit_mmap(ctx: TracePointContext) -> u32 {
+    match try_sys_exit_mmap(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_sys_exit_mmap(ctx: &TracePointContext) -> Result<u32, u32> {
+    let (pid_tgid, tgid, _) = current_ids();
+    let pending = unsafe { PENDING_MMAP.get(pid_tgid) }.copied().ok_or(0u32)?;
+    let _ = PENDING_MMAP.remove(pid_tgid);
+    let ret: i64 = unsafe { ctx.read_at(RET) }.map_err(|_| 1u32)?;
+    if ret < 0 && ret > -4096 {
+        return Ok(0);
+    }
+    let stats = stats(tgid).ok_or(1u32)?;
+    if remember(&SYS_LIVE, tgid, ret as u64, pending.len) {
+        stats.sys_alloc_bytes += pending.len;
+    } else {
+        stats.untracked_allocs += 1;
+    }
+    Ok(0)
+}
+
+#[tracepoint]
+pub fn sys_enter_munmap(ctx: TracePointContext) -> u32 {
+    match try_sys_enter_munmap(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+fn try_sys_enter_munmap(ctx: &TracePointContext) -> Result<u32, u32> {
+    let (_, tgid, _) = current_ids();
+    if unsafe { SYSCALL_MODE.get(tgid) }.is_none() {
+        return Ok(0);
+    }
+    let addr: u64 = unsafe { ctx.read_at(ARG0) }.map_err(|_| 1u32)?;
+    let _len: u64 = unsafe { ctx.read_at(ARG1) }.map_err(|_| 1u32)?;
+    let size = forget(&SYS_LIVE, tgid, addr).ok_or(0u32)?;
+    let stats = stats(tgid).ok_or(1u32)?;
+    stats.sys_free_bytes += size;
+    Ok(0)
+}
