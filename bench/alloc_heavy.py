@@ -1,0 +1,55 @@
+"""Allocation-heavy workload for `cargo xtask bench overhead`.
+
+Churns about a million small dicts and strings (pymalloc) and several
+thousand 4 KiB bytes blobs (above pymalloc's 512-byte limit, so libc malloc),
+keeping only a bounded window of them alive so memory stays flat.
+
+Protocol with the harness:
+  1. wait for a line on stdin (the harness first makes sure the agent
+     observes this process);
+  2. run the loop, timing only the loop, and print one JSON line:
+     {"seconds": ..., "python": ..., ...};
+  3. wait for stdin to close (the harness reads the agent's view of this
+     process meanwhile), then exit.
+Runs on Python 3.6 and later.
+"""
+import json
+import platform
+import sys
+import time
+
+ITERATIONS = 1000000
+BLOB_EVERY = 250  # -> 4000 blobs of 4 KiB
+BLOB_SIZE = 4096
+KEEP_OBJECTS = 10000  # live window of dicts and strings
+KEEP_BLOBS = 64  # live window of blobs
+
+
+def churn():
+    objects = [None] * KEEP_OBJECTS
+    blobs = [None] * KEEP_BLOBS
+    for i in range(ITERATIONS):
+        name = "item-%d" % i
+        objects[i % KEEP_OBJECTS] = ({"i": i, "name": name}, name * 2)
+        if i % BLOB_EVERY == 0:
+            blobs[(i // BLOB_EVERY) % KEEP_BLOBS] = (b"%08d" % i) * (BLOB_SIZE // 8)
+
+
+def main():
+    sys.stdin.readline()
+    start = time.perf_counter()
+    churn()
+    seconds = time.perf_counter() - start
+    result = {
+        "seconds": seconds,
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "iterations": ITERATIONS,
+        "blobs": ITERATIONS // BLOB_EVERY,
+    }
+    print(json.dumps(result), flush=True)
+    sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()
