@@ -1,1 +1,57 @@
-fn main() {}
+//! `cargo xtask`: pymem's developer workflows (setup, tests, running the
+//! agent, test root filesystems and benchmarks) as one Rust program, so that
+//! CI and developers run exactly the same steps.
+mod bench;
+mod dev;
+mod process;
+mod python;
+mod rootfs;
+mod setup;
+mod workspace;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "pymem developer workflows")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what builds and tests need (idempotent; fast when done).
+    Setup,
+    /// Run setup, then `cargo test --workspace` as root.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Run setup, build the release agent and run `pymem agent` as root.
+    Agent {
+        /// Arguments for `pymem agent` (after `--`).
+        #[arg(last = true)]
+        agent_args: Vec<String>,
+    },
+    /// Build a Debian root filesystem under .cache/rootfs/ and print its path.
+    Rootfs {
+        #[arg(value_enum)]
+        suite: rootfs::SuiteArg,
+    },
+    /// Benchmarks of the agent's cost.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> Result<()> {
+    workspace::put_cargo_bin_on_path();
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::Test { cargo_args } => dev::test(&cargo_args),
+        Command::Agent { agent_args } => dev::agent(&agent_args),
+        Command::Rootfs { suite } => rootfs::run(suite),
+        Command::Bench(command) => bench::run(command),
+    }
+}

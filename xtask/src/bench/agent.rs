@@ -1,0 +1,118 @@
+//! The release agent as the benchmarks run it: on a free loopback port, its
+//! log in a file, stopped with SIGTERM when done (or dropped on an error).
+use std::{
+    collections::HashSet,
+    fs::File,
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+use super::api;
+use crate::process::Supervised;
+
+/// The agent detaches its probes on SIGTERM; give it time to.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
+pub struct RunningAgent {
+    process: Supervised,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl RunningAgent {
+    /// Starts `pymem agent`, appending its output to `log`.
+    pub fn start(binary: &Path, log: &Path) -> Result<Self> {
+        let addr = free_loopback_addr()?;
+        let log_file = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let mut command = Command::new(binary);
+        command
+            .arg("agent")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        let process = Supervised::spawn(&mut command, "pymem agent", STOP_GRACE)?;
+        Ok(Self {
+            process,
+            addr,
+            log: log.to_owned(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// `/api/v1/processes`.
+    pub fn processes(&self) -> Result<Value> {
+        api::get_json(self.addr, "/api/v1/processes")
+    }
+
+    /// The agent's record of one process, if it observes it.
+    pub fn process(&self, pid: u32) -> Result<Option<Value>> {
+        let processes = self.processes()?;
+        Ok(processes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|process| process["pid"].as_u64() == Some(u64::from(pid)))
+            .cloned())
+    }
+
+    /// Waits until the API lists every pid in `pids` (its probes are then
+    /// attached to them); returns how long that took.
+    pub fn wait_until_observed(&mut self, pids: &[u32], timeout: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            self.process
+                .ensure_running()
+                .with_context(|| format!("see {}", self.log.display()))?;
+            // The HTTP server may not be up yet: retry until the deadline.
+            let observed: HashSet<u32> = self
+                .processes()
+                .map(|list| api::pids(&list).into_iter().collect())
+                .unwrap_or_default();
+            let missing = pids.iter().filter(|pid| !observed.contains(pid)).count();
+            if missing == 0 {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                bail!(
+                    "after {timeout:?} the agent still misses {missing} of {} processes; see {}",
+                    pids.len(),
+                    self.log.display()
+                );
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// SIGTERM and wait for the exit (SIGKILL after a grace period).
+    pub fn stop(self) -> Result<()> {
+        let status = self.process.stop()?;
+        if !status.success() {
+            eprintln!(
+                "warning: the agent exited with {status}; see {}",
+                self.log.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A loopback address nothing listens on right now.
+fn free_loopback_addr() -> Result<SocketAddr> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
+    Ok(listener.local_addr()?)
+}

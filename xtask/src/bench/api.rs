@@ -1,0 +1,58 @@
+//! Just enough HTTP to read the agent's JSON API on loopback: one GET per
+//! connection, HTTP/1.0 so the server sends a plain body and closes.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn get_json(addr: SocketAddr, path: &str) -> Result<Value> {
+    let body = get(addr, path).with_context(|| format!("GET http://{addr}{path}"))?;
+    serde_json::from_str(&body).with_context(|| format!("GET http://{addr}{path}: not JSON"))
+}
+
+fn get(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    let status_line = head.lines().next().unwrap_or_default();
+    ensure!(
+        status_line.split_whitespace().nth(1) == Some("200"),
+        "{status_line}"
+    );
+    Ok(body.to_owned())
+}
+
+/// The pids in a `/api/v1/processes` answer.
+pub fn pids(processes: &Value) -> Vec<u32> {
+    processes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|process| process["pid"].as_u64())
+        .filter_map(|pid| u32::try_from(pid).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pids;
+
+    #[test]
+    fn pids_of_process_list() {
+        let list = serde_json::json!([{"pid": 7, "comm": "python3"}, {"pid": 9}]);
+        assert_eq!(pids(&list), vec![7, 9]);
+        assert!(pids(&serde_json::json!({"error": 1})).is_empty());
+    }
+}
