@@ -217,8 +217,9 @@ impl Probes {
         Ok(())
     }
 
-    /// Attaches the budgeted per-allocation probes of one process. Missing
-    /// stubs only lose that source (logged); attach failures undo everything.
+    /// Attaches the budgeted per-allocation probes of one process and ends
+    /// its syscall accounting. Missing stubs only lose that source (logged);
+    /// attach failures undo everything.
     pub fn attach_process(&mut self, pid: u32, binary: &Binary) -> Result<()> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
         let interp = binary.interpreter.clone();
@@ -251,11 +252,17 @@ impl Probes {
                 }
             }
         }
-        self.tracked
-            .insert(pid, binary.interpreter.version.arena_size(), 0)
-            .context("TRACKED map")?;
+        let _ = self.syscall_mode.remove(&pid);
         self.processes.insert(pid, ProcessLinks { links });
         Ok(())
+    }
+
+    /// Marks a process as observed (exit and fork events are reported for
+    /// it) and accounts its memory outside pymalloc by syscalls until its
+    /// per-allocation probes are attached.
+    pub fn track(&mut self, pid: u32, arena_size: u64) -> Result<()> {
+        self.tracked.insert(pid, arena_size, 0).context("TRACKED map")?;
+        self.account_by_syscalls(pid, arena_size)
     }
 
     fn detach_all(&mut self, links: Vec<(&'static str, UProbeLinkId)>) {
@@ -279,6 +286,10 @@ impl Probes {
     /// brk/mmap tracepoints on from its current program break.
     pub fn switch_to_syscalls(&mut self, pid: u32, arena_size: u64) -> Result<()> {
         self.detach_process(pid);
+        self.account_by_syscalls(pid, arena_size)
+    }
+
+    fn account_by_syscalls(&mut self, pid: u32, arena_size: u64) -> Result<()> {
         let brk = crate::discover::current_brk(pid).unwrap_or(0);
         self.syscall_mode
             .insert(pid, SyscallModeState { brk, arena_size }, 0)

@@ -152,7 +152,7 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
     )?;
     let syscall_accounting = gauge(
         "pymem_syscall_accounting",
-        "1 when the process went over its probe budget and memory outside pymalloc is accounted from brk/mmap syscalls",
+        "1 when memory outside pymalloc is accounted from brk/mmap syscalls (start-up, or over the probe budget) instead of per-allocation probes",
     )?;
     let allocated = IntCounterVec::new(
         Opts::new(
@@ -180,7 +180,7 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
         agg.rss += p.rss_bytes as f64;
         agg.leak = agg.leak.max(f64::from(u8::from(p.leak_suspected)));
         agg.syscall_accounting = agg.syscall_accounting.max(f64::from(u8::from(
-            p.accounting == crate::model::Accounting::Syscalls,
+            p.accounting != crate::model::Accounting::Probes,
         )));
         for (source, bytes) in p.allocated_bytes_by_source.by_label() {
             *agg.allocated.entry(source).or_default() += bytes;

@@ -63,8 +63,12 @@ pub struct ObserveArgs {
     pub probe_budget: u64,
     /// Allocation-probe hits a process may spend at once (imports at
     /// start-up) before the per-second budget applies.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 20000)]
     pub probe_burst: u64,
+    /// Process age before per-allocation probes are attached; until then
+    /// (start-up imports) memory outside pymalloc is accounted by syscalls.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub probe_delay: Duration,
 }
 
 impl ObserveArgs {
@@ -78,6 +82,7 @@ impl ObserveArgs {
             },
             hit_budget_per_sec: self.probe_budget,
             hit_budget_burst: self.probe_burst,
+            probe_delay: self.probe_delay,
             ..ObserverConfig::default()
         }
     }

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Accounting {
+    /// The process is starting up (imports allocate in bursts): memory
+    /// outside pymalloc comes from brk/mmap syscalls until its per-allocation
+    /// probes are attached after `--probe-delay`.
+    Startup,
     /// uprobes on the interpreter's libc allocator and extension tracking:
     /// exact live bytes.
     #[default]

@@ -37,6 +37,9 @@ pub struct ObserverConfig {
     pub rescan_interval: Duration,
     /// Heap history kept per process (for the UI).
     pub history: Duration,
+    /// Process age before per-allocation probes are attached: start-up
+    /// imports allocate in bursts that would cost more than they tell.
+    pub probe_delay: Duration,
 }
 
 impl Default for ObserverConfig {
@@ -45,9 +48,10 @@ impl Default for ObserverConfig {
             sample_interval: Duration::from_secs(1),
             policy: LeakPolicy::default(),
             hit_budget_per_sec: 1000,
-            hit_budget_burst: 5000,
+            hit_budget_burst: 20000,
             rescan_interval: Duration::from_secs(10),
             history: Duration::from_secs(300),
+            probe_delay: Duration::from_secs(5),
         }
     }
 }
@@ -65,6 +69,8 @@ enum Found {
 struct Observed {
     process: PythonProcess,
     since: Instant,
+    /// When per-allocation probes are due (start-up accounting until then).
+    probes_due: Option<Instant>,
     history: HeapHistory,
     accounting: Accounting,
     stats: ProcStats,
@@ -172,7 +178,7 @@ impl Observer {
         let Some(observed) = self.observed.get_mut(&pid) else {
             return;
         };
-        if observed.accounting == Accounting::Syscalls {
+        if observed.accounting != Accounting::Probes {
             return;
         }
         let arena_size = observed.process.binary.interpreter.version.arena_size();
@@ -278,10 +284,12 @@ impl Observer {
             }
             Found::ScanDone(pids) => {
                 self.skipped.retain(|pid| pids.contains(pid));
+                // The scan's pid list is older than processes observed since
+                // (exec events): ask procfs, not the list.
                 let gone: Vec<u32> = self
                     .observed
                     .keys()
-                    .filter(|pid| !pids.contains(pid))
+                    .filter(|pid| !pids.contains(pid) && !discover::is_process(**pid))
                     .copied()
                     .collect();
                 for pid in gone {
@@ -317,13 +325,8 @@ impl Observer {
             self.skipped.insert(pid);
             return;
         }
-        if let Err(e) = self.probes.attach_process(pid, &process.binary) {
-            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                self.info.attach_errors_total += 1;
-                warn!("pid {pid} ({}): attaching failed: {e:#}", process.comm);
-            } else {
-                debug!("pid {pid} exited during attach: {e:#}");
-            }
+        if let Err(e) = self.probes.track(pid, interp.version.arena_size()) {
+            self.attach_failed(pid, &process.comm, e);
             return;
         }
         info!(
@@ -331,13 +334,16 @@ impl Observer {
             process.comm, interp.version, process.binary.display_path
         );
         let now = Instant::now();
+        let age = process_age(pid).unwrap_or(Duration::MAX);
+        let probes_due = now + self.config.probe_delay.saturating_sub(age);
         self.observed.insert(
             pid,
             Observed {
                 process,
                 since: now,
+                probes_due: Some(probes_due),
                 history: HeapHistory::default(),
-                accounting: Accounting::Probes,
+                accounting: Accounting::Startup,
                 stats: ProcStats::default(),
                 last_hits: 0,
                 hits_per_second: 0.0,
@@ -347,8 +353,40 @@ impl Observer {
         );
     }
 
+    fn attach_failed(&mut self, pid: u32, comm: &str, e: anyhow::Error) {
+        if discover::is_process(pid) {
+            self.info.attach_errors_total += 1;
+            warn!("pid {pid} ({comm}): attaching failed: {e:#}");
+        } else {
+            debug!("pid {pid} exited during attach: {e:#}");
+        }
+    }
+
+    /// Attaches per-allocation probes to processes past their start-up.
+    fn attach_due(&mut self, now: Instant) {
+        let due: Vec<u32> = self
+            .observed
+            .iter()
+            .filter(|(_, o)| o.probes_due.is_some_and(|at| at <= now))
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in due {
+            let observed = self.observed.get_mut(&pid).expect("due pid is observed");
+            observed.probes_due = None;
+            let binary = observed.process.binary.clone();
+            match self.probes.attach_process(pid, &binary) {
+                Ok(()) => observed.accounting = Accounting::Probes,
+                Err(e) => {
+                    let comm = observed.process.comm.clone();
+                    self.attach_failed(pid, &comm, e);
+                }
+            }
+        }
+    }
+
     fn sample(&mut self) {
         let now = Instant::now();
+        self.attach_due(now);
         let page_size = procfs::page_size();
         let retain = self.config.history.as_secs_f64();
         let mut processes = Vec::with_capacity(self.observed.len());
@@ -404,6 +442,19 @@ impl Observer {
         self.probes.retain_binaries(|id| binaries.contains(id));
         self.discoverer.retain(|id| binaries.contains(id));
     }
+}
+
+/// Time since the process started, from its start time in procfs.
+fn process_age(pid: u32) -> Option<Duration> {
+    let stat = procfs::process::Process::new(pid as i32).ok()?.stat().ok()?;
+    let started = stat.starttime as f64 / procfs::ticks_per_second() as f64;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs_f64((uptime - started).max(0.0)))
 }
 
 fn process_info(o: &Observed, heap: HeapBreakdown, t: f64, policy: &LeakPolicy) -> ProcessInfo {

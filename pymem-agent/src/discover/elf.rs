@@ -208,19 +208,26 @@ fn read_version(
     bail!("no Py_Version and no version string in Py_GetVersion (file {name_hint:?})")
 }
 
-/// Looks at the strings `Py_GetVersion` loads with RIP-relative `lea`s and
-/// returns the first that reads `3.X.Y`.
-fn version_from_get_version(
-    elf: &ElfFile64<'_, object::Endianness>,
-    addr: u64,
-) -> Option<PyVersion> {
+/// Looks at the strings `Py_GetVersion` passes to its `snprintf` — RIP-
+/// relative `lea`s in PIE/shared builds, absolute immediates (`mov $addr,
+/// %ecx`) in non-PIE executables — and returns the first reading `3.X.Y`.
+fn version_from_get_version(elf: &ElfFile64<'_, object::Endianness>, addr: u64) -> Option<PyVersion> {
     let code = read_at(elf, addr, 128)?;
     let decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
     for instr in decoder.into_iter().take(40) {
-        if instr.mnemonic() != Mnemonic::Lea || instr.memory_base() != Register::RIP {
+        let target = if instr.mnemonic() == Mnemonic::Lea && instr.memory_base() == Register::RIP {
+            instr.ip_rel_memory_address()
+        } else if instr.mnemonic() == Mnemonic::Mov
+            && instr.op_count() == 2
+            && matches!(
+                instr.op1_kind(),
+                OpKind::Immediate32 | OpKind::Immediate32to64 | OpKind::Immediate64
+            )
+        {
+            instr.immediate(1)
+        } else {
             continue;
-        }
-        let target = instr.ip_rel_memory_address();
+        };
         let Some(bytes) = read_at(elf, target, 16) else {
             continue;
         };

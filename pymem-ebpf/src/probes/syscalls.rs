@@ -13,7 +13,6 @@ const ARG0: usize = 16;
 const ARG1: usize = 24;
 const ARG2: usize = 32;
 const ARG3: usize = 40;
-const ARG4: usize = 48;
 const RET: usize = 16;
 
 const PROT_WRITE: u64 = 0x2;
@@ -58,20 +57,15 @@ fn try_sys_enter_mmap(ctx: &TracePointContext) -> Result<u32, u32> {
     let (pid_tgid, tgid, _) = current_ids();
     let state = unsafe { SYSCALL_MODE.get(tgid) }.ok_or(0u32)?;
     let read = |offset| unsafe { ctx.read_at::<u64>(offset) }.map_err(|_| 1u32);
-    let (addr, len, prot, flags, fd) = (
-        read(ARG0)?,
-        read(ARG1)?,
-        read(ARG2)?,
-        read(ARG3)?,
-        read(ARG4)?,
-    );
+    let (addr, len, prot, flags) = (read(ARG0)?, read(ARG1)?, read(ARG2)?, read(ARG3)?);
     let anonymous_private = flags & (MAP_PRIVATE | MAP_ANONYMOUS) == MAP_PRIVATE | MAP_ANONYMOUS;
     // Arenas are already counted; thread stacks and fixed remaps are not heap.
+    // (The fd is ignored with MAP_ANONYMOUS, and libc passes it as a 32-bit
+    // int, so it is not checked.)
     if addr != 0
         || !anonymous_private
         || flags & MAP_STACK != 0
         || prot & PROT_WRITE == 0
-        || fd as i64 != -1
         || len == state.arena_size
     {
         return Ok(0);

@@ -1,0 +1,338 @@
+//! Test harness: the real `pymem` binary, real Python processes, real HTTP.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const WORKLOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/memwork.py");
+
+/// A running `pymem agent` on a free loopback port, stopped on drop.
+pub struct Agent {
+    child: Option<Child>,
+    pub port: u16,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Agent {
+    /// Starts the agent with a short window and fast sampling (tests wait
+    /// less), plus `extra` arguments, and waits until it serves.
+    pub fn start(extra: &[&str]) -> Agent {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("agent.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "agent",
+            "--listen",
+            &listen,
+            "--window",
+            "10s",
+            "--sample-interval",
+            "250ms",
+            "--probe-delay",
+            "2s",
+        ];
+        args.extend_from_slice(extra);
+        let child = Command::new(env!("CARGO_BIN_EXE_pymem"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawning pymem agent");
+        let mut agent = Agent {
+            child: Some(child),
+            port,
+            log_path,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if agent.get("/healthz").is_ok() {
+                return agent;
+            }
+            if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited with {status}:\n{}", agent.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("agent did not start serving:\n{}", agent.log());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn get(&self, path: &str) -> Result<String, String> {
+        ureq::get(&self.url(path))
+            .call()
+            .map_err(|e| e.to_string())?
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn processes(&self) -> Vec<Value> {
+        serde_json::from_str(&self.get("/api/v1/processes").unwrap()).unwrap()
+    }
+
+    pub fn process(&self, pid: u32) -> Option<Value> {
+        self.processes()
+            .into_iter()
+            .find(|p| p["pid"].as_u64() == Some(pid as u64))
+    }
+
+    /// Waits until `pid` is observed.
+    pub fn wait_for(&self, pid: u32, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(p) = self.process(pid) {
+                return p;
+            }
+            if Instant::now() > deadline {
+                panic!("pid {pid} not observed within {timeout:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until `pid` has its per-allocation probes (start-up over).
+    pub fn wait_for_probes(&self, pid: u32, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let p = self.wait_for(pid, timeout);
+            if p["accounting"] == "probes" {
+                return p;
+            }
+            if Instant::now() > deadline {
+                panic!("pid {pid} never got its probes: {p}\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The process after the agent has sampled a quiet period, so its
+    /// numbers reflect everything the workload did before.
+    pub fn settled(&self, pid: u32) -> Value {
+        std::thread::sleep(Duration::from_millis(1200));
+        self.process(pid)
+            .unwrap_or_else(|| panic!("pid {pid} not observed:\n{}", self.log()))
+    }
+
+    pub fn metrics(&self) -> String {
+        self.get("/metrics").unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait; returns how long the agent took to exit.
+    pub fn stop(&mut self) -> Duration {
+        let Some(mut child) = self.child.take() else {
+            return Duration::ZERO;
+        };
+        let start = Instant::now();
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = start + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "agent exited with {status}:\n{}", self.log());
+                return start.elapsed();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("agent ignored SIGTERM for 20 s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A Python process running `memwork.py`, driven line by line.
+pub struct Workload {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub pid: u32,
+    pub version: String,
+}
+
+impl Workload {
+    pub fn spawn(python: &Path) -> Workload {
+        Self::spawn_with(Command::new(python).arg("-u").arg(WORKLOAD))
+    }
+
+    /// Spawns a prepared command (chroot, unshare, …) that runs memwork.py.
+    pub fn spawn_with(command: &mut Command) -> Workload {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning Python");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut workload = Workload {
+            pid: child.id(),
+            child,
+            stdin,
+            stdout,
+            version: String::new(),
+        };
+        let hello = workload.read();
+        workload.version = hello["version"].as_str().unwrap().to_string();
+        // Behind chroot/unshare wrappers the Python pid is the wrapper's
+        // child: trust the host pid only when it's the same process.
+        if let Some(inner) = hello["pid"].as_u64()
+            && inner as u32 != workload.pid
+        {
+            workload.pid = find_host_pid(workload.child.id(), inner as u32);
+        }
+        workload
+    }
+
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad workload line {line:?}: {e}"))
+    }
+
+    pub fn command(&mut self, cmd: &str) -> Value {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+        self.read()
+    }
+
+    /// pymalloc arena bytes currently mapped, as the interpreter reports.
+    pub fn arena_bytes(&mut self) -> u64 {
+        let stats = self.command("stats");
+        stats["arenas"].as_u64().unwrap() * stats["arena_size"].as_u64().unwrap()
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The host pid of a descendant of `ancestor` whose innermost namespace pid
+/// is `ns_pid`.
+fn find_host_pid(ancestor: u32, ns_pid: u32) -> u32 {
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let nspid = status
+            .lines()
+            .find(|l| l.starts_with("NSpid:"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<u32>().ok());
+        let ppid_chain_has_ancestor = {
+            let mut cur = pid;
+            let mut found = false;
+            for _ in 0..8 {
+                let Ok(stat) = std::fs::read_to_string(format!("/proc/{cur}/stat")) else {
+                    break;
+                };
+                let after = stat.rsplit(')').next().unwrap_or("");
+                let ppid: u32 = after.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+                if ppid == ancestor {
+                    found = true;
+                    break;
+                }
+                if ppid <= 1 {
+                    break;
+                }
+                cur = ppid;
+            }
+            found
+        };
+        if nspid == Some(ns_pid) && ppid_chain_has_ancestor {
+            return pid;
+        }
+    }
+    panic!("no descendant of {ancestor} with namespace pid {ns_pid}");
+}
+
+/// A pyenv interpreter `3.X`, if installed.
+pub fn pyenv(minor: &str) -> Option<PathBuf> {
+    let root = PathBuf::from(std::env::var("HOME").ok()?).join(".pyenv/versions");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(root)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{minor}.")) && !n.ends_with('t'))
+        })
+        .collect();
+    found.sort();
+    let dir = found.pop()?;
+    let python = dir.join("bin").join(format!("python{minor}"));
+    python.exists().then_some(python)
+}
+
+/// Skips (with a visible message) when an interpreter is truly absent.
+#[macro_export]
+macro_rules! require {
+    ($opt:expr, $what:expr) => {
+        match $opt {
+            Some(v) => v,
+            None => {
+                eprintln!("SKIP: {} is not installed here", $what);
+                return;
+            }
+        }
+    };
+}
+
+/// |a - b| <= tolerance * b
+pub fn assert_within(measured: f64, truth: f64, tolerance: f64, what: &str) {
+    let error = (measured - truth).abs() / truth.abs().max(1.0);
+    assert!(
+        error <= tolerance,
+        "{what}: measured {measured:.0}, ground truth {truth:.0}, error {:.1}% > {:.0}%",
+        error * 100.0,
+        tolerance * 100.0
+    );
+    eprintln!(
+        "{what}: measured {measured:.0}, ground truth {truth:.0}, error {:.2}%",
+        error * 100.0
+    );
+}
+
+pub fn heap(p: &Value) -> f64 {
+    p["heap_bytes"].as_f64().unwrap()
+}

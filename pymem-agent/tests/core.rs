@@ -1,0 +1,207 @@
+//! The core observer against real Python processes, as root: heap growth
+//! compared with what the interpreter itself reports.
+mod common;
+
+use std::{path::Path, time::Duration};
+
+use common::{Agent, Workload, assert_within, heap, pyenv};
+
+const OBSERVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Small objects only (pymalloc): heap growth vs `sys._debugmallocstats()`.
+fn small_object_leak(python: &Path) {
+    let agent = Agent::start(&[]);
+    let mut work = Workload::spawn(python);
+    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    let before = agent.settled(work.pid);
+    let arenas_before = work.arena_bytes();
+    work.command("leak_small 20 3");
+    let after = agent.settled(work.pid);
+    let arenas_after = work.arena_bytes();
+    let truth = (arenas_after - arenas_before) as f64;
+    assert!(truth > 40e6, "workload leaked only {truth} bytes of arenas");
+    assert_within(heap(&after) - heap(&before), truth, 0.10, "heap growth");
+    let arena_growth = after["heap"]["arena_bytes"].as_f64().unwrap()
+        - before["heap"]["arena_bytes"].as_f64().unwrap();
+    assert_within(arena_growth, truth, 0.02, "arena growth");
+    assert_eq!(after["python_version"].as_str().unwrap(), work.version);
+    assert_eq!(after["leak_suspected"], true, "{after}");
+    let growth = after["growth_bytes_per_second"].as_f64().unwrap();
+    assert!(growth > 1e6, "growth rate {growth} B/s during a ~3 MB/s leak");
+}
+
+#[test]
+fn small_object_leak_pyenv_311_shared_libpython() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    small_object_leak(&python);
+}
+
+#[test]
+fn small_object_leak_debian_static_stripped_pgo_311() {
+    let python = Path::new("/usr/bin/python3.11");
+    require!(python.exists().then_some(()), "/usr/bin/python3.11");
+    small_object_leak(python);
+}
+
+/// 8 KiB `bytes` objects leave pymalloc: growth vs their exact sizes.
+#[test]
+fn large_object_leak_matches_known_bytes() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let agent = Agent::start(&[]);
+    let mut work = Workload::spawn(&python);
+    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    let before = agent.settled(work.pid);
+    let leaked = work.command("leak_bytes 20 300");
+    let after = agent.settled(work.pid);
+    let truth = leaked["bytes"].as_f64().unwrap();
+    assert!(truth > 40e6, "{leaked}");
+    assert_within(heap(&after) - heap(&before), truth, 0.10, "heap growth");
+    assert_eq!(after["accounting"], "probes", "{after}");
+}
+
+/// numpy reports its buffers through PyTraceMalloc_Track.
+#[test]
+fn numpy_leak_matches_nbytes() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let has_numpy = std::process::Command::new(&python)
+        .args(["-c", "import numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    require!(has_numpy.then_some(()), "numpy for pyenv 3.11");
+    let agent = Agent::start(&[]);
+    let mut work = Workload::spawn(&python);
+    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    work.command("leak_numpy 0.1 10"); // import numpy before the baseline
+    let before = agent.settled(work.pid);
+    let leaked = work.command("leak_numpy 20 10");
+    let after = agent.settled(work.pid);
+    let truth = leaked["bytes"].as_f64().unwrap();
+    assert!(truth > 40e6, "{leaked}");
+    assert_within(heap(&after) - heap(&before), truth, 0.10, "heap growth");
+    let ext = after["heap"]["extension_bytes"].as_f64().unwrap()
+        - before["heap"]["extension_bytes"].as_f64().unwrap();
+    assert_within(ext, truth, 0.05, "extension buffer growth");
+}
+
+/// Heavy churn, no net growth: the heap stays flat and no leak is flagged.
+fn churn_is_flat(python: &Path) {
+    let agent = Agent::start(&[]);
+    let mut work = Workload::spawn(python);
+    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    work.command("churn 2"); // reach steady state first
+    let before = agent.settled(work.pid);
+    let result = work.command("churn 20");
+    let after = agent.settled(work.pid);
+    assert!(result["rounds"].as_u64().unwrap() > 10, "{result}");
+    let delta = heap(&after) - heap(&before);
+    eprintln!("churn: heap delta {delta} bytes, accounting {}", after["accounting"]);
+    assert!(delta.abs() < 4.0 * 1048576.0, "heap moved {delta} bytes under churn: {after}");
+    assert_eq!(after["leak_suspected"], false, "{after}");
+    let allocated = after["allocated_bytes_total"].as_f64().unwrap();
+    assert!(allocated > 100e6, "churn allocations not seen: {after}");
+}
+
+#[test]
+fn churn_is_flat_and_not_a_leak_pyenv_311() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    churn_is_flat(&python);
+}
+
+#[test]
+fn churn_is_flat_and_not_a_leak_debian_static_311() {
+    let python = Path::new("/usr/bin/python3.11");
+    require!(python.exists().then_some(()), "/usr/bin/python3.11");
+    churn_is_flat(python);
+}
+
+/// Every series the dashboards rely on, labelled for our process.
+#[test]
+fn metrics_expose_the_process_with_its_labels() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let agent = Agent::start(&[]);
+    let mut work = Workload::spawn(&python);
+    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    work.command("leak_bytes 1 100");
+    agent.settled(work.pid);
+    let metrics = agent.metrics();
+    let labels = format!(
+        "pid=\"{}\",comm=\"{}\",python_version=\"{}\"",
+        work.pid,
+        "python3.11",
+        work.version
+    );
+    for name in [
+        "pymem_heap_bytes",
+        "pymem_heap_growth_bytes_per_second",
+        "pymem_rss_bytes",
+        "pymem_leak_suspected",
+    ] {
+        assert!(
+            metrics.contains(&format!("{name}{{{labels}}}")),
+            "no {name}{{{labels}}} in\n{metrics}"
+        );
+    }
+    for source in ["arena", "raw", "extension"] {
+        let series = format!("pymem_allocated_bytes_total{{{labels},source=\"{source}\"}}");
+        assert!(metrics.contains(&series), "no {series}");
+        let series = format!("pymem_freed_bytes_total{{{labels},source=\"{source}\"}}");
+        assert!(metrics.contains(&series), "no {series}");
+    }
+    for name in ["pymem_python_processes ", "pymem_events_lost_total ", "pymem_build_info{"] {
+        assert!(metrics.contains(name), "no {name} in\n{metrics}");
+    }
+    // The raw source saw at least the 100 blobs of 8225 bytes.
+    let raw_line = metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("pymem_allocated_bytes_total{{{labels},source=\"raw\"}}")))
+        .unwrap();
+    let raw: f64 = raw_line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(raw >= 100.0 * 8225.0, "{raw_line}");
+    let api = agent.process(work.pid).unwrap();
+    for field in [
+        "pid",
+        "comm",
+        "cmdline",
+        "python_version",
+        "heap_bytes",
+        "growth_bytes_per_second",
+        "rss_bytes",
+        "leak_suspected",
+        "allocated_bytes_total",
+        "freed_bytes_total",
+    ] {
+        assert!(!api[field].is_null(), "API object lacks {field}: {api}");
+    }
+    assert!(api["cmdline"].as_str().unwrap().contains("memwork.py"));
+    // RSS from procfs: at least the heap we counted.
+    let rss = api["rss_bytes"].as_f64().unwrap();
+    assert!(rss > 5e6, "{api}");
+}
+
+/// A process that starts after the agent is observed within a second.
+#[test]
+fn new_process_is_observed_within_a_second() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let agent = Agent::start(&[]);
+    let work = Workload::spawn(&python);
+    let started = std::time::Instant::now();
+    agent.wait_for(work.pid, Duration::from_secs(3));
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(1000), "observed after {took:?}");
+    drop(work);
+}
+
+/// SIGTERM detaches and exits within a few seconds; exited processes drop out.
+#[test]
+fn exits_are_dropped_and_sigterm_is_prompt() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let mut agent = Agent::start(&[]);
+    let work = Workload::spawn(&python);
+    let pid = work.pid;
+    agent.wait_for(pid, OBSERVE_TIMEOUT);
+    drop(work);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(agent.process(pid).is_none(), "exited pid {pid} still listed");
+    let took = agent.stop();
+    assert!(took < Duration::from_secs(5), "agent took {took:?} to exit");
+}
