@@ -98,16 +98,19 @@ impl RunningAgent {
         }
     }
 
-    /// SIGTERM and wait for the exit (SIGKILL after a grace period).
-    pub fn stop(self) -> Result<()> {
+    /// SIGTERM and wait for the exit (SIGKILL after a grace period); returns
+    /// how long the agent took to go, detaching its probes included.
+    pub fn stop(self) -> Result<Duration> {
+        let started = Instant::now();
         let status = self.process.stop()?;
         if !status.success() {
             eprintln!(
-                "warning: the agent exited with {status}; see {}",
+                "warning: the agent exited with {status} after {:.1} s; see {}",
+                started.elapsed().as_secs_f64(),
                 self.log.display()
             );
         }
-        Ok(())
+        Ok(started.elapsed())
     }
 }
 

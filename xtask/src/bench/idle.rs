@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 
-use super::{agent::RunningAgent, kernel_release, results_dir, write_results};
+use super::{Bench, agent::RunningAgent};
 use crate::{process::Supervised, python};
 
 const OBSERVE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -36,7 +36,7 @@ struct Footprint {
     measured_for: Duration,
 }
 
-pub fn run(args: &IdleArgs, agent_binary: &Path) -> Result<()> {
+pub fn run(args: &IdleArgs, bench: &Bench) -> Result<()> {
     let python = python::pyenv_python("3.11").context("no pyenv 3.11 under ~/.pyenv/versions")?;
     println!("starting {} idle {}", args.processes, python.display());
     // Dropping the guards kills them, also when a step below fails.
@@ -44,9 +44,9 @@ pub fn run(args: &IdleArgs, agent_binary: &Path) -> Result<()> {
         .map(|_| start_sleeper(&python))
         .collect::<Result<Vec<_>>>()?;
     let pids: Vec<u32> = sleepers.iter().map(Supervised::pid).collect();
-    let agent_log = results_dir()?.join("idle-agent.log");
+    let agent_log = bench.results_dir()?.join("idle-agent.log");
     fs::write(&agent_log, "")?;
-    let mut agent = RunningAgent::start(agent_binary, &agent_log)?;
+    let mut agent = RunningAgent::start(&bench.agent_binary, &agent_log)?;
     let time_to_observe_all = agent.wait_until_observed(&pids, OBSERVE_TIMEOUT)?;
     println!(
         "the agent observes all {} after {:.1} s; measuring for {} s",
@@ -56,12 +56,13 @@ pub fn run(args: &IdleArgs, agent_binary: &Path) -> Result<()> {
     );
     let footprint = measure_footprint(&agent, time_to_observe_all, args.seconds)?;
     let observed_at_end = super::api::pids(&agent.processes()?).len();
-    agent.stop()?;
+    println!("stopping the agent");
+    let stop_time = agent.stop()?;
     drop(sleepers);
-    write_results(
+    bench.write_results(
         "idle",
-        &results_json(args, &python, &footprint, observed_at_end),
-        &results_markdown(args, &footprint),
+        results_json(args, &python, &footprint, observed_at_end, stop_time),
+        &results_markdown(args, &footprint, stop_time),
     )
 }
 
@@ -133,12 +134,12 @@ fn results_json(
     python: &Path,
     footprint: &Footprint,
     observed_at_end: usize,
+    stop_time: Duration,
 ) -> Value {
     json!({
         "benchmark": "idle",
         "idle_processes": args.processes,
         "python": python,
-        "kernel": kernel_release(),
         "processes_listed_by_agent_at_end": observed_at_end,
         "seconds_until_all_observed": footprint.time_to_observe_all.as_secs_f64(),
         "agent_rss_kib_after_discovery": footprint.rss_kib_after_discovery,
@@ -146,24 +147,25 @@ fn results_json(
         "agent_peak_rss_kib": footprint.peak_rss_kib,
         "agent_cpu_percent": footprint.cpu_percent,
         "measured_seconds": footprint.measured_for.as_secs_f64(),
+        "seconds_to_stop_agent": stop_time.as_secs_f64(),
     })
 }
 
-fn results_markdown(args: &IdleArgs, footprint: &Footprint) -> String {
+fn results_markdown(args: &IdleArgs, footprint: &Footprint, stop_time: Duration) -> String {
     let mib = |kib: u64| kib as f64 / 1024.0;
     format!(
-        "## Agent footprint with {} idle Python processes (kernel {})\n\n\
-         | all observed after | RSS after discovery | RSS at end | peak RSS | CPU over {:.0} s |\n\
-         |---|---|---|---|---|\n\
-         | {:.1} s | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.2} % |\n",
+        "## Agent footprint with {} idle Python processes\n\n\
+         | all observed after | RSS after discovery | RSS at end | peak RSS | CPU over {:.0} s | stop (SIGTERM to exit) |\n\
+         |---|---|---|---|---|---|\n\
+         | {:.1} s | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.2} % | {:.1} s |\n",
         args.processes,
-        kernel_release(),
         footprint.measured_for.as_secs_f64(),
         footprint.time_to_observe_all.as_secs_f64(),
         mib(footprint.rss_kib_after_discovery),
         mib(footprint.rss_kib_at_end),
         mib(footprint.peak_rss_kib),
         footprint.cpu_percent,
+        stop_time.as_secs_f64(),
     )
 }
 

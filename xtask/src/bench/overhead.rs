@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::{Value, json};
 
-use super::{agent::RunningAgent, kernel_release, median, results_dir, write_results};
+use super::{Bench, agent::RunningAgent, median};
 use crate::{process::Supervised, python, workspace};
 
 const WORKLOAD: &str = "bench/alloc_heavy.py";
@@ -29,6 +29,8 @@ const OBSERVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// After the agent lists the workload, let it finish attaching so the run
 /// measures the steady state, not the agent's start-up work.
 const SETTLE: Duration = Duration::from_secs(1);
+/// Several sample intervals of the agent (1 s by default).
+const FRESH_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the agent's view is read during an observed run (its sample
 /// interval is 1 s).
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -78,9 +80,9 @@ struct Measurement {
     observations: Vec<Observation>,
 }
 
-/// The agent's record of the workload at the end of an observed run.
+/// The agent's record of the workload in an observed run.
 struct Observation {
-    /// The last record read while the loop still ran.
+    /// The first record published after the loop ended.
     last: Value,
     peak_probe_hits_per_second: f64,
 }
@@ -91,7 +93,7 @@ impl Measurement {
     }
 }
 
-pub fn run(args: &OverheadArgs, agent_binary: &Path) -> Result<()> {
+pub fn run(args: &OverheadArgs, bench: &Bench) -> Result<()> {
     ensure!(args.rounds > 0, "--rounds must be at least 1");
     let interpreters = interpreters();
     ensure!(
@@ -99,21 +101,21 @@ pub fn run(args: &OverheadArgs, agent_binary: &Path) -> Result<()> {
         "no Python 3.11 interpreter to measure"
     );
     let workload = workspace::root().join(WORKLOAD);
-    let agent_log = results_dir()?.join("overhead-agent.log");
+    let agent_log = bench.results_dir()?.join("overhead-agent.log");
     std::fs::write(&agent_log, "")?;
     let mut measurements = Vec::new();
     for interpreter in interpreters {
         measurements.push(measure(
             interpreter,
             &workload,
-            agent_binary,
+            &bench.agent_binary,
             &agent_log,
             args.rounds,
         )?);
     }
-    write_results(
+    bench.write_results(
         "overhead",
-        &results_json(&measurements, args.rounds),
+        results_json(&measurements, args.rounds),
         &results_markdown(&measurements, args.rounds),
     )
 }
@@ -215,12 +217,33 @@ fn run_observed(
             observation.record(record);
         }
     };
-    // The process waits for us: this is the agent's view at the loop's end.
-    if let Some(record) = agent.process(pid)? {
+    // The process waits for us meanwhile, so the agent still lists it.
+    if let Some(record) = record_after_now(agent, pid)? {
         observation.record(record);
     }
     run.finish()?;
     Ok((result, observation))
+}
+
+/// The agent publishes a snapshot once per sample interval, so what it
+/// answers now may predate the loop's end: wait for the next snapshot (its
+/// `observed_seconds` grows), which was taken after this call started.
+fn record_after_now(agent: &RunningAgent, pid: u32) -> Result<Option<Value>> {
+    let observed_seconds =
+        |record: &Option<Value>| record.as_ref().and_then(|r| r["observed_seconds"].as_f64());
+    let current = agent.process(pid)?;
+    let deadline = Instant::now() + FRESH_SNAPSHOT_TIMEOUT;
+    loop {
+        thread::sleep(Duration::from_millis(100));
+        let record = agent.process(pid)?;
+        if observed_seconds(&record) > observed_seconds(&current) {
+            return Ok(record);
+        }
+        if Instant::now() > deadline {
+            eprintln!("warning: the agent published no new snapshot of pid {pid} in time");
+            return Ok(record.or(current));
+        }
+    }
 }
 
 impl Observation {
@@ -340,17 +363,15 @@ fn results_json(measurements: &[Measurement], rounds: usize) -> Value {
         "workload": WORKLOAD,
         "rounds": rounds,
         "agent_args": ["agent", "--listen", "127.0.0.1:<free port>"],
-        "kernel": kernel_release(),
         "interpreters": interpreters,
     })
 }
 
 fn results_markdown(measurements: &[Measurement], rounds: usize) -> String {
     let mut markdown = format!(
-        "## Agent overhead: `{WORKLOAD}`, median of {rounds} rounds (kernel {})\n\n\
+        "## Agent overhead: `{WORKLOAD}`, median of {rounds} rounds\n\n\
          | interpreter | Python | without agent | with agent | overhead | accounting at end | probe hits/s at end (peak) |\n\
-         |---|---|---|---|---|---|---|\n",
-        kernel_release()
+         |---|---|---|---|---|---|---|\n"
     );
     for m in measurements {
         let end_rates: Vec<f64> = m
