@@ -75,9 +75,13 @@ impl RunningAgent {
     pub fn wait_until_observed(&mut self, pids: &[u32], timeout: Duration) -> Result<Duration> {
         let started = Instant::now();
         loop {
-            self.process
-                .ensure_running()
-                .with_context(|| format!("see {}", self.log.display()))?;
+            if let Err(exited) = self.process.ensure_running() {
+                bail!(
+                    "{exited:#}; the end of its log, {}:\n{}",
+                    self.log.display(),
+                    log_tail(&self.log)
+                );
+            }
             // The HTTP server may not be up yet: retry until the deadline.
             let observed: HashSet<u32> = self
                 .processes()
@@ -112,6 +116,18 @@ impl RunningAgent {
         }
         Ok(started.elapsed())
     }
+}
+
+/// The last lines of the agent's log, without a trailing backtrace (the
+/// error that ended it comes just before).
+fn log_tail(log: &Path) -> String {
+    const LINES: usize = 12;
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let before_backtrace = text
+        .rsplit_once("Stack backtrace:")
+        .map_or(text.as_str(), |(head, _)| head);
+    let lines: Vec<&str> = before_backtrace.trim_end().lines().collect();
+    lines[lines.len().saturating_sub(LINES)..].join("\n")
 }
 
 /// A loopback address nothing listens on right now.
