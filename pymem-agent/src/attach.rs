@@ -14,7 +14,7 @@ use aya::{
     },
 };
 use log::{debug, info, warn};
-use pymem_common::{BlockKey, ProcStats, SyscallModeState, counter};
+use pymem_common::{BlockKey, ProcStats, PyLayout, PyStack, SyscallModeState, counter};
 
 use crate::discover::{Binary, BinaryId, elf::ProbePoint};
 
@@ -56,6 +56,8 @@ pub struct Probes {
     tracked: BpfHashMap<MapData, u32, u64>,
     syscall_mode: BpfHashMap<MapData, u32, SyscallModeState>,
     counters: PerCpuArray<MapData, u64>,
+    layouts: BpfHashMap<MapData, u32, PyLayout>,
+    stacks: BpfHashMap<MapData, u64, PyStack>,
 }
 
 impl Probes {
@@ -126,6 +128,8 @@ impl Probes {
         let syscall_mode =
             BpfHashMap::try_from(ebpf.take_map("SYSCALL_MODE").context("SYSCALL_MODE")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("COUNTERS")?)?;
+        let layouts = BpfHashMap::try_from(ebpf.take_map("PY_LAYOUT").context("PY_LAYOUT")?)?;
+        let stacks = BpfHashMap::try_from(ebpf.take_map("STACKS").context("STACKS")?)?;
         Ok((
             Self {
                 ebpf,
@@ -135,6 +139,8 @@ impl Probes {
                 tracked,
                 syscall_mode,
                 counters,
+                layouts,
+                stacks,
             },
             events,
         ))
@@ -261,7 +267,9 @@ impl Probes {
     /// it) and accounts its memory outside pymalloc by syscalls until its
     /// per-allocation probes are attached.
     pub fn track(&mut self, pid: u32, arena_size: u64) -> Result<()> {
-        self.tracked.insert(pid, arena_size, 0).context("TRACKED map")?;
+        self.tracked
+            .insert(pid, arena_size, 0)
+            .context("TRACKED map")?;
         self.account_by_syscalls(pid, arena_size)
     }
 
@@ -297,18 +305,34 @@ impl Probes {
         Ok(())
     }
 
+    /// Tells the kernel side where this process keeps its Python stack.
+    pub fn set_layout(&mut self, pid: u32, layout: PyLayout) -> Result<()> {
+        self.layouts.insert(pid, layout, 0).context("PY_LAYOUT map")
+    }
+
+    /// A captured stack, innermost frame first.
+    pub fn stack(&self, id: u64) -> Option<Vec<pymem_common::PyFrame>> {
+        let stack = self.stacks.get(&id, 0).ok()?;
+        let len = (stack.len as usize).min(stack.frames.len());
+        Some(stack.frames[..len].to_vec())
+    }
+
     /// Forgets every trace of an exited process.
     pub fn forget_process(&mut self, pid: u32) {
         self.detach_process(pid);
+        let _ = self.layouts.remove(&pid);
         let _ = self.tracked.remove(&pid);
         let _ = self.syscall_mode.remove(&pid);
         let _ = self.stats.remove(&pid);
-        for name in ["BUDGET"] {
-            if let Some(map) = self.ebpf.map_mut(name)
-                && let Ok(mut map) = BpfHashMap::<_, u32, pymem_common::BudgetState>::try_from(map)
-            {
-                let _ = map.remove(&pid);
-            }
+        if let Some(map) = self.ebpf.map_mut("BUDGET")
+            && let Ok(mut map) = BpfHashMap::<_, u32, pymem_common::BudgetState>::try_from(map)
+        {
+            let _ = map.remove(&pid);
+        }
+        if let Some(map) = self.ebpf.map_mut("SAMPLER")
+            && let Ok(mut map) = BpfHashMap::<_, u32, u64>::try_from(map)
+        {
+            let _ = map.remove(&pid);
         }
     }
 

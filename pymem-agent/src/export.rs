@@ -14,7 +14,7 @@ use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, 
 
 use crate::{
     model::{ProcessInfo, Snapshot},
-    observer::SharedSnapshot,
+    observer::{Query, QuerySender, SharedSnapshot},
 };
 
 /// Labels that identify a process on per-process series. `pid` and `comm`
@@ -53,6 +53,7 @@ pub const DEFAULT_LABELS: [ProcessLabel; 3] = [
 #[derive(Clone)]
 struct AppState {
     snapshot: SharedSnapshot,
+    queries: QuerySender,
     labels: Vec<ProcessLabel>,
 }
 
@@ -67,21 +68,27 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     snapshot: SharedSnapshot,
+    queries: QuerySender,
     labels: Vec<ProcessLabel>,
 ) -> Result<()> {
-    let state = AppState { snapshot, labels };
+    let state = AppState {
+        snapshot,
+        queries,
+        labels,
+    };
     let app = Router::new()
         .route("/", get(index))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/processes", get(processes))
         .route("/api/v1/processes/{pid}", get(process))
+        .route("/api/v1/processes/{pid}/sites", get(process_sites))
         .with_state(state);
     axum::serve(listener, app).await.context("HTTP server")
 }
 
 async fn index() -> &'static str {
-    "pymem agent\n\n/metrics             Prometheus metrics\n/api/v1/processes    observed Python processes (JSON)\n/api/v1/processes/N  one process\n/healthz             liveness\n"
+    "pymem agent\n\n/metrics                   Prometheus metrics\n/api/v1/processes          observed Python processes (JSON)\n/api/v1/processes/N        one process\n/api/v1/processes/N/sites  its allocation sites (JSON)\n/healthz                   liveness\n"
 }
 
 async fn processes(State(state): State<AppState>) -> Json<Vec<ProcessInfo>> {
@@ -95,6 +102,36 @@ async fn process(State(state): State<AppState>, Path(pid): Path<u32>) -> impl In
         None => (
             StatusCode::NOT_FOUND,
             format!("pid {pid} is not observed\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// Allocation sites of one process, heaviest live bytes first.
+async fn process_sites(State(state): State<AppState>, Path(pid): Path<u32>) -> impl IntoResponse {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if state
+        .queries
+        .send(Query::Sites { pid, reply })
+        .await
+        .is_err()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "observer stopped\n".to_string(),
+        )
+            .into_response();
+    }
+    match answer.await {
+        Ok(Some(sites)) => Json(sites).into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            format!("pid {pid} is not observed\n"),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "observer stopped\n".to_string(),
         )
             .into_response(),
     }

@@ -5,6 +5,8 @@ mod events;
 mod export;
 mod model;
 mod observer;
+mod pystack;
+mod sites;
 mod top;
 
 use std::{
@@ -69,6 +71,10 @@ pub struct ObserveArgs {
     /// (start-up imports) memory outside pymalloc is accounted by syscalls.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub probe_delay: Duration,
+    /// Mean bytes between Python-stack samples of allocations outside
+    /// pymalloc (arenas are always attributed); 0 disables sampling.
+    #[arg(long, default_value_t = 256 << 10)]
+    pub sample_bytes: u64,
 }
 
 impl ObserveArgs {
@@ -83,6 +89,7 @@ impl ObserveArgs {
             hit_budget_per_sec: self.probe_budget,
             hit_budget_burst: self.probe_burst,
             probe_delay: self.probe_delay,
+            sample_bytes: self.sample_bytes,
             ..ObserverConfig::default()
         }
     }
@@ -119,12 +126,13 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         // Bind before loading probes: a busy port fails fast and clean.
         let listener = export::bind(args.listen).await?;
         let snapshot = Arc::new(RwLock::new(model::Snapshot::default()));
-        let (observer, events) = Observer::new(args.observe.observer_config(), snapshot.clone())?;
+        let (observer, events, queries) =
+            Observer::new(args.observe.observer_config(), snapshot.clone())?;
         info!(
             "serving http://{}/metrics and /api/v1/processes",
             args.listen
         );
-        let server = tokio::spawn(export::serve(listener, snapshot, args.labels));
+        let server = tokio::spawn(export::serve(listener, snapshot, queries, args.labels));
         let result = observer.run(events, shutdown_signal()).await;
         server.abort();
         result

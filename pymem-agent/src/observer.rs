@@ -12,7 +12,7 @@ use std::{
 use anyhow::Result;
 use log::{debug, info, warn};
 use pymem_common::{ProcStats, event_kind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     attach::{KernelConfig, Probes},
@@ -22,6 +22,8 @@ use crate::{
         Accounting, AgentInfo, HeapBreakdown, HeapHistory, LeakPolicy, ProcessInfo, Snapshot,
         SourceTotals,
     },
+    pystack::{self, Frame, Symbolizer},
+    sites::{self, Site, SiteTracker},
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -40,6 +42,8 @@ pub struct ObserverConfig {
     /// Process age before per-allocation probes are attached: start-up
     /// imports allocate in bursts that would cost more than they tell.
     pub probe_delay: Duration,
+    /// Mean bytes between stack samples of blocks outside pymalloc; 0 = off.
+    pub sample_bytes: u64,
 }
 
 impl Default for ObserverConfig {
@@ -52,11 +56,23 @@ impl Default for ObserverConfig {
             rescan_interval: Duration::from_secs(10),
             history: Duration::from_secs(300),
             probe_delay: Duration::from_secs(5),
+            sample_bytes: 256 << 10,
         }
     }
 }
 
 pub type SharedSnapshot = Arc<RwLock<Snapshot>>;
+
+/// Questions for the observer that need its live state.
+pub enum Query {
+    /// Allocation sites of a process; `None` if it is not observed.
+    Sites {
+        pid: u32,
+        reply: oneshot::Sender<Option<Vec<Site>>>,
+    },
+}
+
+pub type QuerySender = mpsc::Sender<Query>;
 
 /// Results of discovery work done off the loop.
 enum Found {
@@ -78,6 +94,12 @@ struct Observed {
     hits_per_second: f64,
     last_sample: Instant,
     rss_bytes: u64,
+    sites: SiteTracker,
+    /// Reads code objects; None where stacks are unsupported.
+    symbolizer: Option<Symbolizer>,
+    /// Symbolised stacks by id (a stack id is a hash of code objects and
+    /// instruction pointers, so it always means the same frames).
+    frames: HashMap<u64, Vec<Frame>>,
 }
 
 pub struct Observer {
@@ -94,16 +116,23 @@ pub struct Observer {
     info: AgentInfo,
     exits_since_sweep: usize,
     snapshot: SharedSnapshot,
+    queries: mpsc::Receiver<Query>,
+    /// Binaries whose missing stack support was already logged.
+    stackless_binaries: HashSet<BinaryId>,
 }
 
 impl Observer {
-    pub fn new(config: ObserverConfig, snapshot: SharedSnapshot) -> Result<(Self, EventStream)> {
+    pub fn new(
+        config: ObserverConfig,
+        snapshot: SharedSnapshot,
+    ) -> Result<(Self, EventStream, QuerySender)> {
         let (probes, ring) = Probes::load(KernelConfig {
             hit_budget_per_sec: config.hit_budget_per_sec,
             hit_budget_burst: config.hit_budget_burst,
         })?;
         let events = EventStream::new(ring)?;
         let (found_tx, found_rx) = mpsc::unbounded_channel();
+        let (query_tx, queries) = mpsc::channel(16);
         Ok((
             Self {
                 config,
@@ -117,8 +146,11 @@ impl Observer {
                 info: AgentInfo::default(),
                 exits_since_sweep: 0,
                 snapshot,
+                queries,
+                stackless_binaries: HashSet::new(),
             },
             events,
+            query_tx,
         ))
     }
 
@@ -146,6 +178,7 @@ impl Observer {
                     }
                 }
                 Some(found) = self.found_rx.recv() => self.on_found(found),
+                Some(query) = self.queries.recv() => self.on_query(query),
                 _ = sample.tick() => self.sample(),
                 _ = rescan.tick() => self.spawn_scan(),
                 _ = sweep.tick() => self.sweep(),
@@ -169,7 +202,18 @@ impl Observer {
             event_kind::FORK => self.spawn_inspect(pid, false),
             event_kind::EXIT => self.forget(pid),
             event_kind::BUDGET_EXCEEDED => self.over_budget(pid, event.size),
-            event_kind::ARENA_ALLOC | event_kind::ARENA_FREE => {}
+            event_kind::ARENA_ALLOC | event_kind::BLOCK_SAMPLE => {
+                if let Some(observed) = self.observed.get_mut(&pid) {
+                    observed
+                        .sites
+                        .allocated(event.addr, event.stack_id, event.size);
+                }
+            }
+            event_kind::ARENA_FREE | event_kind::BLOCK_SAMPLE_FREE => {
+                if let Some(observed) = self.observed.get_mut(&pid) {
+                    observed.sites.freed(event.addr);
+                }
+            }
             other => debug!("unknown event kind {other}"),
         }
     }
@@ -333,6 +377,7 @@ impl Observer {
             "observing pid {pid} ({}) Python {} from {}",
             process.comm, interp.version, process.binary.display_path
         );
+        let symbolizer = self.enable_stacks(&process);
         let now = Instant::now();
         let age = process_age(pid).unwrap_or(Duration::MAX);
         let probes_due = now + self.config.probe_delay.saturating_sub(age);
@@ -349,8 +394,70 @@ impl Observer {
                 hits_per_second: 0.0,
                 last_sample: now,
                 rss_bytes: 0,
+                sites: SiteTracker::default(),
+                symbolizer,
+                frames: HashMap::new(),
             },
         );
+    }
+
+    /// Gives the kernel the process's stack layout; logs once per binary
+    /// where stacks are not supported.
+    fn enable_stacks(&mut self, process: &PythonProcess) -> Option<Symbolizer> {
+        let pid = process.pid;
+        let layout = pystack::layout_for(pid, &process.binary, self.config.sample_bytes);
+        let result = layout.and_then(|layout| {
+            let symbolizer = Symbolizer::new(pid, layout.code)?;
+            self.probes.set_layout(pid, layout.kernel)?;
+            Ok(symbolizer)
+        });
+        match result {
+            Ok(symbolizer) => Some(symbolizer),
+            Err(e) => {
+                if self.stackless_binaries.insert(process.binary.id) {
+                    info!(
+                        "{}: no allocation sites: {e:#}",
+                        process.binary.display_path
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    fn on_query(&mut self, query: Query) {
+        match query {
+            Query::Sites { pid, reply } => {
+                let _ = reply.send(self.sites(pid));
+            }
+        }
+    }
+
+    /// Symbolises the stacks of a process's live attribution.
+    fn sites(&mut self, pid: u32) -> Option<Vec<Site>> {
+        let observed = self.observed.get_mut(&pid)?;
+        let mut stacks = Vec::new();
+        for (stack_id, bytes) in observed.sites.stacks() {
+            let frames = match observed.frames.get(&stack_id) {
+                Some(frames) => frames.clone(),
+                None => {
+                    let frames = match (&mut observed.symbolizer, self.probes.stack(stack_id)) {
+                        (Some(symbolizer), Some(raw)) => {
+                            raw.iter().map(|frame| symbolizer.frame(frame)).collect()
+                        }
+                        _ => vec![Frame {
+                            function: "<no Python stack>".into(),
+                            file: String::new(),
+                            line: 0,
+                        }],
+                    };
+                    observed.frames.insert(stack_id, frames.clone());
+                    frames
+                }
+            };
+            stacks.push((frames, bytes));
+        }
+        Some(sites::group_sites(stacks))
     }
 
     fn attach_failed(&mut self, pid: u32, comm: &str, e: anyhow::Error) {
@@ -446,7 +553,10 @@ impl Observer {
 
 /// Time since the process started, from its start time in procfs.
 fn process_age(pid: u32) -> Option<Duration> {
-    let stat = procfs::process::Process::new(pid as i32).ok()?.stat().ok()?;
+    let stat = procfs::process::Process::new(pid as i32)
+        .ok()?
+        .stat()
+        .ok()?;
     let started = stat.starttime as f64 / procfs::ticks_per_second() as f64;
     let uptime: f64 = std::fs::read_to_string("/proc/uptime")
         .ok()?

@@ -20,6 +20,56 @@ pub mod event_kind {
     /// The process used up its probe-hit budget (token bucket); `size` is
     /// its budgeted probe hits so far.
     pub const BUDGET_EXCEEDED: u32 = 6;
+    /// A sampled block outside pymalloc (raw or extension) at `addr`;
+    /// `size` is its sampling weight in bytes, `stack_id` where it came from.
+    pub const BLOCK_SAMPLE: u32 = 7;
+    /// A sampled block at `addr` was freed.
+    pub const BLOCK_SAMPLE_FREE: u32 = 8;
+}
+
+/// Deepest Python stack captured, innermost frame first.
+pub const MAX_STACK_DEPTH: usize = 48;
+
+/// Marks a live-block size whose allocation was sampled with a stack, so
+/// its free is reported too.
+pub const SAMPLED_BIT: u64 = 1 << 63;
+
+/// Offsets "not present in this version".
+pub const NO_OFFSET: u64 = u64::MAX;
+
+/// One Python frame as captured in the kernel: the code object and the
+/// instruction pointer (3.11+) or last-instruction index (3.8–3.10).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PyFrame {
+    pub code: u64,
+    pub instr: u64,
+}
+
+/// A captured Python stack, deduplicated in the `STACKS` map by `stack_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyStack {
+    pub len: u64,
+    pub frames: [PyFrame; MAX_STACK_DEPTH],
+}
+
+/// Where a process keeps its current Python stack, computed by the agent
+/// from the interpreter version and load address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyLayout {
+    /// Address of the `PyThreadState *` of the thread holding the GIL.
+    pub tstate_ptr_addr: u64,
+    /// PyThreadState -> frame (3.8–3.10, 3.13+) or -> cframe (3.11, 3.12).
+    pub tstate_frame: u64,
+    /// CFrame -> current_frame, or NO_OFFSET.
+    pub cframe_frame: u64,
+    pub frame_code: u64,
+    pub frame_back: u64,
+    pub frame_instr: u64,
+    /// Mean bytes between sampled allocations outside pymalloc; 0 = off.
+    pub sample_period: u64,
 }
 
 /// One ring-buffer record.
@@ -35,6 +85,8 @@ pub struct Event {
     pub ts_ns: u64,
     pub addr: u64,
     pub size: u64,
+    /// Python stack of the allocation (0: none captured).
+    pub stack_id: u64,
 }
 
 /// Per-process counters kept by the kernel side in a per-CPU hash map keyed
@@ -171,4 +223,7 @@ mod pod {
     unsafe impl aya::Pod for BudgetState {}
     unsafe impl aya::Pod for SyscallModeState {}
     unsafe impl aya::Pod for PendingMmap {}
+    unsafe impl aya::Pod for PyFrame {}
+    unsafe impl aya::Pod for PyStack {}
+    unsafe impl aya::Pod for PyLayout {}
 }

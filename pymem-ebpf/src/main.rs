@@ -12,6 +12,8 @@
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod probes;
+#[cfg(target_arch = "bpf")]
+mod pystack;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

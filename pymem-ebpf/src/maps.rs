@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use pymem_common::{
-    BlockKey, BudgetState, Event, PendingCall, PendingMmap, ProcStats, SyscallModeState, counter,
-    event_kind,
+    BlockKey, BudgetState, Event, PendingCall, PendingMmap, ProcStats, SAMPLED_BIT,
+    SyscallModeState, counter, event_kind,
 };
 
 /// Sustained budgeted probe hits per second a process may cost before the
@@ -86,7 +86,7 @@ pub fn bump_counter(index: u32) {
 
 /// Sends one event; a full ring buffer is counted, never silent.
 #[inline(always)]
-pub fn emit(kind: u32, tgid: u32, tid: u32, addr: u64, size: u64) {
+pub fn emit(kind: u32, tgid: u32, tid: u32, addr: u64, size: u64, stack_id: u64) {
     match EVENTS.reserve::<Event>(0) {
         Some(mut entry) => {
             entry.write(Event {
@@ -97,6 +97,7 @@ pub fn emit(kind: u32, tgid: u32, tid: u32, addr: u64, size: u64) {
                 ts_ns: unsafe { bpf_ktime_get_ns() },
                 addr,
                 size,
+                stack_id,
             });
             entry.submit(0);
         }
@@ -128,6 +129,38 @@ pub fn remember(map: &HashMap<BlockKey, u64>, tgid: u32, addr: u64, size: u64) -
         bump_counter(counter::LIVE_MAP_FULL);
         false
     }
+}
+
+/// Remembers a live block outside pymalloc, sampling it for its stack:
+/// sampled blocks carry SAMPLED_BIT and are reported to the agent. Returns
+/// false when the map is full.
+#[inline(always)]
+pub fn remember_sampled(
+    map: &HashMap<BlockKey, u64>,
+    tgid: u32,
+    tid: u32,
+    addr: u64,
+    size: u64,
+) -> bool {
+    match crate::pystack::sample_weight(tgid, size) {
+        Some(weight) => {
+            let stack_id = crate::pystack::capture(tgid);
+            emit(event_kind::BLOCK_SAMPLE, tgid, tid, addr, weight, stack_id);
+            remember(map, tgid, addr, size | SAMPLED_BIT)
+        }
+        None => remember(map, tgid, addr, size),
+    }
+}
+
+/// Forgets a block outside pymalloc and returns its size; a sampled
+/// block's free is reported to the agent.
+#[inline(always)]
+pub fn forget_sampled(map: &HashMap<BlockKey, u64>, tgid: u32, tid: u32, addr: u64) -> Option<u64> {
+    let size = forget(map, tgid, addr)?;
+    if size & SAMPLED_BIT != 0 {
+        emit(event_kind::BLOCK_SAMPLE_FREE, tgid, tid, addr, 0, 0);
+    }
+    Some(size & !SAMPLED_BIT)
 }
 
 /// Forgets a live block and returns its size, if it was known.
@@ -179,7 +212,14 @@ pub fn charge(tgid: u32, tid: u32, stats: &mut ProcStats) {
         state.nano_tokens -= NANO;
     } else if state.notified == 0 {
         state.notified = 1;
-        emit(event_kind::BUDGET_EXCEEDED, tgid, tid, 0, stats.probe_hits);
+        emit(
+            event_kind::BUDGET_EXCEEDED,
+            tgid,
+            tid,
+            0,
+            stats.probe_hits,
+            0,
+        );
     }
 }
 

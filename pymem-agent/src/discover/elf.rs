@@ -7,7 +7,8 @@ use std::{collections::HashMap, fmt, path::Path};
 use anyhow::{Context as _, Result, anyhow, bail};
 use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic, OpKind, Register};
 use object::{
-    Object, ObjectSection, ObjectSymbol, ObjectSymbolTable, RelocationTarget, SectionKind,
+    Object, ObjectSection, ObjectSegment, ObjectSymbol, ObjectSymbolTable, RelocationTarget,
+    SectionKind,
     elf::{R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT},
     read::elf::Dyn as _,
     read::elf::ElfFile64,
@@ -67,6 +68,10 @@ pub struct Interpreter {
     pub stubs: LibcStubs,
     pub trace_track: Option<ProbePoint>,
     pub trace_untrack: Option<ProbePoint>,
+    /// Link address of `_PyRuntime` (exported since 3.7).
+    pub runtime_vaddr: Option<u64>,
+    /// Link address of the first loadable segment (0 for PIE and .so).
+    pub first_load_vaddr: u64,
 }
 
 /// Symbols whose definition marks a file as a CPython interpreter (an
@@ -148,6 +153,12 @@ pub fn analyze_bytes(data: &[u8], name_hint: &str) -> Result<Interpreter> {
         stubs,
         trace_track: point("PyTraceMalloc_Track"),
         trace_untrack: point("PyTraceMalloc_Untrack"),
+        runtime_vaddr: defined.get("_PyRuntime").copied(),
+        first_load_vaddr: elf
+            .segments()
+            .map(|segment| segment.address())
+            .min()
+            .unwrap_or(0),
     })
 }
 
@@ -211,7 +222,10 @@ fn read_version(
 /// Looks at the strings `Py_GetVersion` passes to its `snprintf` — RIP-
 /// relative `lea`s in PIE/shared builds, absolute immediates (`mov $addr,
 /// %ecx`) in non-PIE executables — and returns the first reading `3.X.Y`.
-fn version_from_get_version(elf: &ElfFile64<'_, object::Endianness>, addr: u64) -> Option<PyVersion> {
+fn version_from_get_version(
+    elf: &ElfFile64<'_, object::Endianness>,
+    addr: u64,
+) -> Option<PyVersion> {
     let code = read_at(elf, addr, 128)?;
     let decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
     for instr in decoder.into_iter().take(40) {

@@ -154,7 +154,11 @@ impl Agent {
         let deadline = start + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "agent exited with {status}:\n{}", self.log());
+                assert!(
+                    status.success(),
+                    "agent exited with {status}:\n{}",
+                    self.log()
+                );
                 return start.elapsed();
             }
             if Instant::now() > deadline {
@@ -266,7 +270,11 @@ fn find_host_pid(ancestor: u32, ns_pid: u32) -> u32 {
                     break;
                 };
                 let after = stat.rsplit(')').next().unwrap_or("");
-                let ppid: u32 = after.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+                let ppid: u32 = after
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
                 if ppid == ancestor {
                     found = true;
                     break;

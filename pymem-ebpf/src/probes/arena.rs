@@ -65,7 +65,14 @@ fn try_arena_mmap_ret(ctx: &RetProbeContext) -> Result<u32, u32> {
     } else {
         stats.untracked_allocs += 1;
     }
-    emit(event_kind::ARENA_ALLOC, tgid, tid, addr, pending.size);
+    emit(
+        event_kind::ARENA_ALLOC,
+        tgid,
+        tid,
+        addr,
+        pending.size,
+        crate::pystack::capture(tgid),
+    );
     Ok(0)
 }
 
@@ -84,6 +91,6 @@ fn try_arena_munmap(ctx: &ProbeContext) -> Result<u32, u32> {
     let stats = stats(tgid).ok_or(1u32)?;
     stats.arena_free_bytes += size;
     stats.arena_frees += 1;
-    emit(event_kind::ARENA_FREE, tgid, tid, addr, size);
+    emit(event_kind::ARENA_FREE, tgid, tid, addr, size, 0);
     Ok(0)
 }

@@ -3,7 +3,7 @@
 //! Attached per process and budgeted.
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
 
-use crate::maps::{EXT_LIVE, charge, current_ids, forget, remember, stats};
+use crate::maps::{EXT_LIVE, charge, current_ids, forget_sampled, remember_sampled, stats};
 
 #[uprobe]
 pub fn ext_track(ctx: ProbeContext) -> u32 {
@@ -20,11 +20,11 @@ fn try_ext_track(ctx: &ProbeContext) -> Result<u32, u32> {
     let stats = stats(tgid).ok_or(1u32)?;
     charge(tgid, tid, stats);
     // Tracking a pointer again replaces its size, as tracemalloc does.
-    if let Some(old) = forget(&EXT_LIVE, tgid, addr) {
+    if let Some(old) = forget_sampled(&EXT_LIVE, tgid, tid, addr) {
         stats.ext_free_bytes += old;
         stats.ext_frees += 1;
     }
-    if remember(&EXT_LIVE, tgid, addr, size) {
+    if remember_sampled(&EXT_LIVE, tgid, tid, addr, size) {
         stats.ext_alloc_bytes += size;
         stats.ext_allocs += 1;
     } else {
@@ -46,7 +46,7 @@ fn try_ext_untrack(ctx: &ProbeContext) -> Result<u32, u32> {
     let addr: u64 = ctx.arg(1).ok_or(1u32)?;
     let stats = stats(tgid).ok_or(1u32)?;
     charge(tgid, tid, stats);
-    let size = forget(&EXT_LIVE, tgid, addr).ok_or(0u32)?;
+    let size = forget_sampled(&EXT_LIVE, tgid, tid, addr).ok_or(0u32)?;
     stats.ext_free_bytes += size;
     stats.ext_frees += 1;
     Ok(0)

@@ -14,7 +14,7 @@ pub fn process_exec(ctx: TracePointContext) -> u32 {
 
 fn try_process_exec(_ctx: &TracePointContext) -> Result<u32, u32> {
     let (_, tgid, tid) = current_ids();
-    emit(event_kind::EXEC, tgid, tid, 0, 0);
+    emit(event_kind::EXEC, tgid, tid, 0, 0, 0);
     Ok(0)
 }
 
@@ -31,7 +31,7 @@ fn try_process_exit(_ctx: &TracePointContext) -> Result<u32, u32> {
     if tgid != tid || unsafe { TRACKED.get(tgid) }.is_none() {
         return Ok(0);
     }
-    emit(event_kind::EXIT, tgid, tid, 0, 0);
+    emit(event_kind::EXIT, tgid, tid, 0, 0, 0);
     Ok(0)
 }
 
@@ -50,6 +50,6 @@ fn try_process_fork(ctx: &TracePointContext) -> Result<u32, u32> {
         return Ok(0);
     }
     let child: i32 = unsafe { ctx.read_at(fork_child_pid_offset()) }.map_err(|_| 1u32)?;
-    emit(event_kind::FORK, child as u32, tid, tgid as u64, 0);
+    emit(event_kind::FORK, child as u32, tid, tgid as u64, 0, 0);
     Ok(0)
 }

@@ -8,7 +8,9 @@ use aya_ebpf::{
 };
 use pymem_common::PendingCall;
 
-use crate::maps::{PENDING_RAW, RAW_LIVE, charge, current_ids, forget, remember, stats};
+use crate::maps::{
+    PENDING_RAW, RAW_LIVE, charge, current_ids, forget_sampled, remember_sampled, stats,
+};
 
 #[inline(always)]
 fn begin(size: u64, old_addr: u64) -> Result<u32, u32> {
@@ -78,12 +80,12 @@ fn try_raw_alloc_ret(ctx: &RetProbeContext) -> Result<u32, u32> {
         return Ok(0);
     }
     if pending.old_addr != 0
-        && let Some(old_size) = forget(&RAW_LIVE, tgid, pending.old_addr)
+        && let Some(old_size) = forget_sampled(&RAW_LIVE, tgid, tid, pending.old_addr)
     {
         stats.raw_free_bytes += old_size;
         stats.raw_frees += 1;
     }
-    if remember(&RAW_LIVE, tgid, addr, pending.size) {
+    if remember_sampled(&RAW_LIVE, tgid, tid, addr, pending.size) {
         stats.raw_alloc_bytes += pending.size;
         stats.raw_allocs += 1;
     } else {
@@ -108,7 +110,7 @@ fn try_raw_free(ctx: &ProbeContext) -> Result<u32, u32> {
         return Ok(0);
     }
     // Blocks allocated before we attached are unknown and stay uncounted.
-    let size = forget(&RAW_LIVE, tgid, addr).ok_or(0u32)?;
+    let size = forget_sampled(&RAW_LIVE, tgid, tid, addr).ok_or(0u32)?;
     stats.raw_free_bytes += size;
     stats.raw_frees += 1;
     Ok(0)

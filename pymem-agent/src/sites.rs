@@ -1,0 +1,175 @@
+//! Allocation sites: which Python lines hold the memory. Arenas and sampled
+//! blocks carry the stack that allocated them; when they are freed their
+//! bytes leave that stack again, so sites show memory still held.
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::pystack::Frame;
+
+/// Bytes attributed to one captured stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackBytes {
+    pub live: u64,
+    pub allocated: u64,
+}
+
+/// Live attribution for one process.
+#[derive(Default)]
+pub struct SiteTracker {
+    /// block address -> (stack id, bytes it stands for)
+    blocks: HashMap<u64, (u64, u64)>,
+    stacks: HashMap<u64, StackBytes>,
+}
+
+impl SiteTracker {
+    pub fn allocated(&mut self, addr: u64, stack_id: u64, bytes: u64) {
+        if let Some((old_stack, old_bytes)) = self.blocks.insert(addr, (stack_id, bytes)) {
+            // A missed free (e.g. lost event): the old block is gone.
+            self.release(old_stack, old_bytes);
+        }
+        let entry = self.stacks.entry(stack_id).or_default();
+        entry.live += bytes;
+        entry.allocated += bytes;
+    }
+
+    pub fn freed(&mut self, addr: u64) {
+        if let Some((stack_id, bytes)) = self.blocks.remove(&addr) {
+            self.release(stack_id, bytes);
+        }
+    }
+
+    fn release(&mut self, stack_id: u64, bytes: u64) {
+        if let Some(entry) = self.stacks.get_mut(&stack_id) {
+            entry.live = entry.live.saturating_sub(bytes);
+        }
+    }
+
+    pub fn stacks(&self) -> impl Iterator<Item = (u64, StackBytes)> + '_ {
+        self.stacks.iter().map(|(&id, &bytes)| (id, bytes))
+    }
+}
+
+/// One line of Python that allocated memory, innermost frame of its
+/// stacks; `stack` is the heaviest full stack through it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Site {
+    pub function: String,
+    pub file: String,
+    pub line: i64,
+    /// Bytes allocated here and still live (estimated from samples).
+    pub bytes: u64,
+    /// Bytes allocated here since observation started.
+    pub allocated_bytes: u64,
+    pub stack: Vec<Frame>,
+}
+
+/// Groups symbolised stacks by their innermost frame, heaviest first.
+pub fn group_sites(stacks: Vec<(Vec<Frame>, StackBytes)>) -> Vec<Site> {
+    let mut by_line: HashMap<Frame, (StackBytes, Vec<Frame>, u64)> = HashMap::new();
+    for (frames, bytes) in stacks {
+        let Some(top) = frames.first().cloned() else {
+            continue;
+        };
+        let entry = by_line
+            .entry(top)
+            .or_insert_with(|| (StackBytes::default(), Vec::new(), 0));
+        entry.0.live += bytes.live;
+        entry.0.allocated += bytes.allocated;
+        let weight = bytes.live.max(bytes.allocated / 1024);
+        if entry.1.is_empty() || weight > entry.2 {
+            entry.1 = frames;
+            entry.2 = weight;
+        }
+    }
+    let mut sites: Vec<Site> = by_line
+        .into_iter()
+        .map(|(top, (bytes, stack, _))| Site {
+            function: top.function,
+            file: top.file,
+            line: top.line,
+            bytes: bytes.live,
+            allocated_bytes: bytes.allocated,
+            stack,
+        })
+        .collect();
+    sites.sort_by(|a, b| {
+        b.bytes
+            .cmp(&a.bytes)
+            .then(b.allocated_bytes.cmp(&a.allocated_bytes))
+            .then(a.file.cmp(&b.file))
+            .then(a.line.cmp(&b.line))
+    });
+    sites
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(function: &str, line: i64) -> Frame {
+        Frame {
+            function: function.into(),
+            file: "app.py".into(),
+            line,
+        }
+    }
+
+    #[test]
+    fn frees_leave_the_site_that_allocated() {
+        let mut t = SiteTracker::default();
+        t.allocated(0x1000, 7, 1 << 20);
+        t.allocated(0x2000, 7, 1 << 20);
+        t.allocated(0x3000, 9, 1 << 20);
+        t.freed(0x1000);
+        t.freed(0x3000);
+        t.freed(0x9999); // never seen: ignored
+        let stacks: HashMap<u64, StackBytes> = t.stacks().collect();
+        assert_eq!(
+            stacks[&7],
+            StackBytes {
+                live: 1 << 20,
+                allocated: 2 << 20
+            }
+        );
+        assert_eq!(
+            stacks[&9],
+            StackBytes {
+                live: 0,
+                allocated: 1 << 20
+            }
+        );
+    }
+
+    #[test]
+    fn sites_group_by_innermost_frame_and_sort_by_live_bytes() {
+        let sites = group_sites(vec![
+            (
+                vec![frame("churn", 5), frame("main", 1)],
+                StackBytes {
+                    live: 0,
+                    allocated: 900,
+                },
+            ),
+            (
+                vec![frame("leak", 9), frame("a", 2)],
+                StackBytes {
+                    live: 300,
+                    allocated: 300,
+                },
+            ),
+            (
+                vec![frame("leak", 9), frame("b", 3)],
+                StackBytes {
+                    live: 500,
+                    allocated: 500,
+                },
+            ),
+        ]);
+        assert_eq!(sites[0].function, "leak");
+        assert_eq!(sites[0].bytes, 800);
+        assert_eq!(sites[0].stack[1].function, "b", "heaviest stack kept");
+        assert_eq!(sites[1].function, "churn");
+        assert_eq!(sites[1].bytes, 0);
+    }
+}

@@ -1,0 +1,248 @@
+//! Where `pymem top` gets its processes: a running agent over HTTP, or an
+//! observer embedded in this process when no agent answers.
+use std::{
+    sync::{Arc, RwLock},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use tokio::sync::oneshot;
+
+use crate::{
+    model::{ProcessInfo, Snapshot},
+    observer::{Observer, ObserverConfig, SharedSnapshot},
+};
+
+pub enum Source {
+    Agent(AgentClient),
+    Embedded(EmbeddedObserver),
+}
+
+impl Source {
+    pub fn fetch(&self) -> Result<Vec<ProcessInfo>> {
+        match self {
+            Self::Agent(agent) => agent.fetch(),
+            Self::Embedded(observer) => Ok(observer.processes()),
+        }
+    }
+
+    /// One line for the header: which source and where.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Agent(agent) => format!("agent {}", agent.base_url),
+            Self::Embedded(_) => "embedded observer".to_string(),
+        }
+    }
+}
+
+/// The default agent address as a URL.
+pub fn default_agent_url() -> String {
+    format!("http://{}", crate::DEFAULT_LISTEN)
+}
+
+/// `http://host:port` from `http://host:port/`, `host:port` or a bare port.
+pub fn normalize_agent_url(agent: &str) -> String {
+    let agent = agent.trim().trim_end_matches('/');
+    if let Ok(port) = agent.parse::<u16>() {
+        return format!("http://127.0.0.1:{port}");
+    }
+    if agent.contains("://") {
+        agent.to_string()
+    } else {
+        format!("http://{agent}")
+    }
+}
+
+/// A `pymem agent`'s JSON API.
+pub struct AgentClient {
+    base_url: String,
+    http: ureq::Agent,
+}
+
+impl AgentClient {
+    pub fn new(url: &str) -> Self {
+        // Short timeouts: a hung agent shows as an error in the header
+        // instead of freezing the refresh.
+        let http = ureq::Agent::config_builder()
+            .timeout_connect(Some(Duration::from_secs(1)))
+            .timeout_global(Some(Duration::from_secs(3)))
+            .build()
+            .into();
+        Self {
+            base_url: normalize_agent_url(url),
+            http,
+        }
+    }
+
+    pub fn fetch(&self) -> Result<Vec<ProcessInfo>> {
+        let url = format!("{}/api/v1/processes", self.base_url);
+        self.http
+            .get(&url)
+            .call()
+            .with_context(|| format!("GET {url}"))?
+            .body_mut()
+            .read_json::<Vec<ProcessInfo>>()
+            .with_context(|| format!("reading processes from {url}"))
+    }
+}
+
+/// An observer running on its own thread and tokio runtime, publishing
+/// into a snapshot this process reads. Dropping it stops the observer and
+/// detaches its probes.
+pub struct EmbeddedObserver {
+    snapshot: SharedSnapshot,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<()>>>,
+    started: Instant,
+    sample_interval: Duration,
+}
+
+impl EmbeddedObserver {
+    /// Loads the probes (root only) and starts observing; errors if the
+    /// probes cannot be loaded.
+    pub fn start(config: ObserverConfig) -> Result<Self> {
+        let snapshot: SharedSnapshot = Arc::new(RwLock::new(Snapshot::default()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let shared = snapshot.clone();
+        let thread = std::thread::Builder::new()
+            .name("pymem-observer".into())
+            .spawn(move || observe(config, shared, ready_tx, shutdown_rx))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self {
+                snapshot,
+                shutdown: Some(shutdown_tx),
+                thread: Some(thread),
+                started: Instant::now(),
+                sample_interval: config.sample_interval,
+            }),
+            Ok(Err(e)) => Err(e.context(not_root_hint())),
+            Err(_) => Err(match thread.join() {
+                Ok(Err(e)) => e,
+                _ => anyhow!("the embedded observer thread died while starting"),
+            }),
+        }
+    }
+
+    pub fn processes(&self) -> Vec<ProcessInfo> {
+        self.snapshot
+            .read()
+            .expect("snapshot lock")
+            .processes
+            .clone()
+    }
+
+    /// Blocks until a snapshot is worth printing: discovery scans /proc in
+    /// the background, and a growth rate needs a few samples of a process.
+    pub fn wait_until_sampled(&self) {
+        const DISCOVERY: Duration = Duration::from_secs(2);
+        const MIN_SAMPLES: usize = 3;
+        let grace_end = self.started + DISCOVERY;
+        let deadline = grace_end + self.sample_interval * MIN_SAMPLES as u32;
+        std::thread::sleep(grace_end.saturating_duration_since(Instant::now()));
+        while Instant::now() < deadline {
+            let processes = self.processes();
+            if !processes.is_empty()
+                && processes
+                    .iter()
+                    .all(|p| p.heap_history.len() >= MIN_SAMPLES)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for EmbeddedObserver {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The observer thread: reports whether the probes loaded, then observes
+/// until shut down.
+fn observe(
+    config: ObserverConfig,
+    snapshot: SharedSnapshot,
+    ready: std::sync::mpsc::Sender<Result<()>>,
+    shutdown: oneshot::Receiver<()>,
+) -> Result<()> {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let _ = ready.send(Err(anyhow!(e).context("starting a tokio runtime")));
+            return Ok(());
+        }
+    };
+    runtime.block_on(async move {
+        // Observer::new registers the ring buffer with the runtime's epoll.
+        let started = match Observer::new(config, snapshot) {
+            Ok(started) => started,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return Ok(());
+            }
+        };
+        let _ = ready.send(Ok(()));
+        // Fields by position: whatever else `new` hands out (a query
+        // channel) stays alive in `started` while the observer runs.
+        let (observer, events) = (started.0, started.1);
+        observer
+            .run(events, async {
+                let _ = shutdown.await;
+            })
+            .await
+    })
+}
+
+fn not_root_hint() -> String {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 {
+        "cannot load the eBPF probes for the embedded observer".to_string()
+    } else {
+        "the embedded observer needs root to load eBPF probes: run `sudo pymem top`, or start `sudo pymem agent` and run `pymem top --agent URL`".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_urls_are_normalized() {
+        assert_eq!(
+            normalize_agent_url("http://10.0.0.1:9477/"),
+            "http://10.0.0.1:9477"
+        );
+        assert_eq!(
+            normalize_agent_url("localhost:9000"),
+            "http://localhost:9000"
+        );
+        assert_eq!(normalize_agent_url("9500"), "http://127.0.0.1:9500");
+        assert_eq!(default_agent_url(), "http://127.0.0.1:9477");
+    }
+
+    #[test]
+    fn an_absent_agent_is_an_error_not_a_hang() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port(); // bound then released: nothing listens there now
+        let started = Instant::now();
+        let err = AgentClient::new(&port.to_string()).fetch().unwrap_err();
+        assert!(format!("{err:#}").contains("/api/v1/processes"), "{err:#}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+}
