@@ -1,0 +1,42 @@
+"""Known allocation sites for pymem's site tests (Python 3.8+).
+
+Each function allocates on one known line, marked with a "SITE:" comment
+that the tests look up, so the expected line numbers come from this file.
+Runs until killed; prints "ready" once the first round is done.
+"""
+import sys
+import time
+
+chain = None
+blobs = []
+
+
+def leak_small_objects():
+    global chain
+    for i in range(12000):
+        chain = [chain, "x" * 40 + str(i)]  # SITE: small
+
+
+def leak_large_blobs():
+    for _ in range(25):
+        blobs.append(bytes(32768))  # SITE: large
+
+
+def churn_only():
+    tmp = [bytes(4096) for _ in range(100)]  # SITE: churn
+    return len(tmp)
+
+
+def main():
+    first = True
+    while True:
+        leak_small_objects()
+        leak_large_blobs()
+        churn_only()
+        if first:
+            print("ready", flush=True)
+            first = False
+        time.sleep(0.05)
+
+
+main()
