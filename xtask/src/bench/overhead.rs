@@ -198,6 +198,7 @@ fn run_observed(
     let mut run = WorkloadRun::spawn(python, workload)?;
     let pid = run.pid();
     agent.wait_until_observed(&[pid], OBSERVE_TIMEOUT)?;
+    wait_for_allocation_probes(agent, pid)?;
     thread::sleep(SETTLE);
     run.go()?;
     let deadline = Instant::now() + RUN_TIMEOUT;
@@ -223,6 +224,26 @@ fn run_observed(
     }
     run.finish()?;
     Ok((result, observation))
+}
+
+/// The agent attaches a new process's per-allocation probes only after its
+/// start-up (`--probe-delay`, accounting `startup` until then): wait for
+/// that, so the loop runs with every probe in place — the costly case.
+fn wait_for_allocation_probes(agent: &RunningAgent, pid: u32) -> Result<()> {
+    let deadline = Instant::now() + OBSERVE_TIMEOUT;
+    loop {
+        let accounting = agent
+            .process(pid)?
+            .map(|record| record["accounting"].clone());
+        if accounting.as_ref().and_then(Value::as_str) != Some("startup") {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "pid {pid} still in start-up accounting after {OBSERVE_TIMEOUT:?}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// The agent publishes a snapshot once per sample interval, so what it
