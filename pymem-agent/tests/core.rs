@@ -4,7 +4,7 @@ mod common;
 
 use std::{path::Path, time::Duration};
 
-use common::{Agent, Workload, assert_within, heap, pyenv};
+use common::{Agent, Workload, assert_within, pyenv};
 
 /// Discovery plus the harness's 2 s probe delay, on a loaded 2-core CI box.
 const OBSERVE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -14,17 +14,13 @@ fn small_object_leak(python: &Path) {
     let agent = Agent::start(&[]);
     let mut work = Workload::spawn(python);
     agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
-    let before = agent.settled(work.pid);
     let arenas_before = work.arena_bytes();
-    work.command("leak_small 20 3");
-    let after = agent.settled(work.pid);
-    let arenas_after = work.arena_bytes();
-    let truth = (arenas_after - arenas_before) as f64;
+    let m = agent.measure(&mut work, "leak_small 20 3");
+    let after = &m.after;
+    let truth = (work.arena_bytes() - arenas_before) as f64;
     assert!(truth > 40e6, "workload leaked only {truth} bytes of arenas");
-    assert_within(heap(&after) - heap(&before), truth, 0.10, "heap growth");
-    let arena_growth = after["heap"]["arena_bytes"].as_f64().unwrap()
-        - before["heap"]["arena_bytes"].as_f64().unwrap();
-    assert_within(arena_growth, truth, 0.02, "arena growth");
+    assert_within(m.heap_growth(), truth, 0.10, "heap growth");
+    assert_within(m.source_growth("arena_bytes"), truth, 0.02, "arena growth");
     assert_eq!(after["python_version"].as_str().unwrap(), work.version);
     assert_eq!(after["leak_suspected"], true, "{after}");
     let growth = after["growth_bytes_per_second"].as_f64().unwrap();
@@ -54,13 +50,11 @@ fn large_object_leak_matches_known_bytes() {
     let agent = Agent::start(&[]);
     let mut work = Workload::spawn(&python);
     agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
-    let before = agent.settled(work.pid);
-    let leaked = work.command("leak_bytes 20 300");
-    let after = agent.settled(work.pid);
-    let truth = leaked["bytes"].as_f64().unwrap();
-    assert!(truth > 40e6, "{leaked}");
-    assert_within(heap(&after) - heap(&before), truth, 0.10, "heap growth");
-    assert_eq!(after["accounting"], "probes", "{after}");
+    let m = agent.measure(&mut work, "leak_bytes 20 300");
+    let truth = m.result["bytes"].as_f64().unwrap();
+    assert!(truth > 40e6, "{}", m.result);
+    assert_within(m.heap_growth(), truth, 0.10, "heap growth");
+    assert_eq!(m.after["accounting"], "probes", "{}", m.after);
 }
 
 /// numpy reports its buffers through PyTraceMalloc_Track.
@@ -76,15 +70,11 @@ fn numpy_leak_matches_nbytes() {
     let mut work = Workload::spawn(&python);
     agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
     work.command("leak_numpy 0.1 10"); // import numpy before the baseline
-    let before = agent.settled(work.pid);
-    let leaked = work.command("leak_numpy 20 10");
-    let after = agent.settled(work.pid);
-    let truth = leaked["bytes"].as_f64().unwrap();
-    assert!(truth > 40e6, "{leaked}");
-    assert_within(heap(&after) - heap(&before), truth, 0.10, "heap growth");
-    let ext = after["heap"]["extension_bytes"].as_f64().unwrap()
-        - before["heap"]["extension_bytes"].as_f64().unwrap();
-    assert_within(ext, truth, 0.05, "extension buffer growth");
+    let m = agent.measure(&mut work, "leak_numpy 20 10");
+    let truth = m.result["bytes"].as_f64().unwrap();
+    assert!(truth > 40e6, "{}", m.result);
+    assert_within(m.heap_growth(), truth, 0.10, "heap growth");
+    assert_within(m.source_growth("extension_bytes"), truth, 0.05, "extension buffer growth");
 }
 
 /// Heavy churn, no net growth: the heap stays flat and no leak is flagged.
@@ -93,11 +83,10 @@ fn churn_is_flat(python: &Path) {
     let mut work = Workload::spawn(python);
     agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
     work.command("churn 2"); // reach steady state first
-    let before = agent.settled(work.pid);
-    let result = work.command("churn 20");
-    let after = agent.settled(work.pid);
+    let m = agent.measure(&mut work, "churn 20");
+    let (result, after) = (&m.result, &m.after);
     assert!(result["rounds"].as_u64().unwrap() > 10, "{result}");
-    let delta = heap(&after) - heap(&before);
+    let delta = m.heap_growth();
     eprintln!(
         "churn: heap delta {delta} bytes, accounting {}",
         after["accounting"]

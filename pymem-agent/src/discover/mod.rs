@@ -79,45 +79,47 @@ impl Discoverer {
             Err(e) => return Err(Skip::NotPython(format!("no executable: {e}"))),
         };
         let maps = std::fs::read_to_string(proc_dir.join("maps")).map_err(|_| Skip::Gone)?;
-        let exe_name = base_name(&exe_target).to_string();
-        let candidate = match find_libpython(&maps) {
-            Some((range, path)) => Some((proc_dir.join("map_files").join(range), path)),
-            None => None,
-        };
-        let (open_path, display_path) = match candidate {
-            Some(found) => found,
-            None => (exe_link.clone(), exe_target.clone()),
-        };
-        let name = base_name(&display_path).to_string();
-        let looks_like_python = name.contains("python") || exe_name.contains("python");
-        let meta = std::fs::metadata(&open_path).map_err(|_| Skip::Gone)?;
-        let id = BinaryId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        };
-        let analysis = {
-            let mut cache = self.cache.lock().expect("discover cache");
-            cache
-                .entry(id)
-                .or_insert_with(|| match elf::analyze(&open_path, &name) {
-                    Ok(interpreter) => Ok(Arc::new(interpreter)),
-                    Err(e) if e.is::<elf::LinksLibpython>() => Err(None),
-                    Err(e) => Err(Some(format!("{e:#}"))),
-                })
-                .clone()
-        };
-        let interpreter = match analysis {
-            Ok(interpreter) => interpreter,
-            // An executable linking libpython before the loader mapped it.
-            Err(None) => return Err(Skip::NotYetMapped),
-            Err(Some(reason)) => {
-                let reason = format!("{display_path}: {reason}");
-                return Err(if looks_like_python {
-                    Skip::Unsupported(reason)
-                } else {
-                    Skip::NotPython(reason)
-                });
+        let comm = std::fs::read_to_string(proc_dir.join("comm")).unwrap_or_default();
+        // Every mapped libpython, then the executable: a process may map a
+        // file that only looks like libpython (a copy, a truncated file).
+        let mut candidates: Vec<(PathBuf, String)> = find_libpythons(&maps)
+            .into_iter()
+            .map(|(range, path)| (proc_dir.join("map_files").join(range), path))
+            .collect();
+        candidates.push((exe_link, exe_target.clone()));
+        let mut reasons = Vec::new();
+        let mut links_libpython = false;
+        let mut found = None;
+        for (open_path, display_path) in candidates {
+            match self.analyze_cached(&open_path, &display_path) {
+                Ok((id, interpreter)) => {
+                    found = Some(Binary {
+                        id,
+                        open_path,
+                        display_path,
+                        interpreter,
+                    });
+                    break;
+                }
+                Err(None) => links_libpython = true,
+                Err(Some(reason)) => reasons.push(format!("{display_path}: {reason}")),
             }
+        }
+        let Some(binary) = found else {
+            if links_libpython {
+                return Err(Skip::NotYetMapped);
+            }
+            if !std::path::Path::new(&proc_dir).exists() {
+                return Err(Skip::Gone);
+            }
+            let looks_like_python = comm.contains("python")
+                || reasons.iter().any(|r| r.contains("python"));
+            let reason = reasons.join("; ");
+            return Err(if looks_like_python {
+                Skip::Unsupported(reason)
+            } else {
+                Skip::NotPython(reason)
+            });
         };
         let status = procfs::process::Process::new(pid as i32)
             .and_then(|p| p.status())
@@ -141,13 +143,33 @@ impl Discoverer {
             ns_pid,
             comm: status.name,
             cmdline,
-            binary: Binary {
-                id,
-                open_path,
-                display_path,
-                interpreter,
-            },
+            binary,
         })
+    }
+
+    /// Analyses a binary once per inode. `Err(None)`: an executable that
+    /// links libpython; `Err(Some(reason))`: not an interpreter we can use.
+    fn analyze_cached(
+        &self,
+        open_path: &std::path::Path,
+        display_path: &str,
+    ) -> Result<(BinaryId, Arc<Interpreter>), Option<String>> {
+        let meta = std::fs::metadata(open_path).map_err(|e| Some(format!("{e}")))?;
+        let id = BinaryId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        let name = base_name(display_path);
+        let mut cache = self.cache.lock().expect("discover cache");
+        let analysis = cache
+            .entry(id)
+            .or_insert_with(|| match elf::analyze(open_path, name) {
+                Ok(interpreter) => Ok(Arc::new(interpreter)),
+                Err(e) if e.is::<elf::LinksLibpython>() => Err(None),
+                Err(e) => Err(Some(format!("{e:#}"))),
+            })
+            .clone();
+        analysis.map(|interpreter| (id, interpreter))
     }
 
     /// Forgets analysis results of binaries that no longer run.
@@ -182,10 +204,11 @@ fn base_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
-/// The first executable mapping of a `libpython3.X[t].so` in a maps file:
-/// (`start-end` range for map_files, path).
-fn find_libpython(maps: &str) -> Option<(String, String)> {
-    maps.lines().find_map(|line| {
+/// Every distinct `libpython3.X[t].so` file in a maps file, first mapping
+/// of each: (`start-end` range for map_files, path).
+fn find_libpythons(maps: &str) -> Vec<(String, String)> {
+    let mut seen = std::collections::HashSet::new();
+    maps.lines().filter_map(|line| {
         let mut fields = line.split_whitespace();
         let range = fields.next()?;
         let _perms = fields.next()?;
@@ -194,8 +217,10 @@ fn find_libpython(maps: &str) -> Option<(String, String)> {
         let _inode = fields.next()?;
         let path = fields.collect::<Vec<_>>().join(" ");
         let name = base_name(&path);
-        (name.starts_with("libpython3") && name.contains(".so")).then(|| (range.to_string(), path))
+        (name.starts_with("libpython3") && name.contains(".so") && seen.insert(path.clone()))
+            .then(|| (range.to_string(), path))
     })
+    .collect()
 }
 
 /// Reads the current program break of a process (end of `[heap]`), or its
@@ -231,10 +256,12 @@ mod tests {
 7f1c2a000000-7f1c2a100000 r--p 00000000 fe:01 456 /root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0
 7f1c2a100000-7f1c2a300000 r-xp 00100000 fe:01 456 /root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0
 ";
-        let (range, path) = find_libpython(maps).unwrap();
+        let found = find_libpythons(maps);
+        assert_eq!(found.len(), 1, "one entry per file: {found:?}");
+        let (range, path) = &found[0];
         assert_eq!(range, "7f1c2a000000-7f1c2a100000");
         assert!(path.ends_with("libpython3.11.so.1.0"));
-        assert!(find_libpython("7f-8f r-xp 0 0:0 1 /usr/lib/libc.so.6\n").is_none());
+        assert!(find_libpythons("7f-8f r-xp 0 0:0 1 /usr/lib/libc.so.6\n").is_empty());
     }
 
     #[test]

@@ -76,6 +76,10 @@ impl Agent {
         panic!("agent did not start serving:\n{}", agent.log());
     }
 
+    pub fn child_pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
@@ -136,6 +140,19 @@ impl Agent {
             .unwrap_or_else(|| panic!("pid {pid} not observed:\n{}", self.log()))
     }
 
+    /// Runs one workload command between two settled readings of the
+    /// process, so the difference is what that command did.
+    pub fn measure(&self, work: &mut Workload, command: &str) -> Measured {
+        let before = self.settled(work.pid);
+        let result = work.command(command);
+        let after = self.settled(work.pid);
+        Measured {
+            before,
+            result,
+            after,
+        }
+    }
+
     pub fn metrics(&self) -> String {
         self.get("/metrics").unwrap()
     }
@@ -176,6 +193,25 @@ impl Drop for Agent {
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let _ = child.wait();
         }
+    }
+}
+
+/// The agent's view of a process around one workload command.
+pub struct Measured {
+    pub before: Value,
+    /// What the workload answered (its own ground truth).
+    pub result: Value,
+    pub after: Value,
+}
+
+impl Measured {
+    pub fn heap_growth(&self) -> f64 {
+        heap(&self.after) - heap(&self.before)
+    }
+
+    /// Growth of one `heap` source, e.g. `arena_bytes`.
+    pub fn source_growth(&self, source: &str) -> f64 {
+        self.after["heap"][source].as_f64().unwrap() - self.before["heap"][source].as_f64().unwrap()
     }
 }
 
