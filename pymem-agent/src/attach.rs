@@ -28,6 +28,8 @@ pub struct KernelConfig {
     pub hit_budget_per_sec: u64,
     /// Hits a process may spend at once on top of the rate.
     pub hit_budget_burst: u64,
+    /// Size of the event ring buffer (a power of two, at least a page).
+    pub ring_buffer_bytes: u32,
 }
 
 const ARENA_PROGRAMS: [&str; 3] = ["arena_mmap", "arena_mmap_ret", "arena_munmap"];
@@ -76,6 +78,7 @@ impl Probes {
             .override_global("HIT_BUDGET_PER_SEC", &config.hit_budget_per_sec, true)
             .override_global("HIT_BUDGET_BURST", &config.hit_budget_burst, true)
             .override_global("FORK_CHILD_PID_OFFSET", &fork_offset, true)
+            .map_max_entries("EVENTS", config.ring_buffer_bytes)
             .load(EBPF_OBJECT)
             .context("loading the eBPF programs (are you root, with BPF and uprobes enabled?)")?;
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {

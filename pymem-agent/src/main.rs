@@ -75,6 +75,19 @@ pub struct ObserveArgs {
     /// pymalloc (arenas are always attributed); 0 disables sampling.
     #[arg(long, default_value_t = 256 << 10)]
     pub sample_bytes: u64,
+    /// Size of the kernel-to-agent event ring buffer in bytes (a power of
+    /// two, at least 4096). Events that do not fit are counted in
+    /// pymem_events_lost_total.
+    #[arg(long, default_value_t = 1 << 20, value_parser = parse_ring_size)]
+    pub ring_buffer_bytes: u32,
+}
+
+fn parse_ring_size(value: &str) -> Result<u32, String> {
+    let bytes: u32 = value.parse().map_err(|e| format!("{value:?}: {e}"))?;
+    if bytes < 4096 || !bytes.is_power_of_two() {
+        return Err(format!("{bytes} is not a power of two >= 4096"));
+    }
+    Ok(bytes)
 }
 
 impl ObserveArgs {
@@ -90,6 +103,7 @@ impl ObserveArgs {
             hit_budget_burst: self.probe_burst,
             probe_delay: self.probe_delay,
             sample_bytes: self.sample_bytes,
+            ring_buffer_bytes: self.ring_buffer_bytes,
             ..ObserverConfig::default()
         }
     }

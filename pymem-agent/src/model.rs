@@ -188,6 +188,25 @@ pub struct ProcessInfo {
     pub observed_seconds: f64,
     /// Recent heap samples, oldest first: (seconds ago, bytes).
     pub heap_history: Vec<(f64, u64)>,
+    /// Container and pod; its fields appear at the top level, and only when
+    /// known.
+    #[serde(flatten)]
+    pub container_info: ContainerInfo,
+}
+
+/// The container and Kubernetes pod of a process: all `None` outside
+/// containers, and the pod's names `None` without the Kubernetes API.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ContainerInfo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// The container's name in its pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]

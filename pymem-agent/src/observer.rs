@@ -44,6 +44,8 @@ pub struct ObserverConfig {
     pub probe_delay: Duration,
     /// Mean bytes between stack samples of blocks outside pymalloc; 0 = off.
     pub sample_bytes: u64,
+    /// Size of the kernel's event ring buffer.
+    pub ring_buffer_bytes: u32,
 }
 
 impl Default for ObserverConfig {
@@ -57,6 +59,7 @@ impl Default for ObserverConfig {
             history: Duration::from_secs(300),
             probe_delay: Duration::from_secs(5),
             sample_bytes: 256 << 10,
+            ring_buffer_bytes: 1 << 20,
         }
     }
 }
@@ -129,6 +132,7 @@ impl Observer {
         let (probes, ring) = Probes::load(KernelConfig {
             hit_budget_per_sec: config.hit_budget_per_sec,
             hit_budget_burst: config.hit_budget_burst,
+            ring_buffer_bytes: config.ring_buffer_bytes,
         })?;
         let events = EventStream::new(ring)?;
         let (found_tx, found_rx) = mpsc::unbounded_channel();
@@ -595,5 +599,6 @@ fn process_info(o: &Observed, heap: HeapBreakdown, t: f64, policy: &LeakPolicy) 
             .points()
             .map(|(at, bytes)| (t - at, bytes as u64))
             .collect(),
+        container_info: Default::default(),
     }
 }
