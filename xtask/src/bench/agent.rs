@@ -70,8 +70,8 @@ impl RunningAgent {
             .cloned())
     }
 
-    /// Waits until the API lists every pid in `pids` (its probes are then
-    /// attached to them); returns how long that took.
+    /// Waits until the API lists every pid in `pids` with all its probes
+    /// attached (start-up over); returns how long that took.
     pub fn wait_until_observed(&mut self, pids: &[u32], timeout: Duration) -> Result<Duration> {
         let started = Instant::now();
         loop {
@@ -85,7 +85,7 @@ impl RunningAgent {
             // The HTTP server may not be up yet: retry until the deadline.
             let observed: HashSet<u32> = self
                 .processes()
-                .map(|list| api::pids(&list).into_iter().collect())
+                .map(|list| api::pids_past_startup(&list).into_iter().collect())
                 .unwrap_or_default();
             let missing = pids.iter().filter(|pid| !observed.contains(pid)).count();
             if missing == 0 {
@@ -93,7 +93,7 @@ impl RunningAgent {
             }
             if started.elapsed() > timeout {
                 bail!(
-                    "after {timeout:?} the agent still misses {missing} of {} processes; see {}",
+                    "after {timeout:?}, {missing} of {} processes are not (fully) observed; see {}",
                     pids.len(),
                     self.log.display()
                 );

@@ -36,10 +36,22 @@ fn get(addr: SocketAddr, path: &str) -> Result<String> {
 
 /// The pids in a `/api/v1/processes` answer.
 pub fn pids(processes: &Value) -> Vec<u32> {
+    pids_where(processes, |_| true)
+}
+
+/// The pids whose start-up is over: the agent attaches a new process's
+/// per-allocation probes only after `--probe-delay` (accounting `startup`
+/// until then).
+pub fn pids_past_startup(processes: &Value) -> Vec<u32> {
+    pids_where(processes, |process| process["accounting"] != "startup")
+}
+
+fn pids_where(processes: &Value, keep: impl Fn(&Value) -> bool) -> Vec<u32> {
     processes
         .as_array()
         .into_iter()
         .flatten()
+        .filter(|process| keep(process))
         .filter_map(|process| process["pid"].as_u64())
         .filter_map(|pid| u32::try_from(pid).ok())
         .collect()
@@ -47,12 +59,17 @@ pub fn pids(processes: &Value) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
-    use super::pids;
+    use super::{pids, pids_past_startup};
 
     #[test]
     fn pids_of_process_list() {
-        let list = serde_json::json!([{"pid": 7, "comm": "python3"}, {"pid": 9}]);
-        assert_eq!(pids(&list), vec![7, 9]);
+        let list = serde_json::json!([
+            {"pid": 7, "accounting": "probes"},
+            {"pid": 8, "accounting": "startup"},
+            {"pid": 9},
+        ]);
+        assert_eq!(pids(&list), vec![7, 8, 9]);
+        assert_eq!(pids_past_startup(&list), vec![7, 9]);
         assert!(pids(&serde_json::json!({"error": 1})).is_empty());
     }
 }

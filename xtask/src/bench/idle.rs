@@ -49,7 +49,7 @@ pub fn run(args: &IdleArgs, bench: &Bench) -> Result<()> {
     let mut agent = RunningAgent::start(&bench.agent_binary, &agent_log)?;
     let time_to_observe_all = agent.wait_until_observed(&pids, OBSERVE_TIMEOUT)?;
     println!(
-        "the agent observes all {} after {:.1} s; measuring for {} s",
+        "the agent observes all {} (probes attached) after {:.1} s; measuring for {} s",
         pids.len(),
         time_to_observe_all.as_secs_f64(),
         args.seconds
@@ -155,7 +155,7 @@ fn results_markdown(args: &IdleArgs, footprint: &Footprint, stop_time: Duration)
     let mib = |kib: u64| kib as f64 / 1024.0;
     format!(
         "## Agent footprint with {} idle Python processes\n\n\
-         | all observed after | RSS after discovery | RSS at end | peak RSS | CPU over {:.0} s | stop (SIGTERM to exit) |\n\
+         | all observed, probes attached, after | RSS after discovery | RSS at end | peak RSS | CPU over {:.0} s | stop (SIGTERM to exit) |\n\
          |---|---|---|---|---|---|\n\
          | {:.1} s | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.2} % | {:.1} s |\n",
         args.processes,

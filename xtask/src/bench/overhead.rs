@@ -188,8 +188,9 @@ fn run_unobserved(python: &Path, workload: &Path) -> Result<Value> {
     Ok(result)
 }
 
-/// Starts the loop only once the agent observes the process, and reads the
-/// agent's record of it while the loop runs.
+/// Starts the loop only once the agent observes the process with every
+/// probe attached (the costly case), and reads the agent's record of it
+/// while the loop runs.
 fn run_observed(
     agent: &mut RunningAgent,
     python: &Path,
@@ -198,7 +199,6 @@ fn run_observed(
     let mut run = WorkloadRun::spawn(python, workload)?;
     let pid = run.pid();
     agent.wait_until_observed(&[pid], OBSERVE_TIMEOUT)?;
-    wait_for_allocation_probes(agent, pid)?;
     thread::sleep(SETTLE);
     run.go()?;
     let deadline = Instant::now() + RUN_TIMEOUT;
@@ -224,26 +224,6 @@ fn run_observed(
     }
     run.finish()?;
     Ok((result, observation))
-}
-
-/// The agent attaches a new process's per-allocation probes only after its
-/// start-up (`--probe-delay`, accounting `startup` until then): wait for
-/// that, so the loop runs with every probe in place — the costly case.
-fn wait_for_allocation_probes(agent: &RunningAgent, pid: u32) -> Result<()> {
-    let deadline = Instant::now() + OBSERVE_TIMEOUT;
-    loop {
-        let accounting = agent
-            .process(pid)?
-            .map(|record| record["accounting"].clone());
-        if accounting.as_ref().and_then(Value::as_str) != Some("startup") {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "pid {pid} still in start-up accounting after {OBSERVE_TIMEOUT:?}"
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// The agent publishes a snapshot once per sample interval, so what it
