@@ -87,12 +87,6 @@ struct Observation {
     peak_probe_hits_per_second: f64,
 }
 
-impl Measurement {
-    fn overhead_percent(&self) -> f64 {
-        (median(&self.with_agent) / median(&self.without_agent) - 1.0) * 100.0
-    }
-}
-
 pub fn run(args: &OverheadArgs, bench: &Bench) -> Result<()> {
     ensure!(args.rounds > 0, "--rounds must be at least 1");
     let interpreters = interpreters();
@@ -128,42 +122,30 @@ fn measure(
     rounds: usize,
 ) -> Result<Measurement> {
     println!("{} ({}):", interpreter.label, interpreter.path.display());
-    let mut measurement = Measurement {
-        interpreter,
-        python_version: String::new(),
-        without_agent: Vec::new(),
-        with_agent: Vec::new(),
-        observations: Vec::new(),
-    };
+    let mut measurement = Measurement::new(interpreter);
     let mut agent: Option<RunningAgent> = None;
     for round in 1..=rounds {
+        // ABBA order, see the module comment.
         let observed_first = round % 2 == 0;
         for observed in [observed_first, !observed_first] {
-            let result = if observed {
+            let seconds = if observed {
                 let running = match agent.as_mut() {
                     Some(running) => running,
                     None => agent.insert(RunningAgent::start(agent_binary, agent_log)?),
                 };
-                let (result, observation) =
-                    run_observed(running, &measurement.interpreter.path, workload)?;
-                measurement.observations.push(observation);
-                measurement.with_agent.push(seconds_of(&result)?);
-                result
+                measurement.add_observed_run(running, workload)?
             } else {
                 if let Some(running) = agent.take() {
                     running.stop()?;
                 }
-                let result = run_unobserved(&measurement.interpreter.path, workload)?;
-                measurement.without_agent.push(seconds_of(&result)?);
-                result
+                measurement.add_unobserved_run(workload)?
             };
             let side = if observed {
                 "with agent   "
             } else {
                 "without agent"
             };
-            println!("  round {round}: {side} {:.3} s", seconds_of(&result)?);
-            measurement.python_version = result["python"].as_str().unwrap_or("?").to_owned();
+            println!("  round {round}: {side} {seconds:.3} s");
         }
     }
     if let Some(running) = agent {
@@ -172,10 +154,45 @@ fn measure(
     Ok(measurement)
 }
 
-fn seconds_of(result: &Value) -> Result<f64> {
-    result["seconds"]
-        .as_f64()
-        .with_context(|| format!("workload result without seconds: {result}"))
+impl Measurement {
+    fn new(interpreter: Interpreter) -> Self {
+        Self {
+            interpreter,
+            python_version: String::new(),
+            without_agent: Vec::new(),
+            with_agent: Vec::new(),
+            observations: Vec::new(),
+        }
+    }
+
+    /// Runs the workload once with no agent running; returns its seconds.
+    fn add_unobserved_run(&mut self, workload: &Path) -> Result<f64> {
+        let result = run_unobserved(&self.interpreter.path, workload)?;
+        let seconds = self.note(&result)?;
+        self.without_agent.push(seconds);
+        Ok(seconds)
+    }
+
+    /// Runs the workload once under `agent`; returns its seconds.
+    fn add_observed_run(&mut self, agent: &mut RunningAgent, workload: &Path) -> Result<f64> {
+        let (result, observation) = run_observed(agent, &self.interpreter.path, workload)?;
+        let seconds = self.note(&result)?;
+        self.with_agent.push(seconds);
+        self.observations.push(observation);
+        Ok(seconds)
+    }
+
+    /// The seconds of a workload result, noting the Python version it gives.
+    fn note(&mut self, result: &Value) -> Result<f64> {
+        self.python_version = result["python"].as_str().unwrap_or("?").to_owned();
+        result["seconds"]
+            .as_f64()
+            .with_context(|| format!("workload result without seconds: {result}"))
+    }
+
+    fn overhead_percent(&self) -> f64 {
+        (median(&self.with_agent) / median(&self.without_agent) - 1.0) * 100.0
+    }
 }
 
 fn run_unobserved(python: &Path, workload: &Path) -> Result<Value> {
