@@ -9,11 +9,17 @@ mod rootfs;
 mod setup;
 mod workspace;
 
+use std::process::ExitCode;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "pymem developer workflows")]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "pymem developer workflows"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -45,9 +51,21 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     workspace::put_cargo_bin_on_path();
-    match Cli::parse().command {
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // Failures here are messages for the user, not bugs: no backtrace
+            // even when RUST_BACKTRACE is set.
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
         Command::Setup => setup::run(),
         Command::Test { cargo_args } => dev::test(&cargo_args),
         Command::Agent { agent_args } => dev::agent(&agent_args),
