@@ -10,7 +10,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         TracePoint, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope},
     },
 };
 use log::{debug, info, warn};
@@ -60,6 +60,24 @@ pub struct Probes {
     counters: PerCpuArray<MapData, u64>,
     layouts: BpfHashMap<MapData, u32, PyLayout>,
     stacks: BpfHashMap<MapData, u64, PyStack>,
+    /// Closes detached links off the observer's thread.
+    reaper: std::sync::mpsc::Sender<UProbeLink>,
+}
+
+/// Drops detached links one by one on its own thread.
+fn spawn_reaper() -> std::sync::mpsc::Sender<UProbeLink> {
+    let (tx, rx) = std::sync::mpsc::channel::<UProbeLink>();
+    let spawned = std::thread::Builder::new()
+        .name("pymem-detach".into())
+        .spawn(move || {
+            for link in rx {
+                drop(link);
+            }
+        });
+    if let Err(e) = spawned {
+        warn!("no detach thread ({e}); detaching inline");
+    }
+    tx
 }
 
 impl Probes {
@@ -144,6 +162,7 @@ impl Probes {
                 counters,
                 layouts,
                 stacks,
+                reaper: spawn_reaper(),
             },
             events,
         ))
@@ -276,12 +295,18 @@ impl Probes {
         self.account_by_syscalls(pid, arena_size)
     }
 
+    /// Hands the links to the reaper thread: closing a uprobe perf event
+    /// waits for RCU grace periods under a kernel-wide mutex, which must not
+    /// stall the observer.
     fn detach_all(&mut self, links: Vec<(&'static str, UProbeLinkId)>) {
         for (name, link) in links {
-            if let Ok(program) = self.uprobe(name)
-                && let Err(e) = program.detach(link)
-            {
-                debug!("detaching {name}: {e}");
+            match self.uprobe(name).and_then(|p| Ok(p.take_link(link)?)) {
+                Ok(owned) => {
+                    if let Err(std::sync::mpsc::SendError(owned)) = self.reaper.send(owned) {
+                        drop(owned);
+                    }
+                }
+                Err(e) => debug!("detaching {name}: {e:#}"),
             }
         }
     }
