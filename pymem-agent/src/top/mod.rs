@@ -1,9 +1,287 @@
-//! `pymem top`: placeholder until the TUI lands.
-use anyhow::Result;
+//! `pymem top`: a live terminal view of every Python process's memory.
+//!
+//! An input thread and a data thread feed one event channel; the main
+//! thread applies each event to `App` and redraws it (`ui::render` is pure
+//! state -> frame). The data comes from a running agent or, when none
+//! answers, from an observer embedded in this process.
+mod app;
+mod source;
+mod ui;
+mod units;
+
+use std::{
+    io::Write as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use crossterm::event::{self, KeyEvent};
+
+use self::{
+    app::{App, SortKey},
+    source::{AgentClient, EmbeddedObserver, Source},
+};
+use crate::{ObserveArgs, model::ProcessInfo};
 
 #[derive(clap::Args, Debug)]
-pub struct TopArgs {}
+pub struct TopArgs {
+    /// pymem agent to read from [default: http://127.0.0.1:9477, and when
+    /// no agent answers there, observe from this process (root)].
+    #[arg(long, value_name = "URL")]
+    pub agent: Option<String>,
+    /// Observe from this process even if an agent is running.
+    #[arg(long, conflicts_with = "agent")]
+    pub embedded: bool,
+    /// Order of the rows.
+    #[arg(long, value_enum, default_value_t = SortKey::Growth)]
+    pub sort: SortKey,
+    /// Show only processes whose command line contains this (any case).
+    #[arg(long, value_name = "SUBSTR", default_value = "")]
+    pub filter: String,
+    /// How often the view refreshes.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// Print one snapshot as a plain table and exit (for scripts).
+    #[arg(long)]
+    pub once: bool,
+    /// With --once: print the processes as JSON (as /api/v1/processes).
+    #[arg(long, requires = "once")]
+    pub json: bool,
+    #[command(
+        flatten,
+        next_help_heading = "Embedded observer (when no agent answers)"
+    )]
+    pub observe: ObserveArgs,
+}
 
-pub fn run(_args: TopArgs) -> Result<()> {
-    anyhow::bail!("pymem top is not implemented yet")
+pub fn run(args: TopArgs) -> Result<()> {
+    quiet_logging(args.once);
+    let source = connect(&args)?;
+    if args.once {
+        if let Source::Embedded(observer) = &source {
+            eprintln!("pymem top: no agent answered; observing from this process");
+            observer.wait_until_sampled();
+        }
+        print_once(&source, &args)
+    } else {
+        run_tui(source, &args)
+    }
+}
+
+/// Log lines would tear the full-screen view: none while it is up, and
+/// only warnings before a `--once` print (unless RUST_LOG asks for more).
+fn quiet_logging(once: bool) {
+    if !once {
+        log::set_max_level(log::LevelFilter::Off);
+    } else if std::env::var_os("RUST_LOG").is_none() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+}
+
+/// The agent at `--agent` (which must answer), else the default agent if
+/// it answers, else an embedded observer.
+fn connect(args: &TopArgs) -> Result<Source> {
+    if args.embedded {
+        return start_embedded(args);
+    }
+    let url = args.agent.clone().unwrap_or_else(source::default_agent_url);
+    let agent = AgentClient::new(&url);
+    match agent.fetch() {
+        Ok(_) => Ok(Source::Agent(agent)),
+        Err(e) if args.agent.is_some() => {
+            Err(e.context(format!("no pymem agent answered at {url}")))
+        }
+        Err(_) => start_embedded(args).with_context(|| {
+            format!("no pymem agent answered at {url}, and observing from this process failed")
+        }),
+    }
+}
+
+fn start_embedded(args: &TopArgs) -> Result<Source> {
+    let observer = EmbeddedObserver::start(args.observe.observer_config())?;
+    Ok(Source::Embedded(observer))
+}
+
+fn print_once(source: &Source, args: &TopArgs) -> Result<()> {
+    let processes = source.fetch()?;
+    let shown = app::select(&processes, args.sort, &args.filter);
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &shown)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", plain_table(&shown))?;
+    }
+    Ok(())
+}
+
+/// The processes as an aligned text table without colours.
+fn plain_table(processes: &[&ProcessInfo]) -> String {
+    let mut table = format!(
+        "{:>8}  {:<40}  {:<7}  {:>11}  {:>11}  {:>15}  {}\n",
+        "PID", "COMMAND", "PYTHON", "HEAP", "RSS", "GROWTH", "LEAK"
+    );
+    for p in processes {
+        let line = format!(
+            "{:>8}  {:<40}  {:<7}  {:>11}  {:>11}  {:>15}  {}",
+            p.pid,
+            units::truncate(&units::short_command(ui::command(p)), 40),
+            p.python_version,
+            units::bytes(p.heap_bytes),
+            units::bytes(p.rss_bytes),
+            units::rate_per_minute(p.growth_bytes_per_second),
+            if p.leak_suspected { "LEAK" } else { "" },
+        );
+        table.push_str(line.trim_end());
+        table.push('\n');
+    }
+    table
+}
+
+/// Everything the render loop reacts to.
+enum Event {
+    Key(KeyEvent),
+    Resize,
+    Data(Result<Vec<ProcessInfo>, String>),
+}
+
+fn run_tui(source: Source, args: &TopArgs) -> Result<()> {
+    let mut app = App::new(source.describe(), args.sort, args.filter.clone());
+    let (events_tx, events_rx) = mpsc::channel();
+    let (stop_data, data_stopped) = mpsc::channel::<()>();
+    let input_running = Arc::new(AtomicBool::new(true));
+    // A floor on the interval: refreshing faster only burns CPU.
+    let interval = args.interval.max(Duration::from_millis(100));
+    let data = spawn_data_thread(source, interval, events_tx.clone(), data_stopped)?;
+    let input = spawn_input_thread(events_tx, input_running.clone())?;
+
+    // Raw mode + alternate screen, and a panic hook that restores both.
+    let mut terminal = ratatui::try_init().context("setting up the terminal")?;
+    let result = event_loop(&mut terminal, &mut app, &events_rx);
+    ratatui::restore();
+
+    input_running.store(false, Ordering::Relaxed);
+    drop(stop_data);
+    // Joining the data thread drops the source: an embedded observer
+    // detaches its probes before we exit.
+    let _ = data.join();
+    let _ = input.join();
+    result
+}
+
+fn event_loop(
+    terminal: &mut ratatui::DefaultTerminal,
+    app: &mut App,
+    events: &mpsc::Receiver<Event>,
+) -> Result<()> {
+    loop {
+        terminal.draw(|frame| ui::render(frame, app))?;
+        match events.recv().context("event threads stopped")? {
+            Event::Key(key) => app.on_key(key),
+            Event::Resize => {} // the next draw uses the new size
+            Event::Data(data) => app.on_data(data),
+        }
+        if app.should_quit {
+            return Ok(());
+        }
+    }
+}
+
+/// Fetches from `source` every `interval` until `stop` is dropped.
+fn spawn_data_thread(
+    source: Source,
+    interval: Duration,
+    events: mpsc::Sender<Event>,
+    stop: mpsc::Receiver<()>,
+) -> Result<JoinHandle<()>> {
+    let thread = std::thread::Builder::new()
+        .name("pymem-top-data".into())
+        .spawn(move || {
+            loop {
+                let data = source.fetch().map_err(|e| format!("{e:#}"));
+                if events.send(Event::Data(data)).is_err() {
+                    return;
+                }
+                if stop.recv_timeout(interval) != Err(mpsc::RecvTimeoutError::Timeout) {
+                    return;
+                }
+            }
+        })?;
+    Ok(thread)
+}
+
+/// Forwards key presses and resizes until `running` is cleared.
+fn spawn_input_thread(
+    events: mpsc::Sender<Event>,
+    running: Arc<AtomicBool>,
+) -> Result<JoinHandle<()>> {
+    let thread = std::thread::Builder::new()
+        .name("pymem-top-input".into())
+        .spawn(move || {
+            // Polling with a timeout (not a blocking read) lets the thread
+            // notice the quit and end.
+            while running.load(Ordering::Relaxed) {
+                let ready = match event::poll(Duration::from_millis(100)) {
+                    Ok(ready) => ready,
+                    Err(_) => return,
+                };
+                if !ready {
+                    continue;
+                }
+                let forwarded = match event::read() {
+                    Ok(event::Event::Key(key)) => Some(Event::Key(key)),
+                    Ok(event::Event::Resize(..)) => Some(Event::Resize),
+                    Ok(_) => None,
+                    Err(_) => return,
+                };
+                if let Some(event) = forwarded
+                    && events.send(event).is_err()
+                {
+                    return;
+                }
+            }
+        })?;
+    Ok(thread)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::top::app::tests::sample_processes;
+
+    #[test]
+    fn plain_table_is_sorted_filtered_and_uncoloured() {
+        let processes = sample_processes();
+        let shown = app::select(&processes, SortKey::Heap, "python3");
+        let table = plain_table(&shown);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("     PID  COMMAND"), "{table}");
+        assert!(
+            lines[1].contains("http.server") && lines[1].contains("500.0 MiB"),
+            "{table}"
+        );
+        assert!(
+            lines[2].contains("worker.py") && lines[2].ends_with("LEAK"),
+            "{table}"
+        );
+        assert!(!table.contains('\u{1b}'), "no escape codes");
+        let filtered = app::select(&processes, SortKey::Heap, "batch");
+        assert_eq!(plain_table(&filtered).lines().count(), 2);
+    }
+
+    #[test]
+    fn json_has_the_api_fields() {
+        let processes = sample_processes();
+        let shown = app::select(&processes, SortKey::Growth, "");
+        let json: serde_json::Value = serde_json::to_value(&shown).unwrap();
+        assert_eq!(json[0]["pid"], 300);
+        assert_eq!(json[0]["leak_suspected"], true);
+        assert!(json[0]["heap_history"].is_array());
+    }
 }

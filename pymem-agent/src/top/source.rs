@@ -137,7 +137,7 @@ impl EmbeddedObserver {
     /// the background, and a growth rate needs a few samples of a process.
     pub fn wait_until_sampled(&self) {
         const DISCOVERY: Duration = Duration::from_secs(2);
-        const MIN_SAMPLES: usize = 3;
+        const MIN_SAMPLES: usize = 2;
         let grace_end = self.started + DISCOVERY;
         let deadline = grace_end + self.sample_interval * MIN_SAMPLES as u32;
         std::thread::sleep(grace_end.saturating_duration_since(Instant::now()));

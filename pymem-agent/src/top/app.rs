@@ -1,0 +1,405 @@
+//! The state of `pymem top` and how keys and data change it. No I/O and no
+//! drawing: `ui::render` turns this state into a frame.
+use std::cmp::Ordering;
+
+use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
+
+use crate::model::ProcessInfo;
+
+/// Column the process table is ordered by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SortKey {
+    Heap,
+    Growth,
+    Rss,
+    Pid,
+}
+
+impl SortKey {
+    /// The order `s` cycles through.
+    const CYCLE: [SortKey; 4] = [SortKey::Growth, SortKey::Heap, SortKey::Rss, SortKey::Pid];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Heap => "heap",
+            Self::Growth => "growth",
+            Self::Rss => "rss",
+            Self::Pid => "pid",
+        }
+    }
+
+    /// Sizes and rates biggest first (what needs attention); pids ascending.
+    pub fn descending(self) -> bool {
+        self != Self::Pid
+    }
+
+    fn next(self) -> Self {
+        let at = Self::CYCLE.iter().position(|&k| k == self).unwrap_or(0);
+        Self::CYCLE[(at + 1) % Self::CYCLE.len()]
+    }
+
+    fn compare(self, a: &ProcessInfo, b: &ProcessInfo) -> Ordering {
+        let by_key = match self {
+            Self::Heap => b.heap_bytes.cmp(&a.heap_bytes),
+            Self::Growth => b
+                .growth_bytes_per_second
+                .total_cmp(&a.growth_bytes_per_second),
+            Self::Rss => b.rss_bytes.cmp(&a.rss_bytes),
+            Self::Pid => Ordering::Equal,
+        };
+        // Ties by pid keep rows from swapping places between refreshes.
+        by_key.then(a.pid.cmp(&b.pid))
+    }
+}
+
+/// Whether `process` matches a command filter: a case-insensitive substring
+/// of its command line or command name. An empty filter matches everything.
+pub fn matches_filter(process: &ProcessInfo, filter: &str) -> bool {
+    let needle = filter.to_lowercase();
+    process.cmdline.to_lowercase().contains(&needle)
+        || process.comm.to_lowercase().contains(&needle)
+}
+
+/// The processes to show, filtered and in order (the TUI and `--once`).
+pub fn select<'a>(
+    processes: &'a [ProcessInfo],
+    sort: SortKey,
+    filter: &str,
+) -> Vec<&'a ProcessInfo> {
+    let mut shown: Vec<&ProcessInfo> = processes
+        .iter()
+        .filter(|p| matches_filter(p, filter))
+        .collect();
+    shown.sort_by(|a, b| sort.compare(a, b));
+    shown
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum View {
+    List,
+    /// One process, by pid.
+    Detail(u32),
+}
+
+/// How the latest fetch went.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Status {
+    Waiting,
+    Live,
+    /// The last fetch failed; the table shows the data before it.
+    Failed(String),
+}
+
+pub struct App {
+    /// Where the data comes from, for the header.
+    pub source: String,
+    processes: Vec<ProcessInfo>,
+    pub sort: SortKey,
+    pub filter: String,
+    pub editing_filter: bool,
+    pub view: View,
+    pub status: Status,
+    /// The selection follows a process across refreshes and re-sorts...
+    selected_pid: Option<u32>,
+    /// ...and falls back to its last row when that process goes away.
+    selected_row: usize,
+    pub should_quit: bool,
+}
+
+impl App {
+    pub fn new(source: String, sort: SortKey, filter: String) -> Self {
+        Self {
+            source,
+            processes: Vec::new(),
+            sort,
+            filter,
+            editing_filter: false,
+            view: View::List,
+            status: Status::Waiting,
+            selected_pid: None,
+            selected_row: 0,
+            should_quit: false,
+        }
+    }
+
+    pub fn on_data(&mut self, data: Result<Vec<ProcessInfo>, String>) {
+        match data {
+            Ok(processes) => {
+                self.processes = processes;
+                self.status = Status::Live;
+            }
+            Err(error) => self.status = Status::Failed(error),
+        }
+    }
+
+    pub fn total_processes(&self) -> usize {
+        self.processes.len()
+    }
+
+    pub fn visible(&self) -> Vec<&ProcessInfo> {
+        select(&self.processes, self.sort, &self.filter)
+    }
+
+    /// Row of the selection in `visible()`, if any row is shown.
+    pub fn selected_index(&self) -> Option<usize> {
+        let visible = self.visible();
+        if visible.is_empty() {
+            return None;
+        }
+        let by_pid = self
+            .selected_pid
+            .and_then(|pid| visible.iter().position(|p| p.pid == pid));
+        Some(by_pid.unwrap_or(self.selected_row.min(visible.len() - 1)))
+    }
+
+    /// The process of the detail view, while it is still observed.
+    pub fn detail_process(&self) -> Option<&ProcessInfo> {
+        match self.view {
+            View::Detail(pid) => self.processes.iter().find(|p| p.pid == pid),
+            View::List => None,
+        }
+    }
+
+    pub fn on_key(&mut self, key: KeyEvent) {
+        // Terminals with the kitty protocol also report releases.
+        if key.kind != KeyEventKind::Press {
+            return;
+        }
+        // Raw mode swallows SIGINT: Ctrl-C quits from anywhere.
+        if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('c') {
+            self.should_quit = true;
+            return;
+        }
+        if self.editing_filter {
+            self.on_filter_key(key.code);
+            return;
+        }
+        match self.view {
+            View::List => self.on_list_key(key.code),
+            View::Detail(_) => self.on_detail_key(key.code),
+        }
+    }
+
+    fn on_filter_key(&mut self, code: KeyCode) {
+        match code {
+            KeyCode::Enter => self.editing_filter = false,
+            KeyCode::Esc => {
+                self.filter.clear();
+                self.editing_filter = false;
+            }
+            KeyCode::Backspace => {
+                self.filter.pop();
+            }
+            KeyCode::Char(c) => self.filter.push(c),
+            _ => {}
+        }
+    }
+
+    fn on_list_key(&mut self, code: KeyCode) {
+        match code {
+            KeyCode::Char('q') | KeyCode::Esc => self.should_quit = true,
+            KeyCode::Up | KeyCode::Char('k') => self.move_selection(-1),
+            KeyCode::Down | KeyCode::Char('j') => self.move_selection(1),
+            KeyCode::PageUp => self.move_selection(-10),
+            KeyCode::PageDown => self.move_selection(10),
+            KeyCode::Home => self.move_selection(isize::MIN),
+            KeyCode::End => self.move_selection(isize::MAX),
+            KeyCode::Enter => self.open_detail(),
+            KeyCode::Char('s') => self.sort = self.sort.next(),
+            KeyCode::Char('h') => self.sort = SortKey::Heap,
+            KeyCode::Char('g') => self.sort = SortKey::Growth,
+            KeyCode::Char('r') => self.sort = SortKey::Rss,
+            KeyCode::Char('p') => self.sort = SortKey::Pid,
+            KeyCode::Char('/') => self.editing_filter = true,
+            _ => {}
+        }
+    }
+
+    fn on_detail_key(&mut self, code: KeyCode) {
+        match code {
+            KeyCode::Char('q') => self.should_quit = true,
+            KeyCode::Esc | KeyCode::Backspace | KeyCode::Left => self.view = View::List,
+            _ => {}
+        }
+    }
+
+    fn move_selection(&mut self, delta: isize) {
+        let Some(current) = self.selected_index() else {
+            return;
+        };
+        let pids: Vec<u32> = self.visible().iter().map(|p| p.pid).collect();
+        let row = current.saturating_add_signed(delta).min(pids.len() - 1);
+        self.selected_row = row;
+        self.selected_pid = Some(pids[row]);
+    }
+
+    fn open_detail(&mut self) {
+        if let Some(row) = self.selected_index() {
+            let pid = self.visible()[row].pid;
+            self.selected_pid = Some(pid);
+            self.view = View::Detail(pid);
+        }
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A process as the API reports it (built from JSON, as the TUI gets
+    /// it); the history grows by `growth` bytes/s over the last 10 s.
+    pub fn process(pid: u32, cmdline: &str, heap: u64, rss: u64, growth: f64) -> ProcessInfo {
+        let comm = cmdline.split_whitespace().next().unwrap_or("python3");
+        let history: Vec<(f64, u64)> = (0..=10)
+            .rev()
+            .map(|ago| {
+                (
+                    ago as f64,
+                    (heap as f64 - growth * ago as f64).max(0.0) as u64,
+                )
+            })
+            .collect();
+        let totals = json!({"arena": heap, "raw": 0, "extension": 0, "syscall": 0});
+        serde_json::from_value(json!({
+            "pid": pid,
+            "ns_pid": pid,
+            "comm": comm,
+            "cmdline": cmdline,
+            "python_version": "3.11.7",
+            "binary": "/usr/bin/python3.11",
+            "heap_bytes": heap,
+            "heap": {"arena_bytes": heap, "raw_bytes": 0, "extension_bytes": 0, "syscall_bytes": 0},
+            "growth_bytes_per_second": growth,
+            "rss_bytes": rss,
+            "leak_suspected": false,
+            "allocated_bytes_total": heap,
+            "freed_bytes_total": 0,
+            "allocated_bytes_by_source": totals,
+            "freed_bytes_by_source": {"arena": 0, "raw": 0, "extension": 0, "syscall": 0},
+            "accounting": "probes",
+            "probe_hits_per_second": 0.0,
+            "observed_seconds": 10.0,
+            "heap_history": history,
+        }))
+        .expect("a ProcessInfo as the API serves it")
+    }
+
+    /// Three processes: a leaking worker, a big steady server, a small job.
+    pub fn sample_processes() -> Vec<ProcessInfo> {
+        let mut worker = process(
+            300,
+            "python3 worker.py --queue jobs",
+            80 * MIB,
+            120 * MIB,
+            2.0 * MIB as f64,
+        );
+        worker.leak_suspected = true;
+        vec![
+            process(200, "python3 -m http.server", 500 * MIB, 600 * MIB, 0.0),
+            worker,
+            process(100, "python3 batch.py", 5 * MIB, 900 * MIB, 1024.0),
+        ]
+    }
+
+    pub fn app_with_samples() -> App {
+        let mut app = App::new(
+            "agent http://127.0.0.1:9477".into(),
+            SortKey::Growth,
+            String::new(),
+        );
+        app.on_data(Ok(sample_processes()));
+        app
+    }
+
+    fn press(app: &mut App, code: KeyCode) {
+        app.on_key(KeyEvent::from(code));
+    }
+
+    fn visible_pids(app: &App) -> Vec<u32> {
+        app.visible().iter().map(|p| p.pid).collect()
+    }
+
+    #[test]
+    fn sort_keys_order_rows() {
+        let mut app = app_with_samples();
+        assert_eq!(visible_pids(&app), [300, 100, 200], "growth");
+        press(&mut app, KeyCode::Char('h'));
+        assert_eq!(visible_pids(&app), [200, 300, 100], "heap");
+        press(&mut app, KeyCode::Char('r'));
+        assert_eq!(visible_pids(&app), [100, 200, 300], "rss");
+        press(&mut app, KeyCode::Char('p'));
+        assert_eq!(visible_pids(&app), [100, 200, 300], "pid");
+        press(&mut app, KeyCode::Char('s'));
+        assert_eq!(app.sort, SortKey::Growth, "s cycles back to growth");
+    }
+
+    #[test]
+    fn filter_is_typed_after_slash_and_cleared_by_esc() {
+        let mut app = app_with_samples();
+        press(&mut app, KeyCode::Char('/'));
+        for c in "WORK".chars() {
+            press(&mut app, KeyCode::Char(c));
+        }
+        assert_eq!(visible_pids(&app), [300], "case-insensitive substring");
+        press(&mut app, KeyCode::Enter);
+        assert!(!app.editing_filter);
+        press(&mut app, KeyCode::Char('q'));
+        assert!(app.should_quit, "q quits once the filter is applied");
+
+        let mut app = app_with_samples();
+        press(&mut app, KeyCode::Char('/'));
+        press(&mut app, KeyCode::Char('q'));
+        assert!(!app.should_quit, "q is text while typing a filter");
+        press(&mut app, KeyCode::Esc);
+        assert_eq!(app.filter, "");
+        assert_eq!(visible_pids(&app).len(), 3);
+    }
+
+    #[test]
+    fn selection_follows_its_process_across_refreshes() {
+        let mut app = app_with_samples();
+        press(&mut app, KeyCode::Down);
+        assert_eq!(app.selected_index(), Some(1));
+        let mut refreshed = sample_processes();
+        refreshed[2].growth_bytes_per_second = 1e9; // pid 100 jumps to the top
+        app.on_data(Ok(refreshed));
+        assert_eq!(app.visible()[app.selected_index().unwrap()].pid, 100);
+        press(&mut app, KeyCode::End);
+        assert_eq!(app.selected_index(), Some(2));
+        press(&mut app, KeyCode::Home);
+        assert_eq!(app.selected_index(), Some(0));
+    }
+
+    #[test]
+    fn enter_opens_details_and_esc_goes_back() {
+        let mut app = app_with_samples();
+        press(&mut app, KeyCode::Enter);
+        assert_eq!(app.view, View::Detail(300));
+        assert_eq!(app.detail_process().unwrap().pid, 300);
+        press(&mut app, KeyCode::Esc);
+        assert_eq!(app.view, View::List);
+        assert!(!app.should_quit, "Esc in the detail view only goes back");
+        press(&mut app, KeyCode::Esc);
+        assert!(app.should_quit, "Esc in the list quits");
+    }
+
+    #[test]
+    fn ctrl_c_quits_even_while_typing() {
+        let mut app = app_with_samples();
+        press(&mut app, KeyCode::Char('/'));
+        app.on_key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL));
+        assert!(app.should_quit);
+    }
+
+    #[test]
+    fn failed_fetch_keeps_the_last_data() {
+        let mut app = app_with_samples();
+        app.on_data(Err("connection refused".into()));
+        assert_eq!(app.total_processes(), 3);
+        assert_eq!(app.status, Status::Failed("connection refused".into()));
+    }
+}

@@ -1,0 +1,566 @@
+//! Rendering: `App` state in, one frame out. Default foreground and
+//! background everywhere (readable on light and dark terminals), modest
+//! accents, bold/reverse for emphasis and selection.
+use ratatui::{
+    Frame,
+    layout::{Constraint, Layout, Rect},
+    style::{Color, Modifier, Style, Stylize},
+    symbols::Marker,
+    text::{Line, Span},
+    widgets::{
+        Axis, Block, Borders, Cell, Chart, Dataset, GraphType, Paragraph, Row, Table, TableState,
+        Wrap,
+    },
+};
+
+use super::{
+    app::{App, SortKey, Status, View},
+    units,
+};
+use crate::model::{Accounting, ProcessInfo};
+
+/// Cells of the heap sparkline in the table.
+const HISTORY_WIDTH: usize = 30;
+/// Accents that read on both light and dark backgrounds.
+const ALERT: Color = Color::Red;
+const ACCENT: Color = Color::Magenta;
+
+pub fn render(frame: &mut Frame, app: &App) {
+    let [header, body, help] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Min(3),
+        Constraint::Length(1),
+    ])
+    .areas(frame.area());
+    frame.render_widget(header_line(app), header);
+    match app.view {
+        View::List => render_table(frame, body, app),
+        View::Detail(pid) => render_detail(frame, body, app, pid),
+    }
+    frame.render_widget(help_line(app), help);
+}
+
+fn header_line(app: &App) -> Line<'static> {
+    let sep = || Span::raw(" │ ");
+    let mut spans = vec![
+        Span::raw("pymem top").bold(),
+        sep(),
+        Span::raw(format!("source: {}", app.source)),
+        sep(),
+        Span::raw(format!(
+            "{}/{} processes",
+            app.visible().len(),
+            app.total_processes()
+        )),
+        sep(),
+        Span::raw(format!(
+            "sort: {} {}",
+            app.sort.label(),
+            sort_arrow(app.sort)
+        )),
+    ];
+    if app.editing_filter || !app.filter.is_empty() {
+        spans.push(sep());
+        let cursor = if app.editing_filter { "▏" } else { "" };
+        spans.push(Span::raw(format!("filter: {}{cursor}", app.filter)).bold());
+    }
+    match &app.status {
+        Status::Live => {}
+        Status::Waiting => {
+            spans.push(sep());
+            spans.push(Span::raw("waiting for data…"));
+        }
+        Status::Failed(error) => {
+            spans.push(sep());
+            spans.push(Span::raw(format!("error: {error}")).fg(ALERT).bold());
+        }
+    }
+    Line::from(spans)
+}
+
+fn sort_arrow(sort: SortKey) -> &'static str {
+    if sort.descending() { "▼" } else { "▲" }
+}
+
+/// The table's columns: title, the sort key it shows, width, right-aligned.
+const COLUMNS: [(&str, Option<SortKey>, Constraint, bool); 8] = [
+    ("PID", Some(SortKey::Pid), Constraint::Length(8), true),
+    ("COMMAND", None, Constraint::Min(16), false),
+    ("PYTHON", None, Constraint::Length(7), false),
+    ("HEAP", Some(SortKey::Heap), Constraint::Length(11), true),
+    ("RSS", Some(SortKey::Rss), Constraint::Length(11), true),
+    (
+        "GROWTH",
+        Some(SortKey::Growth),
+        Constraint::Length(15),
+        true,
+    ),
+    (
+        "HEAP HISTORY",
+        None,
+        Constraint::Length(HISTORY_WIDTH as u16),
+        false,
+    ),
+    ("LEAK", None, Constraint::Length(4), false),
+];
+
+fn render_table(frame: &mut Frame, area: Rect, app: &App) {
+    let visible = app.visible();
+    if visible.is_empty() {
+        frame.render_widget(empty_message(app), area);
+        return;
+    }
+    let rows = visible.iter().map(|p| process_row(p));
+    let widths = COLUMNS.map(|(_, _, width, _)| width);
+    let table = Table::new(rows, widths)
+        .header(table_header(app.sort))
+        .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED | Modifier::BOLD));
+    let mut state = TableState::new().with_selected(app.selected_index());
+    frame.render_stateful_widget(table, area, &mut state);
+}
+
+fn table_header(sort: SortKey) -> Row<'static> {
+    let cells = COLUMNS.map(|(title, key, _, right)| {
+        let sorted = key == Some(sort);
+        let text = if sorted {
+            format!("{title} {}", sort_arrow(sort))
+        } else {
+            title.to_string()
+        };
+        let style = if sorted {
+            Style::new().bold().underlined()
+        } else {
+            Style::new().bold()
+        };
+        Cell::from(aligned(text, right)).style(style)
+    });
+    Row::new(cells)
+}
+
+fn process_row(p: &ProcessInfo) -> Row<'static> {
+    let history: Vec<u64> = p.heap_history.iter().map(|&(_, bytes)| bytes).collect();
+    Row::new([
+        Cell::from(aligned(p.pid.to_string(), true)),
+        Cell::from(units::short_command(command(p))),
+        Cell::from(p.python_version.clone()),
+        Cell::from(aligned(units::bytes(p.heap_bytes), true)),
+        Cell::from(aligned(units::bytes(p.rss_bytes), true)),
+        Cell::from(aligned(
+            units::rate_per_minute(p.growth_bytes_per_second),
+            true,
+        )),
+        Cell::from(units::sparkline(&history, HISTORY_WIDTH)).fg(ACCENT),
+        leak_cell(p.leak_suspected),
+    ])
+}
+
+fn leak_cell(leak: bool) -> Cell<'static> {
+    if leak {
+        Cell::from("LEAK").fg(ALERT).bold()
+    } else {
+        Cell::from("")
+    }
+}
+
+fn aligned(text: String, right: bool) -> Line<'static> {
+    let line = Line::from(text);
+    if right { line.right_aligned() } else { line }
+}
+
+/// The command line, or the command name when the kernel gave none.
+pub fn command(p: &ProcessInfo) -> &str {
+    if p.cmdline.is_empty() {
+        &p.comm
+    } else {
+        &p.cmdline
+    }
+}
+
+fn empty_message(app: &App) -> Paragraph<'static> {
+    let text = if app.total_processes() == 0 {
+        match app.status {
+            Status::Waiting => "Waiting for the first sample…".to_string(),
+            _ => "No Python processes observed yet.".to_string(),
+        }
+    } else {
+        format!("No process matches the filter {:?}.", app.filter)
+    };
+    Paragraph::new(text)
+}
+
+fn render_detail(frame: &mut Frame, area: Rect, app: &App, pid: u32) {
+    let Some(p) = app.detail_process() else {
+        let gone = format!("pid {pid} is no longer observed (it exited). Esc goes back.");
+        frame.render_widget(Paragraph::new(gone), area);
+        return;
+    };
+    let [info, chart, sites] = Layout::vertical([
+        Constraint::Length(6),
+        Constraint::Min(6),
+        Constraint::Length(4),
+    ])
+    .areas(area);
+    frame.render_widget(process_summary(p), info);
+    render_heap_chart(frame, chart, p);
+    frame.render_widget(allocation_sites(p), sites);
+}
+
+fn process_summary(p: &ProcessInfo) -> Paragraph<'static> {
+    let label = |text: &'static str| Span::raw(format!("{text:<10}")).bold();
+    let verdict = if p.leak_suspected {
+        Span::raw("LEAK SUSPECTED").fg(ALERT).bold()
+    } else {
+        Span::raw("no leak suspected")
+    };
+    let h = &p.heap;
+    let lines = vec![
+        Line::from(vec![label("Command"), Span::raw(command(p).to_string())]),
+        Line::from(vec![
+            label("Python"),
+            Span::raw(format!(
+                "{} ({})   observed {}   accounting: {}",
+                p.python_version,
+                p.binary,
+                units::duration(p.observed_seconds),
+                accounting_label(p.accounting)
+            )),
+        ]),
+        Line::from(vec![
+            label("Heap"),
+            Span::raw(units::bytes(p.heap_bytes)).bold(),
+            Span::raw(format!(
+                "  = arenas {} + raw {} + extensions {} + syscalls {}",
+                units::bytes(h.arena_bytes),
+                units::bytes(h.raw_bytes),
+                units::bytes(h.extension_bytes),
+                units::bytes(h.syscall_bytes)
+            )),
+        ]),
+        Line::from(vec![
+            label("RSS"),
+            Span::raw(units::bytes(p.rss_bytes)),
+            Span::raw("   growth "),
+            Span::raw(units::rate_per_minute(p.growth_bytes_per_second)).bold(),
+            Span::raw("   "),
+            verdict,
+        ]),
+    ];
+    let title = format!(" pid {} · {} ", p.pid, p.comm);
+    Paragraph::new(lines)
+        .block(Block::bordered().title(title))
+        .wrap(Wrap { trim: true })
+}
+
+fn accounting_label(accounting: Accounting) -> &'static str {
+    match accounting {
+        Accounting::Startup => "start-up (syscalls until probes attach)",
+        Accounting::Probes => "probes (exact)",
+        Accounting::Syscalls => "syscalls (over the probe budget)",
+    }
+}
+
+fn render_heap_chart(frame: &mut Frame, area: Rect, p: &ProcessInfo) {
+    // x: seconds relative to now (negative = past), y: heap bytes.
+    let points: Vec<(f64, f64)> = p
+        .heap_history
+        .iter()
+        .map(|&(ago, bytes)| (-ago, bytes as f64))
+        .collect();
+    let span = points.first().map_or(0.0, |&(x, _)| -x).max(1.0);
+    let (low, high) = y_bounds(&points);
+    let dataset = Dataset::default()
+        .marker(Marker::Braille)
+        .graph_type(GraphType::Line)
+        .fg(ACCENT)
+        .data(&points);
+    let chart = Chart::new(vec![dataset])
+        .block(Block::bordered().title(format!(" Heap history (last {}) ", units::duration(span))))
+        .x_axis(
+            Axis::default()
+                .bounds([-span, 0.0])
+                .labels([format!("-{}", units::duration(span)), "now".to_string()]),
+        )
+        .y_axis(
+            Axis::default()
+                .bounds([low, high])
+                .labels([units::bytes(low as u64), units::bytes(high as u64)]),
+        );
+    frame.render_widget(chart, area);
+}
+
+/// The heap's range with a margin, so a flat line is not drawn on the edge.
+fn y_bounds(points: &[(f64, f64)]) -> (f64, f64) {
+    let min = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let max = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    if !min.is_finite() {
+        return (0.0, 1024.0);
+    }
+    let margin = ((max - min) * 0.1).max(1024.0);
+    ((min - margin).max(0.0), max + margin)
+}
+
+/// PLACEHOLDER (allocation sites): the place for the process's top growing
+/// allocation sites. pymem does not record sites yet; when `ProcessInfo`
+/// carries them, list them here (site, live bytes, growth per minute).
+fn allocation_sites(_p: &ProcessInfo) -> Paragraph<'static> {
+    Paragraph::new(
+        "Not collected yet: pymem does not record allocation sites. They will be listed here.",
+    )
+    .italic()
+    .block(
+        Block::new()
+            .borders(Borders::ALL)
+            .title(" Top growing allocation sites "),
+    )
+}
+
+fn help_line(app: &App) -> Line<'static> {
+    let keys: &[(&str, &str)] = if app.editing_filter {
+        &[
+            ("type", "command substring"),
+            ("Enter", "apply"),
+            ("Esc", "clear"),
+        ]
+    } else {
+        match app.view {
+            View::List => &[
+                ("q", "quit"),
+                ("↑↓", "select"),
+                ("Enter", "details"),
+                ("s", "next sort"),
+                ("h", "heap"),
+                ("g", "growth"),
+                ("r", "rss"),
+                ("p", "pid"),
+                ("/", "filter"),
+            ],
+            View::Detail(_) => &[("Esc", "back"), ("q", "quit")],
+        }
+    };
+    let spans = keys.iter().flat_map(|&(key, action)| {
+        [
+            Span::raw(key).bold().fg(ACCENT),
+            Span::raw(format!(" {action}  ")),
+        ]
+    });
+    Line::from(spans.collect::<Vec<_>>())
+}
+
+#[cfg(test)]
+mod tests {
+    use crossterm::event::{KeyCode, KeyEvent};
+    use ratatui::{Terminal, backend::TestBackend};
+
+    use super::*;
+    use crate::top::app::tests::{app_with_samples, sample_processes};
+
+    /// The rendered screen as text, one line per row.
+    fn screen(app: &App, width: u16, height: u16) -> Vec<String> {
+        let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
+        terminal.draw(|frame| render(frame, app)).unwrap();
+        let buffer = terminal.backend().buffer();
+        (0..height)
+            .map(|y| {
+                (0..width)
+                    .map(|x| buffer[(x, y)].symbol())
+                    .collect::<String>()
+            })
+            .collect()
+    }
+
+    fn press(app: &mut App, code: KeyCode) {
+        app.on_key(KeyEvent::from(code));
+    }
+
+    fn row_of(lines: &[String], needle: &str) -> usize {
+        lines
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle:?} not on screen:\n{}", lines.join("\n")))
+    }
+
+    #[test]
+    fn table_shows_headers_units_and_leak_marker_in_growth_order() {
+        let lines = screen(&app_with_samples(), 140, 12);
+        let text = lines.join("\n");
+        assert!(
+            lines[0].contains("source: agent http://127.0.0.1:9477"),
+            "{text}"
+        );
+        assert!(lines[0].contains("3/3 processes"), "{text}");
+        assert!(lines[0].contains("sort: growth ▼"), "{text}");
+        for header in [
+            "PID",
+            "COMMAND",
+            "PYTHON",
+            "HEAP",
+            "RSS",
+            "GROWTH ▼",
+            "HEAP HISTORY",
+            "LEAK",
+        ] {
+            assert!(lines[1].contains(header), "{header} missing:\n{text}");
+        }
+        let worker = row_of(&lines, "worker.py");
+        let batch = row_of(&lines, "batch.py");
+        let server = row_of(&lines, "http.server");
+        assert!(worker < batch && batch < server, "growth order:\n{text}");
+        let worker_line = &lines[worker];
+        for cell in [
+            "300",
+            "3.11.7",
+            "80.0 MiB",
+            "120.0 MiB",
+            "+120.0 MiB/min",
+            "LEAK",
+        ] {
+            assert!(worker_line.contains(cell), "{cell} missing: {worker_line}");
+        }
+        assert!(
+            worker_line.contains('█') && worker_line.contains('▁'),
+            "sparkline: {worker_line}"
+        );
+        assert!(!lines[server].contains("LEAK"), "{}", lines[server]);
+        assert!(lines[server].contains("0 B/min"), "{}", lines[server]);
+    }
+
+    #[test]
+    fn selected_row_is_reversed_not_recoloured() {
+        let mut app = app_with_samples();
+        press(&mut app, KeyCode::Down);
+        let mut terminal = Terminal::new(TestBackend::new(140, 12)).unwrap();
+        terminal.draw(|frame| render(frame, &app)).unwrap();
+        let buffer = terminal.backend().buffer();
+        // Row 2 is the first process (after header line and table header).
+        let style_at = |y: u16| buffer[(2, y)].style();
+        assert!(style_at(3).add_modifier.contains(Modifier::REVERSED));
+        assert!(!style_at(2).add_modifier.contains(Modifier::REVERSED));
+        assert_eq!(
+            style_at(3).bg,
+            Some(Color::Reset),
+            "no hardcoded background"
+        );
+    }
+
+    #[test]
+    fn sort_change_moves_rows_and_the_indicator() {
+        let mut app = app_with_samples();
+        press(&mut app, KeyCode::Char('h'));
+        let lines = screen(&app, 140, 12);
+        assert!(lines[0].contains("sort: heap ▼"));
+        assert!(lines[1].contains("HEAP ▼") && !lines[1].contains("GROWTH ▼"));
+        assert!(row_of(&lines, "http.server") < row_of(&lines, "worker.py"));
+        press(&mut app, KeyCode::Char('p'));
+        let lines = screen(&app, 140, 12);
+        assert!(lines[1].contains("PID ▲"), "{}", lines[1]);
+        assert!(row_of(&lines, "batch.py") < row_of(&lines, "http.server"));
+    }
+
+    #[test]
+    fn filter_hides_other_processes_and_shows_in_the_header() {
+        let mut app = app_with_samples();
+        press(&mut app, KeyCode::Char('/'));
+        for c in "http".chars() {
+            press(&mut app, KeyCode::Char(c));
+        }
+        let lines = screen(&app, 140, 12);
+        let text = lines.join("\n");
+        assert!(lines[0].contains("filter: http"), "{text}");
+        assert!(lines[0].contains("1/3 processes"), "{text}");
+        assert!(
+            text.contains("http.server") && !text.contains("worker.py"),
+            "{text}"
+        );
+        assert!(
+            lines[11].contains("Enter apply"),
+            "help while typing:\n{text}"
+        );
+
+        for c in "zzz".chars() {
+            press(&mut app, KeyCode::Char(c));
+        }
+        let text = screen(&app, 140, 12).join("\n");
+        assert!(
+            text.contains("No process matches the filter \"httpzzz\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn help_line_lists_the_keys() {
+        let lines = screen(&app_with_samples(), 140, 12);
+        let help = &lines[11];
+        for key in [
+            "q quit",
+            "Enter details",
+            "s next sort",
+            "h heap",
+            "g growth",
+            "r rss",
+            "p pid",
+            "/ filter",
+        ] {
+            assert!(help.contains(key), "{key} missing: {help}");
+        }
+    }
+
+    #[test]
+    fn detail_view_shows_summary_chart_and_sites_placeholder() {
+        let mut app = app_with_samples();
+        press(&mut app, KeyCode::Enter);
+        let lines = screen(&app, 120, 30);
+        let text = lines.join("\n");
+        for expected in [
+            "pid 300 · python3",
+            "python3 worker.py --queue jobs",
+            "3.11.7 (/usr/bin/python3.11)",
+            "80.0 MiB",
+            "+120.0 MiB/min",
+            "LEAK SUSPECTED",
+            "Heap history (last 10s)",
+            "-10s",
+            "now",
+            "Top growing allocation sites",
+            "Not collected yet",
+            "Esc back",
+        ] {
+            assert!(text.contains(expected), "{expected:?} missing:\n{text}");
+        }
+        assert!(
+            text.contains('⠀') || text.chars().any(|c| ('\u{2801}'..='\u{28ff}').contains(&c)),
+            "braille line:\n{text}"
+        );
+    }
+
+    #[test]
+    fn detail_view_of_an_exited_process_says_so() {
+        let mut app = app_with_samples();
+        press(&mut app, KeyCode::Enter);
+        let remaining: Vec<_> = sample_processes()
+            .into_iter()
+            .filter(|p| p.pid != 300)
+            .collect();
+        app.on_data(Ok(remaining));
+        let text = screen(&app, 120, 20).join("\n");
+        assert!(text.contains("pid 300 is no longer observed"), "{text}");
+    }
+
+    #[test]
+    fn fetch_errors_show_in_the_header_without_losing_rows() {
+        let mut app = app_with_samples();
+        app.on_data(Err(
+            "GET http://127.0.0.1:9477/api/v1/processes: connection refused".into(),
+        ));
+        let lines = screen(&app, 160, 12);
+        assert!(lines[0].contains("error: GET"), "{}", lines[0]);
+        assert!(lines.join("\n").contains("worker.py"));
+    }
+
+    #[test]
+    fn no_processes_yet_is_explained() {
+        let app = App::new("embedded observer".into(), SortKey::Growth, String::new());
+        let text = screen(&app, 100, 8).join("\n");
+        assert!(text.contains("source: embedded observer"), "{text}");
+        assert!(text.contains("Waiting for the first sample"), "{text}");
+    }
+}

@@ -1,0 +1,164 @@
+//! Human formatting: byte sizes, growth rates, durations and text sparklines.
+
+const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+
+/// `512 B`, `1.5 KiB`, `120.3 MiB` (binary units, like RSS in ps/top).
+pub fn bytes(n: u64) -> String {
+    bytes_f64(n as f64)
+}
+
+fn bytes_f64(n: f64) -> String {
+    if n < 1024.0 {
+        return format!("{n:.0} B");
+    }
+    let mut value = n / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// A growth rate per minute with an explicit sign: `+3.0 MiB/min`.
+/// Per minute because leaks are read over minutes, and per-second figures
+/// of slow leaks look like noise.
+pub fn rate_per_minute(bytes_per_second: f64) -> String {
+    let per_minute = bytes_per_second * 60.0;
+    if !per_minute.is_finite() || per_minute.abs() < 1.0 {
+        return "0 B/min".to_string();
+    }
+    let sign = if per_minute > 0.0 { '+' } else { '-' };
+    format!("{sign}{}/min", bytes_f64(per_minute.abs()))
+}
+
+/// `45s`, `3m 05s`, `2h 07m`.
+pub fn duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {:02}s", s / 60, s % 60),
+        _ => format!("{}h {:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+
+/// The values as a `width`-cell sparkline, newest at the right edge.
+/// Scaled between their own minimum and maximum: a heap of hundreds of MiB
+/// that grows by one still shows its slope.
+pub fn sparkline(values: &[u64], width: usize) -> String {
+    let buckets = resample(values, width);
+    let (Some(&min), Some(&max)) = (buckets.iter().min(), buckets.iter().max()) else {
+        return " ".repeat(width);
+    };
+    let range = (max - min) as f64;
+    let bars: String = buckets
+        .iter()
+        .map(|&v| {
+            if range == 0.0 {
+                BARS[0]
+            } else {
+                let level = ((v - min) as f64 / range * (BARS.len() - 1) as f64).round();
+                BARS[level as usize]
+            }
+        })
+        .collect();
+    format!("{}{bars}", " ".repeat(width - buckets.len()))
+}
+
+/// At most `width` values: the maximum of each of `width` equal runs, so a
+/// peak is never averaged away.
+fn resample(values: &[u64], width: usize) -> Vec<u64> {
+    if values.len() <= width {
+        return values.to_vec();
+    }
+    (0..width)
+        .map(|i| {
+            let start = i * values.len() / width;
+            let end = (i + 1) * values.len() / width;
+            values[start..end].iter().copied().max().unwrap_or(0)
+        })
+        .collect()
+}
+
+/// A command line with its program shortened to the file name:
+/// `python3.11 -u app.py` instead of `/opt/…/bin/python3.11 -u app.py`.
+pub fn short_command(cmdline: &str) -> String {
+    let (program, rest) = cmdline.split_once(' ').unwrap_or((cmdline, ""));
+    let name = program.rsplit('/').next().unwrap_or(program);
+    if rest.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name} {rest}")
+    }
+}
+
+/// Shortens `text` to `width` characters, marking the cut with `…`.
+pub fn truncate(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_string();
+    }
+    let kept: String = text.chars().take(width.saturating_sub(1)).collect();
+    format!("{kept}…")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_use_binary_units() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(120 << 20), "120.0 MiB");
+        assert_eq!(bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn rates_are_signed_per_minute() {
+        assert_eq!(rate_per_minute(1024.0 * 1024.0 / 60.0), "+1.0 MiB/min");
+        assert_eq!(rate_per_minute(-2048.0 / 60.0), "-2.0 KiB/min");
+        assert_eq!(rate_per_minute(0.001), "0 B/min");
+        assert_eq!(rate_per_minute(f64::NAN), "0 B/min");
+    }
+
+    #[test]
+    fn durations_pick_two_units() {
+        assert_eq!(duration(45.2), "45s");
+        assert_eq!(duration(185.0), "3m 05s");
+        assert_eq!(duration(7620.0), "2h 07m");
+    }
+
+    #[test]
+    fn sparkline_scales_between_min_and_max_and_right_aligns() {
+        assert_eq!(sparkline(&[10, 20, 30], 5), "  ▁▅█");
+        assert_eq!(sparkline(&[7, 7], 3), " ▁▁");
+        assert_eq!(sparkline(&[], 3), "   ");
+    }
+
+    #[test]
+    fn sparkline_keeps_peaks_when_resampling() {
+        let values: Vec<u64> = (0..100).map(|i| if i == 51 { 1000 } else { 0 }).collect();
+        let line = sparkline(&values, 10);
+        assert_eq!(line.chars().count(), 10);
+        assert_eq!(line.chars().filter(|&c| c == '█').count(), 1, "{line}");
+    }
+
+    #[test]
+    fn short_command_drops_the_program_directory() {
+        assert_eq!(
+            short_command("/usr/bin/python3.11 -u /srv/app.py"),
+            "python3.11 -u /srv/app.py"
+        );
+        assert_eq!(short_command("python3"), "python3");
+        assert_eq!(short_command(""), "");
+    }
+
+    #[test]
+    fn truncate_marks_the_cut() {
+        assert_eq!(truncate("python3 -u x.py", 9), "python3 …");
+        assert_eq!(truncate("short", 9), "short");
+    }
+}
