@@ -1,0 +1,380 @@
+//! `pymem top` end to end, as root: the real binary in a real terminal
+//! (tmux) and in `--once` mode, against real leaking Python processes.
+mod common;
+
+use std::{
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{Agent, pyenv};
+use serde_json::Value;
+
+const PYMEM: &str = env!("CARGO_BIN_EXE_pymem");
+
+/// Leaks small objects (pymalloc arenas: visible from the first sample) at
+/// about 3 MB/s for `argv[1]` seconds, then idles.
+const LEAKER: &str = r#"
+import sys, time
+chain = None
+end = time.time() + float(sys.argv[1])
+i = 0
+while time.time() < end:
+    for _ in range(330):
+        chain = [chain, "x" * 40 + str(i)]
+        i += 1
+    time.sleep(0.02)
+time.sleep(3600)
+"#;
+
+/// Allocates nothing after start-up: zero growth.
+const IDLER: &str = "import time\ntime.sleep(3600)\n";
+
+/// A Python interpreter binary (not a pyenv shim: its pid is the process).
+fn python() -> Option<PathBuf> {
+    pyenv("3.11").or_else(|| {
+        let system = PathBuf::from("/usr/bin/python3");
+        system.exists().then_some(system)
+    })
+}
+
+/// A Python script in `dir`, killed on drop.
+struct Script {
+    child: Child,
+    pid: u32,
+}
+
+impl Script {
+    fn spawn(python: &Path, dir: &Path, name: &str, source: &str, args: &[&str]) -> Script {
+        let path = dir.join(name);
+        std::fs::write(&path, source).unwrap();
+        let child = Command::new(python)
+            .arg("-u")
+            .arg(&path)
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawning Python");
+        Script {
+            pid: child.id(),
+            child,
+        }
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A private tmux server (own socket, no user config) with one window,
+/// killed on drop.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    /// `None` when tmux is not installed.
+    fn start(name: &str, command: &str) -> Option<Tmux> {
+        let socket = format!("pymem-test-{}-{name}", std::process::id());
+        let tmux = Tmux { socket };
+        let started = tmux
+            .command()
+            .args([
+                "-f",
+                "/dev/null",
+                "new-session",
+                "-d",
+                "-s",
+                "top",
+                "-x",
+                "160",
+                "-y",
+                "40",
+            ])
+            .arg(command)
+            .status();
+        match started {
+            Ok(status) if status.success() => Some(tmux),
+            Ok(status) => panic!("tmux new-session failed: {status}"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => panic!("running tmux: {e}"),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new("tmux");
+        command.args(["-L", &self.socket]);
+        command
+    }
+
+    fn send_keys(&self, keys: &str) {
+        let status = self
+            .command()
+            .args(["send-keys", "-t", "top", keys])
+            .status()
+            .unwrap();
+        assert!(status.success(), "tmux send-keys {keys}");
+    }
+
+    fn capture(&self) -> String {
+        let out = self
+            .command()
+            .args(["capture-pane", "-p", "-t", "top"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The screen once `ready` holds for it.
+    fn wait_for(&self, what: &str, timeout: Duration, ready: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let screen = self.capture();
+            if ready(&screen) {
+                return screen;
+            }
+            if Instant::now() > deadline {
+                panic!("{what}: not on screen within {timeout:?}:\n{screen}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.command().arg("kill-server").status();
+    }
+}
+
+/// Index of the first screen line containing `needle`.
+fn line_of(screen: &str, needle: &str) -> Option<usize> {
+    screen.lines().position(|l| l.contains(needle))
+}
+
+fn line_with<'a>(screen: &'a str, needle: &str) -> &'a str {
+    screen.lines().find(|l| l.contains(needle)).unwrap_or("")
+}
+
+#[test]
+fn tui_shows_a_leak_sorts_on_a_key_and_restores_the_terminal() {
+    let python = require!(python(), "Python 3");
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&[]);
+    // The idler first, so it (usually) has the lower pid: sorting by pid
+    // flips the growth order.
+    let idler = Script::spawn(&python, dir.path(), "idler.py", IDLER, &[]);
+    let leaker = Script::spawn(&python, dir.path(), "leaker.py", LEAKER, &["60"]);
+    let lower_pid = if idler.pid < leaker.pid {
+        "idler.py"
+    } else {
+        "leaker.py"
+    };
+    agent.wait_for(idler.pid, Duration::from_secs(5));
+    agent.wait_for(leaker.pid, Duration::from_secs(5));
+
+    // After pymem exits: its status, and whether the tty is back in
+    // canonical (cooked) mode.
+    let command = format!(
+        "{PYMEM} top --agent {} --interval 500ms --filter {}; echo pymem-exit=$?; \
+         if stty -a | grep -q -- -icanon; then echo term=raw; else echo term=cooked; fi; sleep 120",
+        agent.url(""),
+        dir.path().display()
+    );
+    let Some(tmux) = Tmux::start("tui", &command) else {
+        eprintln!("SKIP: tmux is not installed here");
+        return;
+    };
+
+    // The agent's 10 s window must fill before the leak is flagged.
+    let screen = tmux.wait_for("leaking row flagged LEAK", Duration::from_secs(25), |s| {
+        line_with(s, "leaker.py").contains("LEAK") && s.contains("idler.py")
+    });
+    eprintln!("pymem top, sorted by growth:\n{screen}");
+    assert!(
+        screen.contains(&format!("source: agent {}", agent.url(""))),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("sort: growth ▼") && screen.contains("GROWTH ▼"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("q quit") && screen.contains("/ filter"),
+        "help line:\n{screen}"
+    );
+    let leak_row = line_with(&screen, "leaker.py");
+    assert!(leak_row.contains(&leaker.pid.to_string()), "{leak_row}");
+    assert!(
+        leak_row.contains(" MiB") && leak_row.contains("MiB/min"),
+        "units: {leak_row}"
+    );
+    assert!(leak_row.contains('+'), "positive growth: {leak_row}");
+    assert!(
+        line_of(&screen, "leaker.py") < line_of(&screen, "idler.py"),
+        "the leak leads by growth:\n{screen}"
+    );
+
+    tmux.send_keys("p");
+    let screen = tmux.wait_for("sort by pid", Duration::from_secs(5), |s| {
+        s.contains("sort: pid ▲") && s.contains("PID ▲")
+    });
+    let higher_pid = if lower_pid == "idler.py" {
+        "leaker.py"
+    } else {
+        "idler.py"
+    };
+    assert!(
+        line_of(&screen, lower_pid) < line_of(&screen, higher_pid),
+        "lower pid first:\n{screen}"
+    );
+
+    tmux.send_keys("End");
+    tmux.send_keys("Enter");
+    let screen = tmux.wait_for("detail view", Duration::from_secs(5), |s| {
+        s.contains("Heap history") && s.contains("Top growing allocation sites")
+    });
+    assert!(screen.contains(&format!("pid {}", leaker.pid)), "{screen}");
+    tmux.send_keys("Escape");
+    tmux.wait_for("back to the table", Duration::from_secs(5), |s| {
+        s.contains("HEAP HISTORY")
+    });
+
+    tmux.send_keys("q");
+    let screen = tmux.wait_for("pymem exited", Duration::from_secs(10), |s| {
+        s.contains("term=")
+    });
+    assert!(screen.contains("pymem-exit=0"), "{screen}");
+    assert!(
+        screen.contains("term=cooked"),
+        "raw mode left on:\n{screen}"
+    );
+    assert!(
+        !screen.contains("sort:"),
+        "still on the alternate screen:\n{screen}"
+    );
+}
+
+/// Runs `pymem top` with `args`.
+fn pymem_top(args: &[&str]) -> Output {
+    Command::new(PYMEM)
+        .arg("top")
+        .args(args)
+        .output()
+        .expect("running pymem top")
+}
+
+/// The process `pid` in `pymem top --once --json` output.
+fn find_in_json(stdout: &[u8], pid: u32) -> Option<Value> {
+    let processes: Vec<Value> = serde_json::from_slice(stdout).expect("--json prints a JSON array");
+    processes
+        .into_iter()
+        .find(|p| p["pid"].as_u64() == Some(u64::from(pid)))
+}
+
+fn growth(process: &Value) -> f64 {
+    process["growth_bytes_per_second"].as_f64().unwrap()
+}
+
+#[test]
+fn once_json_from_an_agent_shows_growth_within_10s_of_the_leak_starting() {
+    let python = require!(python(), "Python 3");
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&[]);
+    let url = agent.url("");
+    let started = Instant::now();
+    let leaker = Script::spawn(&python, dir.path(), "leaker.py", LEAKER, &["30"]);
+    let found = loop {
+        let out = pymem_top(&["--once", "--json", "--agent", &url]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let found = find_in_json(&out.stdout, leaker.pid).filter(|p| growth(p) > 0.0);
+        if let Some(process) = found {
+            break process;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no positive growth for pid {} within 10 s:\n{}",
+            leaker.pid,
+            String::from_utf8_lossy(&out.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "growth {:.0} B/s after {:.1?}",
+        growth(&found),
+        started.elapsed()
+    );
+    assert!(
+        found["heap_history"].is_array(),
+        "the API's objects: {found}"
+    );
+
+    // The plain table, filtered to the leak.
+    let filter = dir.path().to_str().unwrap();
+    let out = pymem_top(&["--once", "--agent", &url, "--filter", filter]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2, "header and one row:\n{table}");
+    assert!(lines[0].contains("GROWTH"), "{table}");
+    assert!(
+        lines[1].contains(&leaker.pid.to_string()) && lines[1].contains("MiB/min"),
+        "{table}"
+    );
+    assert!(
+        !table.contains('\u{1b}'),
+        "no escape codes in --once output"
+    );
+}
+
+#[test]
+fn once_json_without_an_agent_observes_on_its_own() {
+    let python = require!(python(), "Python 3");
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let leaker = Script::spawn(&python, dir.path(), "leaker.py", LEAKER, &["30"]);
+    let mut args = vec!["--once", "--json"];
+    // An agent on the default port would be used instead; bypass it.
+    if TcpStream::connect("127.0.0.1:9477").is_ok() {
+        eprintln!("note: an agent runs on 127.0.0.1:9477; forcing --embedded");
+        args.push("--embedded");
+    }
+    let out = pymem_top(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("observing from this process"), "{stderr}");
+    let process = find_in_json(&out.stdout, leaker.pid).unwrap_or_else(|| {
+        panic!(
+            "pid {} not listed:\n{}",
+            leaker.pid,
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let elapsed = started.elapsed();
+    eprintln!("growth {:.0} B/s after {elapsed:.1?}", growth(&process));
+    assert!(growth(&process) > 0.0, "{process}");
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+}
+
+#[test]
+fn embedded_observer_without_root_is_a_clear_error() {
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", PYMEM])
+        .args(["top", "--once", "--embedded"])
+        .output();
+    let Ok(out) = out else {
+        eprintln!("SKIP: setpriv is not installed here");
+        return;
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("needs root"), "{stderr}");
+}
