@@ -74,7 +74,12 @@ fn numpy_leak_matches_nbytes() {
     let truth = m.result["bytes"].as_f64().unwrap();
     assert!(truth > 40e6, "{}", m.result);
     assert_within(m.heap_growth(), truth, 0.10, "heap growth");
-    assert_within(m.source_growth("extension_bytes"), truth, 0.05, "extension buffer growth");
+    assert_within(
+        m.source_growth("extension_bytes"),
+        truth,
+        0.05,
+        "extension buffer growth",
+    );
 }
 
 /// Heavy churn, no net growth: the heap stays flat and no leak is flagged.

@@ -38,17 +38,17 @@ impl Agent {
         let log_path = dir.path().join("agent.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let listen = format!("127.0.0.1:{port}");
-        let mut args = vec![
-            "agent",
-            "--listen",
-            &listen,
-            "--window",
-            "10s",
-            "--sample-interval",
-            "250ms",
-            "--probe-delay",
-            "2s",
-        ];
+        let mut args = vec!["agent", "--listen", &listen];
+        // Test defaults, each unless the test sets it.
+        for (flag, value) in [
+            ("--window", "10s"),
+            ("--sample-interval", "250ms"),
+            ("--probe-delay", "2s"),
+        ] {
+            if !extra.contains(&flag) {
+                args.extend([flag, value]);
+            }
+        }
         args.extend_from_slice(extra);
         let child = Command::new(env!("CARGO_BIN_EXE_pymem"))
             .args(&args)
