@@ -222,3 +222,33 @@ fn exits_are_dropped_and_sigterm_is_prompt() {
     let took = agent.stop();
     assert!(took < Duration::from_secs(5), "agent took {took:?} to exit");
 }
+
+/// Forked children (multiprocessing, pre-fork servers) never exec: they
+/// are found through the fork tracepoint and measured on their own.
+#[test]
+fn forked_child_is_observed_and_measured() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let agent = Agent::start(&[]);
+    // The parent forks once and relays the child's workload on its own
+    // stdin/stdout: the child runs memwork's command loop.
+    let script = format!(
+        "import os, sys\npid = os.fork()\nif pid:\n    os.waitpid(pid, 0)\n    sys.exit(0)\nexec(open({:?}).read())\n",
+        common::WORKLOAD
+    );
+    let mut work =
+        Workload::spawn_with(std::process::Command::new(&python).args(["-u", "-c", &script]));
+    let child = agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    assert_ne!(
+        work.pid,
+        work.launcher_pid(),
+        "the workload runs in the forked child"
+    );
+    assert_eq!(child["pid"].as_u64().unwrap(), work.pid as u64);
+    let m = agent.measure(&mut work, "leak_bytes 6 300");
+    assert_within(
+        m.heap_growth(),
+        m.result["bytes"].as_f64().unwrap(),
+        0.10,
+        "forked child's heap growth",
+    );
+}

@@ -257,6 +257,12 @@ impl Workload {
         workload
     }
 
+    /// The pid of the process the harness started (a wrapper, or the
+    /// parent of a fork, when `pid` is elsewhere).
+    pub fn launcher_pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn read(&mut self) -> Value {
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();
