@@ -42,7 +42,12 @@ pub struct TopArgs {
     #[arg(long, value_enum, default_value_t = SortKey::Growth)]
     pub sort: SortKey,
     /// Show only processes whose command line contains this (any case).
-    #[arg(long, value_name = "SUBSTR", default_value = "")]
+    #[arg(
+        long,
+        value_name = "SUBSTR",
+        default_value = "",
+        hide_default_value = true
+    )]
     pub filter: String,
     /// How often the view refreshes.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
@@ -90,8 +95,12 @@ fn connect(args: &TopArgs) -> Result<Source> {
     if args.embedded {
         return start_embedded(args);
     }
-    let url = args.agent.clone().unwrap_or_else(source::default_agent_url);
-    let agent = AgentClient::new(&url);
+    let agent = AgentClient::new(
+        args.agent
+            .as_deref()
+            .unwrap_or(&source::default_agent_url()),
+    );
+    let url = agent.base_url().to_string();
     match agent.fetch() {
         Ok(_) => Ok(Source::Agent(agent)),
         Err(e) if args.agent.is_some() => {
@@ -163,6 +172,7 @@ fn run_tui(source: Source, args: &TopArgs) -> Result<()> {
 
     // Raw mode + alternate screen, and a panic hook that restores both.
     let mut terminal = ratatui::try_init().context("setting up the terminal")?;
+    exit_on_any_panic();
     let result = event_loop(&mut terminal, &mut app, &events_rx);
     ratatui::restore();
 
@@ -173,6 +183,17 @@ fn run_tui(source: Source, args: &TopArgs) -> Result<()> {
     let _ = data.join();
     let _ = input.join();
     result
+}
+
+/// ratatui's hook restores the terminal on a panic in any thread, but a
+/// panic off the main thread (data, embedded observer) would leave this
+/// loop drawing on the restored screen: end the program instead.
+fn exit_on_any_panic() {
+    let restore_and_report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        restore_and_report(info);
+        std::process::exit(101);
+    }));
 }
 
 fn event_loop(

@@ -30,7 +30,7 @@ impl Source {
     /// One line for the header: which source and where.
     pub fn describe(&self) -> String {
         match self {
-            Self::Agent(agent) => format!("agent {}", agent.base_url),
+            Self::Agent(agent) => format!("agent {}", agent.base_url()),
             Self::Embedded(_) => "embedded observer".to_string(),
         }
     }
@@ -73,6 +73,10 @@ impl AgentClient {
             base_url: normalize_agent_url(url),
             http,
         }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
     }
 
     pub fn fetch(&self) -> Result<Vec<ProcessInfo>> {

@@ -19,8 +19,11 @@ use super::{
 };
 use crate::model::{Accounting, ProcessInfo};
 
-/// Cells of the heap sparkline in the table.
-const HISTORY_WIDTH: usize = 30;
+/// Most cells the heap sparkline gets in the table.
+const MAX_HISTORY_WIDTH: u16 = 30;
+/// The command column keeps this many cells before the sparkline gets any.
+const MIN_COMMAND_WIDTH: u16 = 20;
+const COLUMN_SPACING: u16 = 1;
 /// Accents that read on both light and dark backgrounds.
 const ALERT: Color = Color::Red;
 const ACCENT: Color = Color::Magenta;
@@ -82,27 +85,35 @@ fn sort_arrow(sort: SortKey) -> &'static str {
     if sort.descending() { "▼" } else { "▲" }
 }
 
-/// The table's columns: title, the sort key it shows, width, right-aligned.
-const COLUMNS: [(&str, Option<SortKey>, Constraint, bool); 8] = [
-    ("PID", Some(SortKey::Pid), Constraint::Length(8), true),
-    ("COMMAND", None, Constraint::Min(16), false),
-    ("PYTHON", None, Constraint::Length(7), false),
-    ("HEAP", Some(SortKey::Heap), Constraint::Length(11), true),
-    ("RSS", Some(SortKey::Rss), Constraint::Length(11), true),
-    (
-        "GROWTH",
-        Some(SortKey::Growth),
-        Constraint::Length(15),
-        true,
-    ),
-    (
-        "HEAP HISTORY",
-        None,
-        Constraint::Length(HISTORY_WIDTH as u16),
-        false,
-    ),
-    ("LEAK", None, Constraint::Length(4), false),
+/// The table's columns: title, the sort key it shows, right-aligned.
+const COLUMNS: [(&str, Option<SortKey>, bool); 8] = [
+    ("PID", Some(SortKey::Pid), true),
+    ("COMMAND", None, false),
+    ("PYTHON", None, false),
+    ("HEAP", Some(SortKey::Heap), true),
+    ("RSS", Some(SortKey::Rss), true),
+    ("GROWTH", Some(SortKey::Growth), true),
+    ("HEAP HISTORY", None, false),
+    ("LEAK", None, false),
 ];
+const COMMAND_COLUMN: usize = 1;
+const HISTORY_COLUMN: usize = 6;
+
+/// Widths for a table `total` cells wide. Numbers get their full width
+/// always (a cut number misleads); the command and the sparkline share
+/// what is left, the command first.
+fn column_widths(total: u16) -> [u16; 8] {
+    // PID ▲ / 4194304, 3.10.13, 1023.9 MiB, +1023.9 MiB/min, LEAK
+    let mut widths = [8, 0, 7, 10, 10, 15, 0, 4];
+    let spacing = COLUMN_SPACING * (widths.len() as u16 - 1);
+    let rest = total.saturating_sub(widths.iter().sum::<u16>() + spacing);
+    let history = rest
+        .saturating_sub(MIN_COMMAND_WIDTH)
+        .min(MAX_HISTORY_WIDTH);
+    widths[HISTORY_COLUMN] = history;
+    widths[COMMAND_COLUMN] = rest - history;
+    widths
+}
 
 fn render_table(frame: &mut Frame, area: Rect, app: &App) {
     let visible = app.visible();
@@ -110,9 +121,11 @@ fn render_table(frame: &mut Frame, area: Rect, app: &App) {
         frame.render_widget(empty_message(app), area);
         return;
     }
-    let rows = visible.iter().map(|p| process_row(p));
-    let widths = COLUMNS.map(|(_, _, width, _)| width);
-    let table = Table::new(rows, widths)
+    let widths = column_widths(area.width);
+    let history_width = usize::from(widths[HISTORY_COLUMN]);
+    let rows = visible.iter().map(|p| process_row(p, history_width));
+    let table = Table::new(rows, widths.map(Constraint::Length))
+        .column_spacing(COLUMN_SPACING)
         .header(table_header(app.sort))
         .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED | Modifier::BOLD));
     let mut state = TableState::new().with_selected(app.selected_index());
@@ -120,7 +133,7 @@ fn render_table(frame: &mut Frame, area: Rect, app: &App) {
 }
 
 fn table_header(sort: SortKey) -> Row<'static> {
-    let cells = COLUMNS.map(|(title, key, _, right)| {
+    let cells = COLUMNS.map(|(title, key, right)| {
         let sorted = key == Some(sort);
         let text = if sorted {
             format!("{title} {}", sort_arrow(sort))
@@ -137,7 +150,7 @@ fn table_header(sort: SortKey) -> Row<'static> {
     Row::new(cells)
 }
 
-fn process_row(p: &ProcessInfo) -> Row<'static> {
+fn process_row(p: &ProcessInfo, history_width: usize) -> Row<'static> {
     let history: Vec<u64> = p.heap_history.iter().map(|&(_, bytes)| bytes).collect();
     Row::new([
         Cell::from(aligned(p.pid.to_string(), true)),
@@ -149,7 +162,7 @@ fn process_row(p: &ProcessInfo) -> Row<'static> {
             units::rate_per_minute(p.growth_bytes_per_second),
             true,
         )),
-        Cell::from(units::sparkline(&history, HISTORY_WIDTH)).fg(ACCENT),
+        Cell::from(units::sparkline(&history, history_width)).fg(ACCENT),
         leak_cell(p.leak_suspected),
     ])
 }
@@ -327,11 +340,8 @@ fn help_line(app: &App) -> Line<'static> {
                 ("q", "quit"),
                 ("↑↓", "select"),
                 ("Enter", "details"),
-                ("s", "next sort"),
-                ("h", "heap"),
-                ("g", "growth"),
-                ("r", "rss"),
-                ("p", "pid"),
+                ("s", "sort"),
+                ("h/g/r/p", "heap/growth/rss/pid"),
                 ("/", "filter"),
             ],
             View::Detail(_) => &[("Esc", "back"), ("q", "quit")],
@@ -425,6 +435,23 @@ mod tests {
     }
 
     #[test]
+    fn narrow_terminals_keep_numbers_whole_and_the_newest_history() {
+        let narrow = screen(&app_with_samples(), 80, 8);
+        let worker = &narrow[row_of(&narrow, "worker")];
+        assert!(
+            worker.contains("+120.0 MiB/min") && worker.contains("LEAK"),
+            "{worker}"
+        );
+        let wide = screen(&app_with_samples(), 130, 8);
+        let worker = &wide[row_of(&wide, "worker")];
+        assert!(
+            worker.contains("python3 worker.py --queue jobs"),
+            "{worker}"
+        );
+        assert!(worker.contains("▁▂▂▃▄▅▅▆▇▇█"), "whole sparkline: {worker}");
+    }
+
+    #[test]
     fn selected_row_is_reversed_not_recoloured() {
         let mut app = app_with_samples();
         press(&mut app, KeyCode::Down);
@@ -487,18 +514,16 @@ mod tests {
     }
 
     #[test]
-    fn help_line_lists_the_keys() {
-        let lines = screen(&app_with_samples(), 140, 12);
-        let help = &lines[11];
+    fn help_line_lists_the_keys_within_80_columns() {
+        let lines = screen(&app_with_samples(), 80, 12);
+        let help = lines[11].trim_end();
+        assert!(help.ends_with("/ filter"), "cut at 80 columns: {help}");
         for key in [
             "q quit",
+            "↑↓ select",
             "Enter details",
-            "s next sort",
-            "h heap",
-            "g growth",
-            "r rss",
-            "p pid",
-            "/ filter",
+            "s sort",
+            "h/g/r/p heap/growth/rss/pid",
         ] {
             assert!(help.contains(key), "{key} missing: {help}");
         }
