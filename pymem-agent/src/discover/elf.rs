@@ -140,11 +140,13 @@ pub fn analyze_bytes(data: &[u8], name_hint: &str) -> Result<Interpreter> {
         }
         bail!("not a CPython interpreter (does not define PyObject_Malloc/Py_Initialize)");
     }
-    let version = read_version(&elf, &defined, name_hint)?;
+    let debug_offsets = read_debug_offsets(&elf, &defined);
+    let version = read_version(&elf, &defined, debug_offsets, name_hint)?;
     if !(3..=3).contains(&version.major) || version.minor < 6 {
         bail!("unsupported Python version {version}");
     }
-    let free_threaded = is_free_threaded(name_hint);
+    let free_threaded =
+        is_free_threaded(name_hint) || debug_offsets.is_some_and(|d| d.free_threaded);
     let stubs = plt_stubs(&elf).context("resolving the PLT")?;
     let point = |name: &str| defined.get(name).and_then(|&a| probe_point(&elf, a));
     Ok(Interpreter {
@@ -193,30 +195,125 @@ fn read_at<'d>(elf: &ElfFile64<'d, object::Endianness>, vaddr: u64, len: u64) ->
     })
 }
 
-/// 3.11+: the exported `Py_Version` (PY_VERSION_HEX). Before: the
-/// `PY_VERSION` string that `Py_GetVersion` passes to its `snprintf`
-/// (decoded, since the literal is often tail-merged into another string).
-fn read_version(
-    elf: &ElfFile64<'_, object::Endianness>,
-    defined: &HashMap<&str, u64>,
-    name_hint: &str,
-) -> Result<PyVersion> {
-    if let Some(&addr) = defined.get("Py_Version")
-        && let Some(bytes) = read_at(elf, addr, 4)
-    {
-        let hex = u32::from_le_bytes(bytes.try_into().expect("4 bytes"));
-        return Ok(PyVersion {
+impl PyVersion {
+    /// From PY_VERSION_HEX (`0x030d05f0` is 3.13.5 final).
+    fn from_hex(hex: u32) -> Self {
+        Self {
             major: (hex >> 24) as u8,
             minor: (hex >> 16) as u8,
             micro: (hex >> 8) as u8,
-        });
+        }
     }
-    if let Some(&addr) = defined.get("Py_GetVersion")
-        && let Some(version) = version_from_get_version(elf, addr)
-    {
-        return Ok(version);
+}
+
+/// The head of `_Py_DebugOffsets`, which starts `_PyRuntime` since 3.13:
+/// written by CPython for out-of-process tools, so it is the most direct
+/// statement of what the binary is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DebugOffsets {
+    pub version: PyVersion,
+    pub free_threaded: bool,
+}
+
+const DEBUG_OFFSETS_COOKIE: &[u8; 8] = b"xdebugpy";
+
+/// `{ char cookie[8]; uint64_t version; uint64_t free_threaded; … }` from
+/// `_PyRuntime`'s initializer in the file (plain integers: no relocation).
+fn read_debug_offsets(
+    elf: &ElfFile64<'_, object::Endianness>,
+    defined: &HashMap<&str, u64>,
+) -> Option<DebugOffsets> {
+    let bytes = read_at(elf, *defined.get("_PyRuntime")?, 24)?;
+    if &bytes[..8] != DEBUG_OFFSETS_COOKIE {
+        return None;
     }
-    bail!("no Py_Version and no version string in Py_GetVersion (file {name_hint:?})")
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    Some(DebugOffsets {
+        version: PyVersion::from_hex(word(8) as u32),
+        free_threaded: word(16) != 0,
+    })
+}
+
+/// Every place a binary states its version. A wrong version means wrong
+/// arena sizes and stack offsets, so they must all agree.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct VersionSources {
+    /// `_Py_DebugOffsets.version` (3.13+).
+    debug_offsets: Option<PyVersion>,
+    /// The exported `Py_Version` (3.11+, PY_VERSION_HEX).
+    py_version: Option<PyVersion>,
+    /// The `PY_VERSION` string `Py_GetVersion` formats (every version).
+    version_string: Option<PyVersion>,
+    /// `python3.X` / `libpython3.X.so` in the file name: (major, minor).
+    file_name: Option<(u8, u8)>,
+}
+
+impl VersionSources {
+    /// The version when every source that exists agrees; the file name
+    /// only says major.minor. Refuses (with all sources named) otherwise.
+    fn settle(&self) -> Result<PyVersion> {
+        let stated = [
+            ("_Py_DebugOffsets", self.debug_offsets),
+            ("Py_Version", self.py_version),
+            ("the Py_GetVersion string", self.version_string),
+        ];
+        let Some(version) = stated.iter().find_map(|(_, v)| *v) else {
+            bail!("no _Py_DebugOffsets, no Py_Version and no version string in Py_GetVersion");
+        };
+        let binary_agrees = stated.iter().all(|(_, v)| v.is_none_or(|v| v == version));
+        let name_agrees = self
+            .file_name
+            .is_none_or(|minor| minor == (version.major, version.minor));
+        if binary_agrees && name_agrees {
+            return Ok(version);
+        }
+        let mut said: Vec<String> = stated
+            .iter()
+            .filter_map(|(source, v)| Some(format!("{source} says {}", (*v)?)))
+            .collect();
+        if let Some((major, minor)) = self.file_name {
+            said.push(format!("the file name says {major}.{minor}"));
+        }
+        bail!(
+            "version sources disagree ({}); not guessing, since a wrong version means wrong arena sizes and stack layouts",
+            said.join(", ")
+        )
+    }
+}
+
+/// Reads every version source of the binary and settles on one.
+fn read_version(
+    elf: &ElfFile64<'_, object::Endianness>,
+    defined: &HashMap<&str, u64>,
+    debug_offsets: Option<DebugOffsets>,
+    name_hint: &str,
+) -> Result<PyVersion> {
+    let py_version = defined
+        .get("Py_Version")
+        .and_then(|&addr| read_at(elf, addr, 4))
+        .map(|bytes| PyVersion::from_hex(u32::from_le_bytes(bytes.try_into().expect("4 bytes"))));
+    let version_string = defined
+        .get("Py_GetVersion")
+        .and_then(|&addr| version_from_get_version(elf, addr));
+    let sources = VersionSources {
+        debug_offsets: debug_offsets.map(|d| d.version),
+        py_version,
+        version_string,
+        file_name: version_in_file_name(name_hint),
+    };
+    sources
+        .settle()
+        .with_context(|| format!("file {name_hint:?}"))
+}
+
+/// `python3.11`, `libpython3.13t.so.1.0`, `python3.9-dbg` -> (3, minor);
+/// `python3`, `python` and other names say nothing.
+fn version_in_file_name(name: &str) -> Option<(u8, u8)> {
+    let rest = name
+        .strip_prefix("libpython3.")
+        .or_else(|| name.strip_prefix("python3."))?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    Some((3, digits.parse().ok()?))
 }
 
 /// Looks at the strings `Py_GetVersion` passes to its `snprintf` — RIP-
@@ -402,6 +499,145 @@ mod tests {
             checked += 1;
         }
         assert!(checked >= 3, "only {checked} pyenv interpreters found");
+    }
+
+    fn v(major: u8, minor: u8, micro: u8) -> PyVersion {
+        PyVersion {
+            major,
+            minor,
+            micro,
+        }
+    }
+
+    #[test]
+    fn version_sources_must_agree() {
+        let agreeing = VersionSources {
+            debug_offsets: Some(v(3, 13, 5)),
+            py_version: Some(v(3, 13, 5)),
+            version_string: Some(v(3, 13, 5)),
+            file_name: Some((3, 13)),
+        };
+        assert_eq!(agreeing.settle().unwrap(), v(3, 13, 5));
+        let only_string = VersionSources {
+            version_string: Some(v(3, 8, 18)),
+            ..Default::default()
+        };
+        assert_eq!(only_string.settle().unwrap(), v(3, 8, 18));
+        let renamed = VersionSources {
+            file_name: Some((3, 11)),
+            ..agreeing
+        };
+        let err = renamed.settle().unwrap_err().to_string();
+        assert!(err.contains("disagree"), "{err}");
+        assert!(err.contains("file name says 3.11"), "{err}");
+        let patched = VersionSources {
+            debug_offsets: Some(v(3, 12, 1)),
+            ..agreeing
+        };
+        let err = patched.settle().unwrap_err().to_string();
+        assert!(err.contains("_Py_DebugOffsets says 3.12.1"), "{err}");
+        assert!(VersionSources::default().settle().is_err());
+    }
+
+    #[test]
+    fn version_in_file_names() {
+        assert_eq!(version_in_file_name("python3.11"), Some((3, 11)));
+        assert_eq!(version_in_file_name("libpython3.13t.so.1.0"), Some((3, 13)));
+        assert_eq!(version_in_file_name("python3.9-dbg"), Some((3, 9)));
+        assert_eq!(version_in_file_name("python3"), None);
+        assert_eq!(version_in_file_name("python"), None);
+        assert_eq!(version_in_file_name("uwsgi"), None);
+    }
+
+    /// 3.13+ interpreters on this machine: pyenv's shared 3.13 and the
+    /// Debian static stripped builds inside the test root filesystems.
+    fn debug_offset_interpreters() -> Vec<(std::path::PathBuf, String)> {
+        let home = std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default());
+        let rootfs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/rootfs");
+        let mut found = Vec::new();
+        if let Ok(versions) = std::fs::read_dir(home.join(".pyenv/versions")) {
+            for dir in versions.flatten().map(|e| e.path()) {
+                let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+                let Some(minor) = name.strip_prefix("3.").and_then(|r| r.split('.').next()) else {
+                    continue;
+                };
+                if minor.parse::<u8>().is_ok_and(|m| m >= 13) && !name.ends_with('t') {
+                    let lib = format!("libpython3.{minor}.so.1.0");
+                    found.push((dir.join("lib").join(&lib), lib));
+                }
+            }
+        }
+        for (suite, python) in [("trixie", "python3.13"), ("sid", "python3.14")] {
+            found.push((
+                rootfs.join(suite).join("usr/bin").join(python),
+                python.into(),
+            ));
+        }
+        found.retain(|(path, _)| path.exists());
+        found
+    }
+
+    /// Ground truth: each interpreter's own `sys.version_info` agrees with
+    /// every source in the binary, `_Py_DebugOffsets` included.
+    #[test]
+    fn debug_offsets_agree_with_py_version_on_313_and_later() {
+        let interpreters = debug_offset_interpreters();
+        if interpreters.is_empty() {
+            eprintln!("SKIP: no Python 3.13+ here (pyenv or .cache/rootfs)");
+            return;
+        }
+        for (path, name) in interpreters {
+            let data = std::fs::read(&path).unwrap();
+            let elf = ElfFile64::<object::Endianness>::parse(&*data).unwrap();
+            let defined: HashMap<&str, u64> = elf
+                .dynamic_symbols()
+                .filter(|s| s.is_definition())
+                .filter_map(|s| Some((s.name().ok()?, s.address())))
+                .collect();
+            let offsets = read_debug_offsets(&elf, &defined)
+                .unwrap_or_else(|| panic!("{}: no _Py_DebugOffsets", path.display()));
+            assert!(!offsets.free_threaded, "{}", path.display());
+            let interp = analyze_bytes(&data, &name).unwrap();
+            assert_eq!(interp.version, offsets.version, "{}", path.display());
+            let string = version_from_get_version(&elf, defined["Py_GetVersion"]);
+            assert_eq!(string, Some(interp.version), "{}", path.display());
+            eprintln!("{}: {} from every source", path.display(), interp.version);
+        }
+    }
+
+    /// A real 3.13+ binary whose debug offsets are patched to claim another
+    /// version must be refused, not guessed.
+    #[test]
+    fn refuses_a_binary_whose_debug_offsets_disagree_with_py_version() {
+        let Some((path, name)) = debug_offset_interpreters().into_iter().next() else {
+            eprintln!("SKIP: no Python 3.13+ here (pyenv or .cache/rootfs)");
+            return;
+        };
+        let mut data = std::fs::read(&path).unwrap();
+        let runtime_at = {
+            let elf = ElfFile64::<object::Endianness>::parse(&*data).unwrap();
+            let section = elf.section_by_name(".PyRuntime").expect(".PyRuntime");
+            section.file_range().unwrap().0 as usize
+        };
+        assert_eq!(&data[runtime_at..runtime_at + 8], DEBUG_OFFSETS_COOKIE);
+        data[runtime_at + 10] -= 1; // the minor byte of PY_VERSION_HEX
+        let err = analyze_bytes(&data, &name).unwrap_err();
+        assert!(format!("{err:#}").contains("disagree"), "{err:#}");
+    }
+
+    /// A renamed binary: the file name claims one version, the binary says
+    /// another.
+    #[test]
+    fn refuses_a_binary_named_for_another_version() {
+        let path = Path::new("/usr/bin/python3.11");
+        if !path.exists() {
+            eprintln!("SKIP: /usr/bin/python3.11 is not installed");
+            return;
+        }
+        let err = analyze(path, "python3.10").unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("file name says 3.10"), "{text}");
+        assert!(text.contains("Py_Version says 3.11"), "{text}");
     }
 
     #[test]
