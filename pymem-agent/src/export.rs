@@ -19,11 +19,15 @@ use crate::{
 
 /// Labels that identify a process on per-process series. `pid` and `comm`
 /// by default; dropping `pid` aggregates processes of one command.
+/// `namespace`, `pod` and `container` name a process's Kubernetes pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
 pub enum ProcessLabel {
     Pid,
     Comm,
     PythonVersion,
+    Namespace,
+    Pod,
+    Container,
 }
 
 impl ProcessLabel {
@@ -32,6 +36,9 @@ impl ProcessLabel {
             Self::Pid => "pid",
             Self::Comm => "comm",
             Self::PythonVersion => "python_version",
+            Self::Namespace => "namespace",
+            Self::Pod => "pod",
+            Self::Container => "container",
         }
     }
 
@@ -40,8 +47,25 @@ impl ProcessLabel {
             Self::Pid => p.pid.to_string(),
             Self::Comm => p.comm.clone(),
             Self::PythonVersion => p.python_version.clone(),
+            // Empty for processes outside pods: see `labels_in_use`.
+            Self::Namespace => p.container_info.namespace.clone().unwrap_or_default(),
+            Self::Pod => p.container_info.pod.clone().unwrap_or_default(),
+            Self::Container => p.container_info.container.clone().unwrap_or_default(),
         }
     }
+}
+
+/// The selected labels that some process has a value for. A metric family
+/// has one set of label names (the prometheus crate enforces it), so a
+/// process outside pods gets `pod=""`, which Prometheus stores as no label
+/// at all; a label no process has (pod labels outside Kubernetes) is left
+/// out of the exposition altogether.
+fn labels_in_use(labels: &[ProcessLabel], processes: &[ProcessInfo]) -> Vec<ProcessLabel> {
+    labels
+        .iter()
+        .copied()
+        .filter(|label| processes.iter().any(|p| !label.value(p).is_empty()))
+        .collect()
 }
 
 pub const DEFAULT_LABELS: [ProcessLabel; 3] = [
@@ -164,6 +188,7 @@ struct Aggregate {
 
 /// Renders the Prometheus text format from a snapshot.
 pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<String> {
+    let labels = &labels_in_use(labels, &snapshot.processes);
     let registry = Registry::new();
     let names: Vec<&str> = labels.iter().map(|l| l.name()).collect();
     let mut with_source = names.clone();

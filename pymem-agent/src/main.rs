@@ -3,6 +3,7 @@ mod attach;
 mod discover;
 mod events;
 mod export;
+mod k8s;
 mod model;
 mod observer;
 mod pystack;
@@ -118,6 +119,17 @@ struct AgentArgs {
     /// series: without `pid`, processes sharing the other labels are summed.
     #[arg(long, value_delimiter = ',', default_values_t = export::DEFAULT_LABELS.to_vec(), value_enum)]
     labels: Vec<ProcessLabel>,
+    /// Watch the Kubernetes API for the pod, namespace and container names
+    /// of processes in containers (`auto`: only inside a cluster).
+    #[arg(long, value_enum, default_value_t = k8s::KubernetesMode::Auto)]
+    kubernetes: k8s::KubernetesMode,
+    /// This node's name in Kubernetes (default: the hostname).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Kubeconfig for `--kubernetes always` outside a cluster (default: as
+    /// kubectl finds it).
+    #[arg(long)]
+    kubeconfig: Option<std::path::PathBuf>,
     #[command(flatten)]
     observe: ObserveArgs,
 }
@@ -142,6 +154,13 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         let snapshot = Arc::new(RwLock::new(model::Snapshot::default()));
         let (observer, events, queries) =
             Observer::new(args.observe.observer_config(), snapshot.clone())?;
+        let pods = k8s::start_pod_cache(
+            args.kubernetes,
+            args.node_name.as_deref(),
+            args.kubeconfig.as_deref(),
+        )
+        .await?;
+        let observer = observer.with_pods(pods);
         info!(
             "serving http://{}/metrics and /api/v1/processes",
             args.listen

@@ -18,6 +18,7 @@ use crate::{
     attach::{KernelConfig, Probes},
     discover::{self, BinaryId, Discoverer, PythonProcess, Skip},
     events::EventStream,
+    k8s::{self, PodCache},
     model::{
         Accounting, AgentInfo, HeapBreakdown, HeapHistory, LeakPolicy, ProcessInfo, Snapshot,
         SourceTotals,
@@ -86,6 +87,8 @@ enum Found {
 }
 
 struct Observed {
+    /// Container and pod, for labels and the JSON API.
+    attribution: k8s::Attribution,
     process: PythonProcess,
     since: Instant,
     /// When per-allocation probes are due (start-up accounting until then).
@@ -119,6 +122,8 @@ pub struct Observer {
     info: AgentInfo,
     exits_since_sweep: usize,
     snapshot: SharedSnapshot,
+    /// This node's pods, when the Kubernetes API is watched.
+    pods: Option<PodCache>,
     queries: mpsc::Receiver<Query>,
     /// Binaries whose missing stack support was already logged.
     stackless_binaries: HashSet<BinaryId>,
@@ -150,12 +155,19 @@ impl Observer {
                 info: AgentInfo::default(),
                 exits_since_sweep: 0,
                 snapshot,
+                pods: None,
                 queries,
                 stackless_binaries: HashSet::new(),
             },
             events,
             query_tx,
         ))
+    }
+
+    /// Attributes processes in containers to their pods through `pods`.
+    pub fn with_pods(mut self, pods: Option<PodCache>) -> Self {
+        self.pods = pods;
+        self
     }
 
     /// Runs until `shutdown` completes; dropping the observer detaches
@@ -388,6 +400,7 @@ impl Observer {
         self.observed.insert(
             pid,
             Observed {
+                attribution: k8s::Attribution::of_process(pid),
                 process,
                 since: now,
                 probes_due: Some(probes_due),
@@ -509,6 +522,7 @@ impl Observer {
                 continue;
             };
             observed.rss_bytes = statm.resident * page_size;
+            observed.attribution.resolve(self.pods.as_ref());
             let stats = self.probes.process_stats(pid).unwrap_or_default();
             let dt = now.duration_since(observed.last_sample).as_secs_f64();
             if dt > 0.0 {
@@ -599,6 +613,6 @@ fn process_info(o: &Observed, heap: HeapBreakdown, t: f64, policy: &LeakPolicy) 
             .points()
             .map(|(at, bytes)| (t - at, bytes as u64))
             .collect(),
-        container_info: Default::default(),
+        container_info: o.attribution.info(),
     }
 }
