@@ -379,6 +379,12 @@ impl Observer {
             return;
         }
         if let Err(e) = self.probes.ensure_binary(&process.binary) {
+            // The binary is opened through this process's /proc entry: if
+            // the process is gone, the next process will try again.
+            if !discover::is_process(pid) {
+                debug!("pid {pid} exited while its binary was attached: {e:#}");
+                return;
+            }
             warn!("{e:#}; processes running it are not observed");
             self.failed_binaries.insert(process.binary.id);
             self.info.attach_errors_total += 1;
@@ -459,9 +465,7 @@ impl Observer {
                 Some(frames) => frames.clone(),
                 None => {
                     let frames = match (&mut observed.symbolizer, self.probes.stack(stack_id)) {
-                        (Some(symbolizer), Some(raw)) => {
-                            raw.iter().map(|frame| symbolizer.frame(frame)).collect()
-                        }
+                        (Some(symbolizer), Some(raw)) => symbolizer.stack(&raw),
                         _ => vec![Frame {
                             function: "<no Python stack>".into(),
                             file: String::new(),

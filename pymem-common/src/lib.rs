@@ -59,8 +59,12 @@ pub struct PyStack {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PyLayout {
-    /// Address of the `PyThreadState *` of the thread holding the GIL.
+    /// Start of the pointer chain to the `PyThreadState` holding the GIL:
+    /// 3.8–3.11 `&_PyRuntime.gilstate.tstate_current`; 3.12+
+    /// `&_PyRuntime.interpreters.head`, then `->ceval.gil->last_holder`.
     pub tstate_ptr_addr: u64,
+    /// Up to two further dereferences (offsets), NO_OFFSET when unused.
+    pub tstate_deref: [u64; 2],
     /// PyThreadState -> frame (3.8–3.10, 3.13+) or -> cframe (3.11, 3.12).
     pub tstate_frame: u64,
     /// CFrame -> current_frame, or NO_OFFSET.
@@ -68,6 +72,11 @@ pub struct PyLayout {
     pub frame_code: u64,
     pub frame_back: u64,
     pub frame_instr: u64,
+    /// Frame owner byte and the value marking C-stack shim frames (3.12+);
+    /// shim frames are recorded with code 0. Older versions point at a
+    /// field that never holds `cstack_owner` (0xff).
+    pub frame_owner: u64,
+    pub cstack_owner: u64,
     /// Mean bytes between sampled allocations outside pymalloc; 0 = off.
     pub sample_period: u64,
 }

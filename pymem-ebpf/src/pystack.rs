@@ -39,6 +39,19 @@ fn read_u64_or_zero(addr: u64) -> u64 {
     value
 }
 
+#[inline(always)]
+fn read_u8_or_zero(addr: u64) -> u8 {
+    let mut value: u8 = 0;
+    unsafe {
+        generated::bpf_probe_read_user(
+            (&mut value as *mut u8).cast(),
+            1,
+            addr as *const core::ffi::c_void,
+        );
+    }
+    value
+}
+
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
@@ -53,7 +66,12 @@ pub fn capture(tgid: u32) -> u64 {
         return 0;
     };
     let stack = unsafe { &mut *stack };
-    let tstate = read_u64_or_zero(layout.tstate_ptr_addr);
+    let mut tstate = read_u64_or_zero(layout.tstate_ptr_addr);
+    for offset in layout.tstate_deref {
+        if offset != NO_OFFSET && tstate != 0 {
+            tstate = read_u64_or_zero(tstate + offset);
+        }
+    }
     if tstate == 0 {
         return 0;
     }
@@ -67,8 +85,11 @@ pub fn capture(tgid: u32) -> u64 {
         if frame == 0 {
             break;
         }
-        let code = read_u64_or_zero(frame + layout.frame_code);
-        let instr = read_u64_or_zero(frame + layout.frame_instr);
+        let owner = read_u8_or_zero(frame + layout.frame_owner);
+        // Shim frames keep their slot with code 0 (branch-free skip).
+        let real = u64::from(u64::from(owner) != layout.cstack_owner);
+        let code = read_u64_or_zero(frame + layout.frame_code) * real;
+        let instr = read_u64_or_zero(frame + layout.frame_instr) * real;
         *slot = PyFrame { code, instr };
         hash = (hash ^ code).wrapping_mul(FNV_PRIME);
         hash = (hash ^ instr).wrapping_mul(FNV_PRIME);

@@ -14,8 +14,14 @@ use crate::discover::{Binary, elf::PyVersion};
 /// Per-version offsets (x86-64, default GIL builds), checked against the
 /// interpreters' own debug info in the tests.
 struct VersionOffsets {
-    /// `_PyRuntime.gilstate.tstate_current`
-    runtime_tstate_current: u64,
+    /// Offset in `_PyRuntime` where the chain to the GIL holder's thread
+    /// state starts (`gilstate.tstate_current` up to 3.11,
+    /// `interpreters.head` since 3.12).
+    runtime_tstate_chain: u64,
+    /// 3.12+: `PyInterpreterState.ceval.gil`, `_gil_runtime_state.last_holder`.
+    tstate_deref: [u64; 2],
+    frame_owner: u64,
+    cstack_owner: u64,
     tstate_frame: u64,
     cframe_frame: u64,
     frame_code: u64,
@@ -57,8 +63,21 @@ fn offsets(version: PyVersion) -> Option<VersionOffsets> {
         ascii_data: 48,
         format,
     };
-    let frame_object = |runtime_tstate_current, format, frame_instr| VersionOffsets {
-        runtime_tstate_current,
+    let new_code = |code_adaptive| CodeOffsets {
+        filename: 112,
+        name: 120,
+        first_line: 68,
+        line_table: 136,
+        code_adaptive,
+        ascii_data: 40,
+        format: LineFormat::Locations,
+    };
+    let frame_object = |runtime_tstate_chain, format, frame_instr| VersionOffsets {
+        runtime_tstate_chain,
+        tstate_deref: [NO_OFFSET; 2],
+        // f_code's low byte: never 0xff for an aligned pointer.
+        frame_owner: 32,
+        cstack_owner: 0xff,
         tstate_frame: 24,
         cframe_frame: NO_OFFSET,
         frame_code: 32,
@@ -71,7 +90,10 @@ fn offsets(version: PyVersion) -> Option<VersionOffsets> {
         (3, 9) => Some(frame_object(568, LineFormat::Lnotab, 104)),
         (3, 10) => Some(frame_object(568, LineFormat::Linetable310, 96)),
         (3, 11) => Some(VersionOffsets {
-            runtime_tstate_current: 576,
+            runtime_tstate_chain: 576,
+            tstate_deref: [NO_OFFSET; 2],
+            frame_owner: 32,
+            cstack_owner: 0xff,
             tstate_frame: 56,
             cframe_frame: 8,
             frame_code: 32,
@@ -87,7 +109,32 @@ fn offsets(version: PyVersion) -> Option<VersionOffsets> {
                 format: LineFormat::Locations,
             },
         }),
-        // 3.12+ keep the current thread state in TLS: not walked yet.
+        // 3.12+ keep the current thread state in TLS; the GIL's last holder
+        // is the thread that allocates (allocation needs the GIL).
+        (3, 12) => Some(VersionOffsets {
+            runtime_tstate_chain: 40,
+            tstate_deref: [384, 8],
+            frame_owner: 70,
+            cstack_owner: 3,
+            tstate_frame: 56,
+            cframe_frame: 0,
+            frame_code: 0,
+            frame_back: 8,
+            frame_instr: 56,
+            code: new_code(192),
+        }),
+        (3, 13) => Some(VersionOffsets {
+            runtime_tstate_chain: 632,
+            tstate_deref: [16, 8],
+            frame_owner: 70,
+            cstack_owner: 3,
+            tstate_frame: 72,
+            cframe_frame: NO_OFFSET,
+            frame_code: 0,
+            frame_back: 8,
+            frame_instr: 56,
+            code: new_code(200),
+        }),
         _ => None,
     }
 }
@@ -112,12 +159,15 @@ pub fn layout_for(pid: u32, binary: &Binary, sample_period: u64) -> Result<Proce
     let bias = load_bias(pid, binary)?;
     Ok(ProcessLayout {
         kernel: PyLayout {
-            tstate_ptr_addr: bias + runtime + offsets.runtime_tstate_current,
+            tstate_ptr_addr: bias + runtime + offsets.runtime_tstate_chain,
+            tstate_deref: offsets.tstate_deref,
             tstate_frame: offsets.tstate_frame,
             cframe_frame: offsets.cframe_frame,
             frame_code: offsets.frame_code,
             frame_back: offsets.frame_back,
             frame_instr: offsets.frame_instr,
+            frame_owner: offsets.frame_owner,
+            cstack_owner: offsets.cstack_owner,
             sample_period,
         },
         code: offsets.code,
@@ -177,7 +227,22 @@ impl Symbolizer {
         })
     }
 
+    /// Symbolises a captured stack, leaving out C-stack shim frames
+    /// (recorded with code 0).
+    pub fn stack(&mut self, frames: &[PyFrame]) -> Vec<Frame> {
+        frames
+            .iter()
+            .filter(|f| f.code != 0)
+            .map(|f| self.frame(f))
+            .collect()
+    }
+
     pub fn frame(&mut self, frame: &PyFrame) -> Frame {
+        // 3.14 tags stack references in the low bits; objects are aligned.
+        let frame = &PyFrame {
+            code: frame.code & !7,
+            instr: frame.instr,
+        };
         let layout = self.layout;
         let mem = &self.mem;
         let info = self
