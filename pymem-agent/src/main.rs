@@ -66,7 +66,7 @@ pub struct ObserveArgs {
     pub probe_budget: u64,
     /// Allocation-probe hits a process may spend at once (imports at
     /// start-up) before the per-second budget applies.
-    #[arg(long, default_value_t = 20000)]
+    #[arg(long, default_value_t = 2000)]
     pub probe_burst: u64,
     /// Process age before per-allocation probes are attached; until then
     /// (start-up imports) memory outside pymalloc is accounted by syscalls.

@@ -55,7 +55,7 @@ impl Default for ObserverConfig {
             sample_interval: Duration::from_secs(1),
             policy: LeakPolicy::default(),
             hit_budget_per_sec: 1000,
-            hit_budget_burst: 20000,
+            hit_budget_burst: 2000,
             rescan_interval: Duration::from_secs(10),
             history: Duration::from_secs(300),
             probe_delay: Duration::from_secs(5),
