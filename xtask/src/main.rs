@@ -7,6 +7,7 @@ mod process;
 mod python;
 mod rootfs;
 mod setup;
+mod support;
 mod workspace;
 
 use std::process::ExitCode;
@@ -49,6 +50,8 @@ enum Command {
     /// Benchmarks of the agent's cost.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Rewrite README.md's support table from the results in target/support/.
+    SupportTable,
 }
 
 fn main() -> ExitCode {
@@ -71,5 +74,6 @@ fn run(command: Command) -> Result<()> {
         Command::Agent { agent_args } => dev::agent(&agent_args),
         Command::Rootfs { suite } => rootfs::run(suite),
         Command::Bench(command) => bench::run(command),
+        Command::SupportTable => support::run(),
     }
 }
