@@ -313,14 +313,16 @@ fn y_bounds(points: &[(f64, f64)]) -> (f64, f64) {
 }
 
 /// PLACEHOLDER (allocation sites): the place for the process's top growing
-/// allocation sites. pymem does not record sites yet; when `ProcessInfo`
-/// carries them, list them here (site, live bytes, growth per minute).
-fn allocation_sites(_p: &ProcessInfo) -> Paragraph<'static> {
-    Paragraph::new(
-        "Not collected yet: pymem does not record allocation sites. They will be listed here.",
-    )
-    .italic()
-    .block(
+/// allocation sites. The agent now serves them (`/api/v1/processes/{pid}/
+/// sites`, `observer::Query::Sites` in process); to list them here, fetch
+/// them for the detail pid in `source.rs` and rank by growth between
+/// refreshes (site, live bytes, growth per minute).
+fn allocation_sites(p: &ProcessInfo) -> Paragraph<'static> {
+    let text = format!(
+        "Not shown here yet. An agent serves them at /api/v1/processes/{}/sites.",
+        p.pid
+    );
+    Paragraph::new(text).italic().block(
         Block::new()
             .borders(Borders::ALL)
             .title(" Top growing allocation sites "),
@@ -546,7 +548,8 @@ mod tests {
             "-10s",
             "now",
             "Top growing allocation sites",
-            "Not collected yet",
+            "Not shown here yet",
+            "/api/v1/processes/300/sites",
             "Esc back",
         ] {
             assert!(text.contains(expected), "{expected:?} missing:\n{text}");
