@@ -14,8 +14,10 @@ use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, 
 
 use crate::{
     model::{ProcessInfo, Snapshot},
-    observer::{Query, QuerySender, SharedSnapshot},
+    observer::{QuerySender, SharedSnapshot},
 };
+
+mod site_routes;
 
 /// Labels that identify a process on per-process series. `pid` and `comm`
 /// by default; dropping `pid` aggregates processes of one command.
@@ -106,13 +108,24 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/processes", get(processes))
         .route("/api/v1/processes/{pid}", get(process))
-        .route("/api/v1/processes/{pid}/sites", get(process_sites))
+        .route(
+            "/api/v1/processes/{pid}/sites",
+            get(site_routes::sites_json),
+        )
+        .route(
+            "/api/v1/processes/{pid}/pprof",
+            get(site_routes::sites_pprof),
+        )
+        .route(
+            "/api/v1/processes/{pid}/flamegraph.svg",
+            get(site_routes::sites_flamegraph),
+        )
         .with_state(state);
     axum::serve(listener, app).await.context("HTTP server")
 }
 
 async fn index() -> &'static str {
-    "pymem agent\n\n/metrics                   Prometheus metrics\n/api/v1/processes          observed Python processes (JSON)\n/api/v1/processes/N        one process\n/api/v1/processes/N/sites  its allocation sites (JSON)\n/healthz                   liveness\n"
+    "pymem agent\n\n/metrics                   Prometheus metrics\n/api/v1/processes          observed Python processes (JSON)\n/api/v1/processes/N        one process\n/api/v1/processes/N/sites  its allocation sites (JSON)\n/api/v1/processes/N/pprof  the same as a pprof profile (gzip profile.proto)\n/api/v1/processes/N/flamegraph.svg  a flame graph of their live bytes\n/healthz                   liveness\n"
 }
 
 async fn processes(State(state): State<AppState>) -> Json<Vec<ProcessInfo>> {
@@ -126,36 +139,6 @@ async fn process(State(state): State<AppState>, Path(pid): Path<u32>) -> impl In
         None => (
             StatusCode::NOT_FOUND,
             format!("pid {pid} is not observed\n"),
-        )
-            .into_response(),
-    }
-}
-
-/// Allocation sites of one process, heaviest live bytes first.
-async fn process_sites(State(state): State<AppState>, Path(pid): Path<u32>) -> impl IntoResponse {
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    if state
-        .queries
-        .send(Query::Sites { pid, reply })
-        .await
-        .is_err()
-    {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "observer stopped\n".to_string(),
-        )
-            .into_response();
-    }
-    match answer.await {
-        Ok(Some(sites)) => Json(sites).into_response(),
-        Ok(None) => (
-            StatusCode::NOT_FOUND,
-            format!("pid {pid} is not observed\n"),
-        )
-            .into_response(),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "observer stopped\n".to_string(),
         )
             .into_response(),
     }
@@ -330,6 +313,7 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
     registry.register(Box::new(build_info))?;
+    site_routes::register_site_metrics(&registry, snapshot)?;
 
     let mut out = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut out)?;

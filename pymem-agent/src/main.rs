@@ -3,10 +3,13 @@ mod attach;
 mod discover;
 mod events;
 mod export;
+mod flamegraph;
 mod k8s;
 mod model;
 mod observer;
+mod pprof;
 mod pystack;
+mod site_cli;
 mod sites;
 mod top;
 
@@ -46,6 +49,14 @@ enum Command {
     Agent(AgentArgs),
     /// Live terminal view of every Python process's memory.
     Top(top::TopArgs),
+    /// Which Python lines hold a process's memory (from the agent or a
+    /// snapshot file); also writes pprof profiles and flame graphs.
+    Sites(site_cli::SitesArgs),
+    /// Save a process's allocation sites to a file, for `pymem diff`.
+    Snapshot(site_cli::SnapshotArgs),
+    /// Compare two snapshots: which lines' memory grew, like tracemalloc's
+    /// `compare_to`.
+    Diff(site_cli::DiffArgs),
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -132,6 +143,10 @@ struct AgentArgs {
     kubeconfig: Option<std::path::PathBuf>,
     #[command(flatten)]
     observe: ObserveArgs,
+    /// Export `pymem_site_live_bytes` for each process's N heaviest
+    /// allocation sites; 0 = off. Every site is a series: keep N small.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    site_metrics: usize,
 }
 
 fn main() -> Result<()> {
@@ -140,6 +155,9 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Agent(args) => run_agent(args),
         Command::Top(args) => top::run(args),
+        Command::Sites(args) => site_cli::run_sites(args),
+        Command::Snapshot(args) => site_cli::run_snapshot(args),
+        Command::Diff(args) => site_cli::run_diff(args),
     }
 }
 
@@ -152,8 +170,11 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         // Bind before loading probes: a busy port fails fast and clean.
         let listener = export::bind(args.listen).await?;
         let snapshot = Arc::new(RwLock::new(model::Snapshot::default()));
-        let (observer, events, queries) =
-            Observer::new(args.observe.observer_config(), snapshot.clone())?;
+        let config = ObserverConfig {
+            site_metrics: args.site_metrics,
+            ..args.observe.observer_config()
+        };
+        let (observer, events, queries) = Observer::new(config, snapshot.clone())?;
         let pods = k8s::start_pod_cache(
             args.kubernetes,
             args.node_name.as_deref(),

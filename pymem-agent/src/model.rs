@@ -1,10 +1,15 @@
 //! The per-process model: heap size from the kernel counters, its trend over
 //! a trailing window, and the leak verdict. Pure data, no I/O: the observer
 //! feeds it samples, the exporters read snapshots.
-use std::{collections::VecDeque, time::Duration};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    time::Duration,
+};
 
 use pymem_common::ProcStats;
 use serde::{Deserialize, Serialize};
+
+use crate::sites::Site;
 
 /// How a process's memory outside pymalloc is being measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -267,6 +272,10 @@ pub struct AgentInfo {
 pub struct Snapshot {
     pub processes: Vec<ProcessInfo>,
     pub agent: AgentInfo,
+    /// Each process's top allocation sites by live bytes, without their
+    /// stacks: published only for `pymem agent --site-metrics N`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub top_sites: BTreeMap<u32, Vec<Site>>,
 }
 
 #[cfg(test)]

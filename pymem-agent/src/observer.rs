@@ -4,7 +4,7 @@
 //! kernel probes -> ring buffer / counters -> this loop -> `Snapshot` ->
 //! exporters (metrics, JSON API, TUI).
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
@@ -47,6 +47,9 @@ pub struct ObserverConfig {
     pub sample_bytes: u64,
     /// Size of the kernel's event ring buffer.
     pub ring_buffer_bytes: u32,
+    /// Top sites per process published with each snapshot (for per-site
+    /// metrics); 0 = none.
+    pub site_metrics: usize,
 }
 
 impl Default for ObserverConfig {
@@ -61,6 +64,7 @@ impl Default for ObserverConfig {
             probe_delay: Duration::from_secs(5),
             sample_bytes: 256 << 10,
             ring_buffer_bytes: 1 << 20,
+            site_metrics: 0,
         }
     }
 }
@@ -481,6 +485,26 @@ impl Observer {
         Some(sites::group_sites(stacks))
     }
 
+    /// Each process's `site_metrics` heaviest sites that hold memory. Cheap
+    /// after the first time: symbolised stacks are cached per stack id.
+    fn top_sites(&mut self) -> BTreeMap<u32, Vec<Site>> {
+        let limit = self.config.site_metrics;
+        if limit == 0 {
+            return BTreeMap::new();
+        }
+        let pids: Vec<u32> = self.observed.keys().copied().collect();
+        pids.into_iter()
+            .filter_map(|pid| {
+                let mut sites = self.sites(pid)?;
+                sites.retain(|site| site.bytes > 0);
+                sites.truncate(limit);
+                // Metrics need no stacks; snapshots are cloned per request.
+                sites.iter_mut().for_each(|site| site.stack.clear());
+                Some((pid, sites))
+            })
+            .collect()
+    }
+
     fn attach_failed(&mut self, pid: u32, comm: &str, e: anyhow::Error) {
         if discover::is_process(pid) {
             self.info.attach_errors_total += 1;
@@ -552,6 +576,7 @@ impl Observer {
         let snapshot = Snapshot {
             processes,
             agent: self.info.clone(),
+            top_sites: self.top_sites(),
         };
         *self.snapshot.write().expect("snapshot lock") = snapshot;
     }

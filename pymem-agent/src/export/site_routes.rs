@@ -1,0 +1,138 @@
+//! Allocation sites of one process over HTTP: JSON, a pprof profile and a
+//! flame graph, all from one query to the observer; and the optional
+//! per-site Prometheus series.
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Result;
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use prometheus::{IntGaugeVec, Opts, Registry};
+
+use super::AppState;
+use crate::{model::Snapshot, observer::Query, sites::Site};
+
+/// The sites of `pid`, heaviest live bytes first, or the error response.
+async fn query_sites(state: &AppState, pid: u32) -> Result<Vec<Site>, Response> {
+    let stopped = || (StatusCode::SERVICE_UNAVAILABLE, "observer stopped\n").into_response();
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if state
+        .queries
+        .send(Query::Sites { pid, reply })
+        .await
+        .is_err()
+    {
+        return Err(stopped());
+    }
+    match answer.await {
+        Ok(Some(sites)) => Ok(sites),
+        Ok(None) => Err(not_observed(pid)),
+        Err(_) => Err(stopped()),
+    }
+}
+
+fn not_observed(pid: u32) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        format!("pid {pid} is not observed\n"),
+    )
+        .into_response()
+}
+
+/// `pid 4242 (python3, Python 3.11.7)`, or just the pid if the process left
+/// the snapshot meanwhile.
+fn describe(state: &AppState, pid: u32) -> String {
+    let snapshot = state.snapshot.read().expect("snapshot");
+    match snapshot.processes.iter().find(|p| p.pid == pid) {
+        Some(p) => format!("pid {pid} ({}, Python {})", p.comm, p.python_version),
+        None => format!("pid {pid}"),
+    }
+}
+
+pub(super) async fn sites_json(State(state): State<AppState>, Path(pid): Path<u32>) -> Response {
+    match query_sites(&state, pid).await {
+        Ok(sites) => Json(sites).into_response(),
+        Err(response) => response,
+    }
+}
+
+/// `go tool pprof http://HOST:9477/api/v1/processes/PID/pprof`
+pub(super) async fn sites_pprof(State(state): State<AppState>, Path(pid): Path<u32>) -> Response {
+    let sites = match query_sites(&state, pid).await {
+        Ok(sites) => sites,
+        Err(response) => return response,
+    };
+    let comments = [format!(
+        "pymem allocation sites of {}",
+        describe(&state, pid)
+    )];
+    match crate::pprof::encode(&sites, unix_nanos_now(), &comments) {
+        Ok(profile) => (
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            profile,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
+    }
+}
+
+pub(super) async fn sites_flamegraph(
+    State(state): State<AppState>,
+    Path(pid): Path<u32>,
+) -> Response {
+    let sites = match query_sites(&state, pid).await {
+        Ok(sites) => sites,
+        Err(response) => return response,
+    };
+    let title = format!("{}: live bytes by allocation site", describe(&state, pid));
+    match crate::flamegraph::render_svg(&sites, &title) {
+        Ok(svg) => ([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response(),
+        // Nothing live yet: a client error of timing, not a server fault.
+        Err(e) => (StatusCode::NOT_FOUND, format!("pid {pid}: {e:#}\n")).into_response(),
+    }
+}
+
+/// `pymem_site_live_bytes` for the top sites the observer published (only
+/// with `pymem agent --site-metrics N`): one series per process and line.
+pub(super) fn register_site_metrics(registry: &Registry, snapshot: &Snapshot) -> Result<()> {
+    if snapshot.top_sites.is_empty() {
+        return Ok(());
+    }
+    let gauge = IntGaugeVec::new(
+        Opts::new(
+            "pymem_site_live_bytes",
+            "Live bytes allocated at one Python line (estimated from stack samples), for each process's top allocation sites",
+        ),
+        &["pid", "comm", "python_version", "function", "file", "line"],
+    )?;
+    for process in &snapshot.processes {
+        let Some(sites) = snapshot.top_sites.get(&process.pid) else {
+            continue;
+        };
+        let pid = process.pid.to_string();
+        for site in sites {
+            let line = site.line.to_string();
+            gauge
+                .with_label_values(&[
+                    pid.as_str(),
+                    &process.comm,
+                    &process.python_version,
+                    &site.function,
+                    &site.file,
+                    &line,
+                ])
+                .set(i64::try_from(site.bytes).unwrap_or(i64::MAX));
+        }
+    }
+    registry.register(Box::new(gauge))?;
+    Ok(())
+}
+
+fn unix_nanos_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}

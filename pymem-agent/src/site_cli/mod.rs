@@ -1,0 +1,168 @@
+//! `pymem sites`, `pymem snapshot` and `pymem diff`: which Python lines hold
+//! a process's memory, read from a running agent or a saved snapshot.
+mod client;
+mod diff;
+mod format;
+mod snapshot;
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+
+use self::{client::AgentApi, snapshot::SiteSnapshot};
+
+#[derive(clap::Args)]
+pub struct AgentArg {
+    /// The pymem agent to ask (URL, HOST:PORT or port) [default: http://127.0.0.1:9477].
+    #[arg(long, value_name = "URL")]
+    agent: Option<String>,
+}
+
+impl AgentArg {
+    fn api(&self) -> AgentApi {
+        AgentApi::new(self.agent.as_deref())
+    }
+}
+
+#[derive(clap::Args)]
+pub struct SitesArgs {
+    /// A process observed by the agent, or a file saved by `pymem snapshot`.
+    #[arg(value_name = "PID|SNAPSHOT")]
+    target: String,
+    /// Print the sites as JSON (with their stacks) instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Show at most N sites, heaviest first; 0 shows all. The pprof and
+    /// flame graph files always hold every site.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    limit: usize,
+    /// Write a pprof profile (gzip profile.proto; inuse_space, alloc_space)
+    /// instead of the table.
+    #[arg(long, value_name = "FILE")]
+    pprof: Option<PathBuf>,
+    /// Write a flame graph of live bytes (SVG) instead of the table.
+    #[arg(long, value_name = "FILE")]
+    flamegraph: Option<PathBuf>,
+    #[command(flatten)]
+    agent: AgentArg,
+}
+
+#[derive(clap::Args)]
+pub struct SnapshotArgs {
+    /// A process observed by the agent.
+    pid: u32,
+    /// Where to write the snapshot (JSON).
+    #[arg(short, long, value_name = "FILE")]
+    output: PathBuf,
+    #[command(flatten)]
+    agent: AgentArg,
+}
+
+#[derive(clap::Args)]
+pub struct DiffArgs {
+    /// The older snapshot.
+    old: PathBuf,
+    /// The newer snapshot.
+    new: PathBuf,
+    /// Print the differences as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Show at most N sites, biggest change first; 0 shows all.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    limit: usize,
+}
+
+pub fn run_sites(args: SitesArgs) -> Result<()> {
+    let snapshot = match args.target.parse::<u32>() {
+        Ok(pid) => SiteSnapshot::take(&args.agent.api(), pid)?,
+        Err(_) => SiteSnapshot::read(Path::new(&args.target))?,
+    };
+    let mut exported = false;
+    if let Some(path) = &args.pprof {
+        write_pprof(&snapshot, path)?;
+        exported = true;
+    }
+    if let Some(path) = &args.flamegraph {
+        write_flamegraph(&snapshot, path)?;
+        exported = true;
+    }
+    let shown = &snapshot.sites[..format::shown(snapshot.sites.len(), args.limit)];
+    if args.json {
+        print_json(&shown)
+    } else if !exported {
+        print!("{}", format::sites_table(&snapshot, args.limit));
+        Ok(())
+    } else {
+        Ok(())
+    }
+}
+
+pub fn run_snapshot(args: SnapshotArgs) -> Result<()> {
+    let snapshot = SiteSnapshot::take(&args.agent.api(), args.pid)?;
+    snapshot.write(&args.output)?;
+    eprintln!(
+        "{}: {} sites, {} live, heap {} -> {}",
+        snapshot.describe(),
+        snapshot.sites.len(),
+        format::human_bytes(snapshot.live_bytes()),
+        format::human_bytes(snapshot.heap_bytes),
+        args.output.display()
+    );
+    Ok(())
+}
+
+pub fn run_diff(args: DiffArgs) -> Result<()> {
+    let old = SiteSnapshot::read(&args.old)?;
+    let new = SiteSnapshot::read(&args.new)?;
+    if old.pid != new.pid {
+        eprintln!(
+            "note: comparing different processes: {} and {}",
+            old.describe(),
+            new.describe()
+        );
+    }
+    let mut diff = diff::compare(&old, &new);
+    if args.json {
+        diff.sites
+            .truncate(format::shown(diff.sites.len(), args.limit));
+        print_json(&diff)
+    } else {
+        print!("{}", diff::render_text(&diff, args.limit));
+        Ok(())
+    }
+}
+
+fn write_pprof(snapshot: &SiteSnapshot, path: &Path) -> Result<()> {
+    let comments = [format!("pymem allocation sites of {}", snapshot.describe())];
+    let profile = crate::pprof::encode(&snapshot.sites, snapshot.taken_at_unix_nanos(), &comments)?;
+    std::fs::write(path, profile).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "wrote pprof profile of {} to {}",
+        snapshot.describe(),
+        path.display()
+    );
+    Ok(())
+}
+
+fn write_flamegraph(snapshot: &SiteSnapshot, path: &Path) -> Result<()> {
+    let title = format!("{}: live bytes by allocation site", snapshot.describe());
+    let svg = crate::flamegraph::render_svg(&snapshot.sites, &title)
+        .with_context(|| format!("no flame graph of {}", snapshot.describe()))?;
+    std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "wrote flame graph of {} to {}",
+        snapshot.describe(),
+        path.display()
+    );
+    Ok(())
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}

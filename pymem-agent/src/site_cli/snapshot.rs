@@ -1,0 +1,82 @@
+//! Site snapshots: one process's allocation sites at one moment, saved as
+//! JSON by `pymem snapshot` and read back by `pymem diff` and `pymem sites`.
+use std::{
+    fs::File,
+    io::{BufReader, BufWriter, Write as _},
+    path::Path,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use super::client::AgentApi;
+use crate::sites::Site;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SiteSnapshot {
+    pub pid: u32,
+    pub comm: String,
+    pub python_version: String,
+    /// Unix time in seconds (fractional).
+    pub taken_at: f64,
+    /// The process's Python heap when the sites were read.
+    pub heap_bytes: u64,
+    /// Heaviest live bytes first, as the agent lists them.
+    pub sites: Vec<Site>,
+}
+
+impl SiteSnapshot {
+    /// Reads the process and then its sites from the agent: both within
+    /// one sample interval, so the heap and the sites agree.
+    pub fn take(agent: &AgentApi, pid: u32) -> Result<Self> {
+        let process = agent.process(pid)?;
+        let sites = agent.sites(pid)?;
+        Ok(Self {
+            pid: process.pid,
+            comm: process.comm,
+            python_version: process.python_version,
+            taken_at: unix_seconds_now(),
+            heap_bytes: process.heap_bytes,
+            sites,
+        })
+    }
+
+    pub fn read(path: &Path) -> Result<Self> {
+        let file =
+            File::open(path).with_context(|| format!("opening snapshot {}", path.display()))?;
+        serde_json::from_reader(BufReader::new(file))
+            .with_context(|| format!("{} is not a pymem site snapshot", path.display()))
+    }
+
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let mut out = BufWriter::new(file);
+        serde_json::to_writer(&mut out, self)?;
+        writeln!(out)?;
+        out.flush()
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// `pid 4242 (python3, Python 3.11.7)`
+    pub fn describe(&self) -> String {
+        format!(
+            "pid {} ({}, Python {})",
+            self.pid, self.comm, self.python_version
+        )
+    }
+
+    pub fn live_bytes(&self) -> u64 {
+        self.sites.iter().map(|s| s.bytes).sum()
+    }
+
+    pub fn taken_at_unix_nanos(&self) -> i64 {
+        (self.taken_at * 1e9) as i64
+    }
+}
+
+fn unix_seconds_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
