@@ -8,7 +8,9 @@ Protocol with the harness:
   1. wait for a line on stdin (the harness first makes sure the agent
      observes this process);
   2. run the loop, timing only the loop, and print one JSON line:
-     {"seconds": ..., "python": ..., ...};
+     {"seconds": ..., "cpu_seconds": ..., "python": ..., ...}; the CPU time
+     (user + system, where uprobe handlers run) is steadier than the wall
+     time when other work shares the machine;
   3. wait for stdin to close (the harness reads the agent's view of this
      process meanwhile), then exit.
 Runs on Python 3.6 and later.
@@ -38,10 +40,13 @@ def churn():
 def main():
     sys.stdin.readline()
     start = time.perf_counter()
+    cpu_start = time.process_time()
     churn()
+    cpu_seconds = time.process_time() - cpu_start
     seconds = time.perf_counter() - start
     result = {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "python": platform.python_version(),
         "executable": sys.executable,
         "iterations": ITERATIONS,

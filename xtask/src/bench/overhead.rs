@@ -77,6 +77,10 @@ struct Measurement {
     python_version: String,
     without_agent: Vec<f64>,
     with_agent: Vec<f64>,
+    /// The workload's own CPU time (user + system): less sensitive than
+    /// wall time to other load on the machine.
+    cpu_without_agent: Vec<f64>,
+    cpu_with_agent: Vec<f64>,
     observations: Vec<Observation>,
 }
 
@@ -161,6 +165,8 @@ impl Measurement {
             python_version: String::new(),
             without_agent: Vec::new(),
             with_agent: Vec::new(),
+            cpu_without_agent: Vec::new(),
+            cpu_with_agent: Vec::new(),
             observations: Vec::new(),
         }
     }
@@ -168,31 +174,45 @@ impl Measurement {
     /// Runs the workload once with no agent running; returns its seconds.
     fn add_unobserved_run(&mut self, workload: &Path) -> Result<f64> {
         let result = run_unobserved(&self.interpreter.path, workload)?;
-        let seconds = self.note(&result)?;
+        let (seconds, cpu_seconds) = self.note(&result)?;
         self.without_agent.push(seconds);
+        self.cpu_without_agent.push(cpu_seconds);
         Ok(seconds)
     }
 
     /// Runs the workload once under `agent`; returns its seconds.
     fn add_observed_run(&mut self, agent: &mut RunningAgent, workload: &Path) -> Result<f64> {
         let (result, observation) = run_observed(agent, &self.interpreter.path, workload)?;
-        let seconds = self.note(&result)?;
+        let (seconds, cpu_seconds) = self.note(&result)?;
         self.with_agent.push(seconds);
+        self.cpu_with_agent.push(cpu_seconds);
         self.observations.push(observation);
         Ok(seconds)
     }
 
-    /// The seconds of a workload result, noting the Python version it gives.
-    fn note(&mut self, result: &Value) -> Result<f64> {
+    /// The wall and CPU seconds of a workload result, noting the Python
+    /// version it gives.
+    fn note(&mut self, result: &Value) -> Result<(f64, f64)> {
         self.python_version = result["python"].as_str().unwrap_or("?").to_owned();
-        result["seconds"]
-            .as_f64()
-            .with_context(|| format!("workload result without seconds: {result}"))
+        let seconds = |key: &str| {
+            result[key]
+                .as_f64()
+                .with_context(|| format!("workload result without {key}: {result}"))
+        };
+        Ok((seconds("seconds")?, seconds("cpu_seconds")?))
     }
 
     fn overhead_percent(&self) -> f64 {
-        (median(&self.with_agent) / median(&self.without_agent) - 1.0) * 100.0
+        overhead_percent(&self.without_agent, &self.with_agent)
     }
+
+    fn cpu_overhead_percent(&self) -> f64 {
+        overhead_percent(&self.cpu_without_agent, &self.cpu_with_agent)
+    }
+}
+
+fn overhead_percent(without: &[f64], with: &[f64]) -> f64 {
+    (median(with) / median(without) - 1.0) * 100.0
 }
 
 fn run_unobserved(python: &Path, workload: &Path) -> Result<Value> {
@@ -370,8 +390,13 @@ fn results_json(measurements: &[Measurement], rounds: usize) -> Value {
                 "median_seconds_without_agent": median(&m.without_agent),
                 "median_seconds_with_agent": median(&m.with_agent),
                 "overhead_percent": m.overhead_percent(),
+                "median_cpu_seconds_without_agent": median(&m.cpu_without_agent),
+                "median_cpu_seconds_with_agent": median(&m.cpu_with_agent),
+                "cpu_overhead_percent": m.cpu_overhead_percent(),
                 "seconds_without_agent": m.without_agent,
                 "seconds_with_agent": m.with_agent,
+                "cpu_seconds_without_agent": m.cpu_without_agent,
+                "cpu_seconds_with_agent": m.cpu_with_agent,
                 "agent_view_at_end_of_run": m.observations.iter().map(Observation::to_json).collect::<Vec<_>>(),
             })
         })
@@ -388,8 +413,10 @@ fn results_json(measurements: &[Measurement], rounds: usize) -> Value {
 fn results_markdown(measurements: &[Measurement], rounds: usize) -> String {
     let mut markdown = format!(
         "## Agent overhead: `{WORKLOAD}`, median of {rounds} rounds\n\n\
-         | interpreter | Python | without agent | with agent | overhead | accounting at end | probe hits/s at end (peak) |\n\
-         |---|---|---|---|---|---|---|\n"
+         Wall time of the loop, and the workload's CPU time (user + system, where the \
+         probes run; steadier when other work shares the machine).\n\n\
+         | interpreter | Python | without agent | with agent | overhead | CPU without | CPU with | CPU overhead | accounting at end | probe hits/s at end (peak) |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n"
     );
     for m in measurements {
         let end_rates: Vec<f64> = m
@@ -403,12 +430,15 @@ fn results_markdown(measurements: &[Measurement], rounds: usize) -> String {
             .map(|o| o.peak_probe_hits_per_second)
             .fold(0.0, f64::max);
         markdown += &format!(
-            "| {} | {} | {:.3} s | {:.3} s | {:+.1} % | {} | {:.0} ({:.0}) |\n",
+            "| {} | {} | {:.3} s | {:.3} s | {:+.1} % | {:.3} s | {:.3} s | {:+.1} % | {} | {:.0} ({:.0}) |\n",
             m.interpreter.label,
             m.python_version,
             median(&m.without_agent),
             median(&m.with_agent),
             m.overhead_percent(),
+            median(&m.cpu_without_agent),
+            median(&m.cpu_with_agent),
+            m.cpu_overhead_percent(),
             accounting_summary(&m.observations),
             median(&end_rates),
             peak,
