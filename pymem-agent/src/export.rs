@@ -26,6 +26,8 @@ mod site_routes;
 pub enum ProcessLabel {
     Pid,
     Comm,
+    /// Also spelt as its label, `python_version`.
+    #[value(alias = "python_version")]
     PythonVersion,
     Namespace,
     Pod,
