@@ -1,6 +1,10 @@
 //! Test harness: the real `pymem` binary, real Python processes, real HTTP.
 #![allow(dead_code)]
 
+pub mod checks;
+pub mod interpreters;
+pub mod support;
+
 use std::{
     io::{BufRead, BufReader, Write},
     net::TcpListener,
@@ -221,6 +225,8 @@ pub struct Workload {
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     pub pid: u32,
+    /// The pid Python sees (its own PID namespace's), from its hello line.
+    pub ns_pid: u32,
     pub version: String,
 }
 
@@ -243,10 +249,12 @@ impl Workload {
             child,
             stdin,
             stdout,
+            ns_pid: 0,
             version: String::new(),
         };
         let hello = workload.read();
         workload.version = hello["version"].as_str().unwrap().to_string();
+        workload.ns_pid = hello["pid"].as_u64().unwrap_or(0) as u32;
         // Behind chroot/unshare wrappers the Python pid is the wrapper's
         // child: trust the host pid only when it's the same process.
         if let Some(inner) = hello["pid"].as_u64()

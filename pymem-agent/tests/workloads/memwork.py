@@ -6,6 +6,10 @@ Reads one command per line on stdin, answers one JSON line on stdout:
   leak_bytes SECONDS PERSEC -> leak 8 KiB bytes objects; answers their exact sizes
   leak_numpy SECONDS PERSEC -> leak 256 KiB numpy arrays; answers their nbytes
   churn SECONDS             -> allocate and free heavily with no net growth
+  has_module NAME           -> whether NAME imports here (numpy is optional)
+  mmap_via ADDR SIZE COUNT  -> COUNT anonymous private RW mappings of SIZE
+                               bytes through the function at ADDR (a PLT stub
+                               of the interpreter's mmap), kept mapped
   exit
 Ground truth is measured here, inside the process, never by pymem.
 """
@@ -108,13 +112,34 @@ def churn(seconds):
     return {"rounds": rounds}
 
 
+def has_module(name):
+    try:
+        __import__(name)
+        return {"available": True}
+    except ImportError:
+        return {"available": False}
+
+
+def mmap_via(addr, size, count):
+    import ctypes
+    mmap = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                            ctypes.c_int, ctypes.c_int, ctypes.c_long)(int(addr))
+    addresses = [mmap(None, int(size), 0x3, 0x22, -1, 0) for _ in range(int(count))]
+    kept.extend(addresses)
+    return {"mapped": sum(1 for a in addresses if a and a != 2 ** 64 - 1)}
+
+
 def main():
     print(json.dumps({"ready": True, "pid": os.getpid(), "version": "%d.%d.%d" % sys.version_info[:3]}), flush=True)
     for line in sys.stdin:
         parts = line.split()
         if not parts:
             continue
-        cmd, args = parts[0], [float(a) for a in parts[1:]]
+        cmd = parts[0]
+        if cmd == "has_module":
+            print(json.dumps(has_module(parts[1])), flush=True)
+            continue
+        args = [float(a) for a in parts[1:]]
         if cmd == "stats":
             out = arena_stats()
         elif cmd == "leak_small":
@@ -125,6 +150,8 @@ def main():
             out = leak_numpy(*args)
         elif cmd == "churn":
             out = churn(*args)
+        elif cmd == "mmap_via":
+            out = mmap_via(*args)
         elif cmd == "exit":
             return
         else:
