@@ -193,6 +193,11 @@ pub struct ProcessInfo {
     pub observed_seconds: f64,
     /// Recent heap samples, oldest first: (seconds ago, bytes).
     pub heap_history: Vec<(f64, u64)>,
+    /// Arena-like mappings of another size than this version's arenas
+    /// recur: the arena size was guessed wrong, so `heap_bytes` misses the
+    /// process's arenas (the agent logs a warning).
+    #[serde(default)]
+    pub arena_size_mismatch: bool,
     /// Container and pod; its fields appear at the top level, and only when
     /// known.
     #[serde(flatten)]

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     attach::{KernelConfig, Probes},
-    discover::{self, BinaryId, Discoverer, PythonProcess, Skip},
+    discover::{self, BinaryId, Discoverer, PythonProcess, Skip, arena_check},
     events::EventStream,
     k8s::{self, PodCache},
     model::{
@@ -110,6 +110,8 @@ struct Observed {
     /// Symbolised stacks by id (a stack id is a hash of code objects and
     /// instruction pointers, so it always means the same frames).
     frames: HashMap<u64, Vec<Frame>>,
+    /// Set (and warned about once) when the arena size looks wrong.
+    arena_size_mismatch: bool,
 }
 
 pub struct Observer {
@@ -424,6 +426,7 @@ impl Observer {
                 sites: SiteTracker::default(),
                 symbolizer,
                 frames: HashMap::new(),
+                arena_size_mismatch: false,
             },
         );
     }
@@ -560,6 +563,7 @@ impl Observer {
             observed.last_hits = stats.probe_hits;
             observed.last_sample = now;
             observed.stats = stats;
+            check_arena_size(pid, observed);
             let heap = HeapBreakdown::from_stats(&stats);
             let t = now.duration_since(observed.since).as_secs_f64();
             observed.history.push(t, heap.total(), retain);
@@ -643,5 +647,24 @@ fn process_info(o: &Observed, heap: HeapBreakdown, t: f64, policy: &LeakPolicy) 
             .map(|(at, bytes)| (t - at, bytes as u64))
             .collect(),
         container_info: o.attribution.info(),
+        arena_size_mismatch: o.arena_size_mismatch,
+    }
+}
+
+/// Marks a process whose arenas are not the size its version implies, and
+/// says so once: its heap would otherwise be silently wrong.
+fn check_arena_size(pid: u32, observed: &mut Observed) {
+    if observed.arena_size_mismatch {
+        return;
+    }
+    let expected = observed.process.binary.interpreter.version.arena_size();
+    if let Some(mismatch) = arena_check::arena_size_mismatch(&observed.stats, expected) {
+        observed.arena_size_mismatch = true;
+        warn!(
+            "pid {pid} ({}): arena size mismatch: {mismatch}; Python {} from {} does not use the arena size of its version, so its heap misses pymalloc arenas (arena_size_mismatch in the API)",
+            observed.process.comm,
+            observed.process.binary.interpreter.version,
+            observed.process.binary.display_path
+        );
     }
 }

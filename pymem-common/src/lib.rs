@@ -131,6 +131,13 @@ pub struct ProcStats {
     /// Allocations that could not be remembered because a live-block map
     /// was full; their bytes are not in any `*_alloc_bytes`.
     pub untracked_allocs: u64,
+    /// Anonymous private read-write mappings made through the interpreter's
+    /// `mmap` whose size looks like an arena (a power of two of at least
+    /// 256 KiB) but is not the expected arena size: recurring ones mean the
+    /// arena size, hence the version, was guessed wrong.
+    pub arena_size_mismatches: u64,
+    /// Bytes of those mappings (their mean size tells the real arena size).
+    pub arena_size_mismatch_bytes: u64,
 }
 
 impl ProcStats {
@@ -152,6 +159,8 @@ impl ProcStats {
         self.sys_free_bytes += other.sys_free_bytes;
         self.probe_hits += other.probe_hits;
         self.untracked_allocs += other.untracked_allocs;
+        self.arena_size_mismatches += other.arena_size_mismatches;
+        self.arena_size_mismatch_bytes += other.arena_size_mismatch_bytes;
     }
 }
 

@@ -1,6 +1,7 @@
 //! pymalloc arenas: the interpreter's own `mmap`/`munmap` calls (uprobes on
 //! its PLT stubs, shared by every process of one binary). The attach cookie
-//! carries the interpreter's arena size, so other mappings are ignored.
+//! carries the interpreter's arena size, so other mappings are ignored;
+//! arena-like mappings of another size are counted, to catch a wrong size.
 use aya_ebpf::{
     EbpfContext,
     helpers::bpf_get_attach_cookie,
@@ -26,10 +27,18 @@ fn try_arena_mmap(ctx: &ProbeContext) -> Result<u32, u32> {
     let len: u64 = ctx.arg(1).ok_or(1u32)?;
     let prot: u64 = ctx.arg(2).ok_or(1u32)?;
     let flags: u64 = ctx.arg(3).ok_or(1u32)?;
-    if len != arena_size || prot != PROT_READ_WRITE || flags != MAP_PRIVATE_ANONYMOUS {
+    if prot != PROT_READ_WRITE || flags != MAP_PRIVATE_ANONYMOUS {
         return Ok(0);
     }
-    let (pid_tgid, _, _) = current_ids();
+    let (pid_tgid, tgid, _) = current_ids();
+    if len != arena_size {
+        if looks_like_an_arena(len) {
+            let stats = stats(tgid).ok_or(1u32)?;
+            stats.arena_size_mismatches += 1;
+            stats.arena_size_mismatch_bytes += len;
+        }
+        return Ok(0);
+    }
     let pending = PendingCall {
         size: len,
         old_addr: 0,
@@ -39,6 +48,16 @@ fn try_arena_mmap(ctx: &ProbeContext) -> Result<u32, u32> {
         .map_err(|_| 1u32)?;
     Ok(0)
 }
+
+/// pymalloc arenas of every version are powers of two of at least 256 KiB;
+/// the agent decides whether such mappings recur often enough to mean that
+/// its arena size is wrong for this interpreter.
+#[inline(always)]
+fn looks_like_an_arena(len: u64) -> bool {
+    len >= SMALLEST_ARENA && len & (len - 1) == 0
+}
+
+const SMALLEST_ARENA: u64 = 256 << 10;
 
 #[uretprobe]
 pub fn arena_mmap_ret(ctx: RetProbeContext) -> u32 {
