@@ -441,7 +441,9 @@ fn dockerfile_pins_the_toolchains_the_build_uses() {
 /// A kubelet-style pod and container cgroup (systemd driver, containerd)
 /// under the cgroup v2 hierarchy, removed on drop.
 struct KubeletCgroup {
-    created: Vec<PathBuf>,
+    /// kubepods.slice ... the container's scope, outermost first; the
+    /// first two are shared by concurrent tests.
+    dirs: Vec<PathBuf>,
     container: PathBuf,
     pod_uid: String,
     container_id: String,
@@ -465,7 +467,7 @@ impl KubeletCgroup {
         let pod_uid = format!("{seed:08x}-0000-4000-8000-{:012x}", std::process::id());
         let container_id = format!("{seed:08x}{:056x}", u64::from(std::process::id()));
         let mut dir = root.clone();
-        let mut created = Vec::new();
+        let mut dirs = Vec::new();
         for component in [
             "kubepods.slice".to_owned(),
             "kubepods-burstable.slice".to_owned(),
@@ -475,11 +477,11 @@ impl KubeletCgroup {
             dir.push(component);
             if !dir.exists() {
                 fs::create_dir(&dir).ok()?;
-                created.push(dir.clone());
             }
+            dirs.push(dir.clone());
         }
         Some(Self {
-            created,
+            dirs,
             container: dir,
             pod_uid,
             container_id,
@@ -494,10 +496,23 @@ impl KubeletCgroup {
 }
 
 impl Drop for KubeletCgroup {
+    /// Kills what is still in the container (only this test's processes),
+    /// removes the pod's cgroups, and the shared parents once empty.
     fn drop(&mut self) {
-        for dir in self.created.iter().rev() {
-            // The killed workload leaves its cgroup a moment after exiting.
-            for _ in 0..50 {
+        let procs = self.container.join("cgroup.procs");
+        for _ in 0..50 {
+            let pids = fs::read_to_string(&procs).unwrap_or_default();
+            if pids.trim().is_empty() {
+                break;
+            }
+            for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for (depth, dir) in self.dirs.iter().enumerate().rev() {
+            let attempts = if depth >= 2 { 50 } else { 1 };
+            for _ in 0..attempts {
                 if fs::remove_dir(dir).is_ok() || !dir.exists() {
                     break;
                 }
