@@ -113,8 +113,8 @@ impl Discoverer {
             if !std::path::Path::new(&proc_dir).exists() {
                 return Err(Skip::Gone);
             }
-            let looks_like_python = comm.contains("python")
-                || reasons.iter().any(|r| r.contains("python"));
+            let looks_like_python =
+                comm.contains("python") || reasons.iter().any(|r| r.contains("python"));
             let reason = reasons.join("; ");
             return Err(if looks_like_python {
                 Skip::Unsupported(reason)
@@ -209,19 +209,20 @@ fn base_name(path: &str) -> &str {
 /// of each: (`start-end` range for map_files, path).
 fn find_libpythons(maps: &str) -> Vec<(String, String)> {
     let mut seen = std::collections::HashSet::new();
-    maps.lines().filter_map(|line| {
-        let mut fields = line.split_whitespace();
-        let range = fields.next()?;
-        let _perms = fields.next()?;
-        let _offset = fields.next()?;
-        let _dev = fields.next()?;
-        let _inode = fields.next()?;
-        let path = fields.collect::<Vec<_>>().join(" ");
-        let name = base_name(&path);
-        (name.starts_with("libpython3") && name.contains(".so") && seen.insert(path.clone()))
-            .then(|| (range.to_string(), path))
-    })
-    .collect()
+    maps.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let range = fields.next()?;
+            let _perms = fields.next()?;
+            let _offset = fields.next()?;
+            let _dev = fields.next()?;
+            let _inode = fields.next()?;
+            let path = fields.collect::<Vec<_>>().join(" ");
+            let name = base_name(&path);
+            (name.starts_with("libpython3") && name.contains(".so") && seen.insert(path.clone()))
+                .then(|| (range.to_string(), path))
+        })
+        .collect()
 }
 
 /// Reads the current program break of a process (end of `[heap]`), or its
