@@ -23,7 +23,10 @@ use crate::{
         Accounting, AgentInfo, HeapBreakdown, HeapHistory, LeakPolicy, ProcessInfo, Snapshot,
         SourceTotals,
     },
-    pystack::{self, Frame, Symbolizer},
+    pystack::{
+        self, Frame, Symbolizer,
+        verify::{self, Verdict},
+    },
     sites::{self, Site, SiteTracker},
 };
 
@@ -107,6 +110,9 @@ struct Observed {
     sites: SiteTracker,
     /// Reads code objects; None where stacks are unsupported.
     symbolizer: Option<Symbolizer>,
+    /// Until when to keep trying to verify the stack layout against the
+    /// process's memory (None: decided).
+    stack_check_until: Option<Instant>,
     /// Symbolised stacks by id (a stack id is a hash of code objects and
     /// instruction pointers, so it always means the same frames).
     frames: HashMap<u64, Vec<Frame>>,
@@ -405,8 +411,12 @@ impl Observer {
             "observing pid {pid} ({}) Python {} from {}",
             process.comm, interp.version, process.binary.display_path
         );
-        let symbolizer = self.enable_stacks(&process);
         let now = Instant::now();
+        let (symbolizer, stack_check_until) = match self.enable_stacks(&process) {
+            StackSetup::On(symbolizer) => (Some(symbolizer), None),
+            StackSetup::NotYet(_) => (None, Some(now + STACK_CHECK_PATIENCE)),
+            StackSetup::Off => (None, None),
+        };
         let age = process_age(pid).unwrap_or(Duration::MAX);
         let probes_due = now + self.config.probe_delay.saturating_sub(age);
         self.observed.insert(
@@ -425,24 +435,40 @@ impl Observer {
                 rss_bytes: 0,
                 sites: SiteTracker::default(),
                 symbolizer,
+                stack_check_until,
                 frames: HashMap::new(),
                 arena_size_mismatch: false,
             },
         );
     }
 
-    /// Gives the kernel the process's stack layout; logs once per binary
-    /// where stacks are not supported.
-    fn enable_stacks(&mut self, process: &PythonProcess) -> Option<Symbolizer> {
+    /// Gives the kernel the process's stack layout once the process's
+    /// memory confirms it (a wrong layout would give garbage stacks); logs
+    /// once per binary where stacks are not supported.
+    fn enable_stacks(&mut self, process: &PythonProcess) -> StackSetup {
         let pid = process.pid;
         let layout = pystack::layout_for(pid, &process.binary, self.config.sample_bytes);
+        if let Ok(layout) = &layout {
+            match verify::check(pid, process.binary.interpreter.version, layout) {
+                Verdict::Verified(what) => debug!("pid {pid}: stack layout verified: {what}"),
+                Verdict::Unchecked => {}
+                Verdict::NotYet(why) => return StackSetup::NotYet(why),
+                Verdict::Wrong(why) => {
+                    warn!(
+                        "pid {pid} ({}): Python stacks disabled: the Python {} stack layout does not fit this process: {why}",
+                        process.comm, process.binary.interpreter.version
+                    );
+                    return StackSetup::Off;
+                }
+            }
+        }
         let result = layout.and_then(|layout| {
             let symbolizer = Symbolizer::new(pid, layout.code)?;
             self.probes.set_layout(pid, layout.kernel)?;
             Ok(symbolizer)
         });
         match result {
-            Ok(symbolizer) => Some(symbolizer),
+            Ok(symbolizer) => StackSetup::On(symbolizer),
             Err(e) => {
                 if self.stackless_binaries.insert(process.binary.id) {
                     info!(
@@ -450,7 +476,42 @@ impl Observer {
                         process.binary.display_path
                     );
                 }
-                None
+                StackSetup::Off
+            }
+        }
+    }
+
+    /// Tries again to verify the stack layouts of processes that were not
+    /// far enough (just started) when first seen.
+    fn retry_stack_checks(&mut self, now: Instant) {
+        let pending: Vec<u32> = self
+            .observed
+            .iter()
+            .filter(|(_, o)| o.stack_check_until.is_some())
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in pending {
+            let process = self.observed[&pid].process.clone();
+            let setup = self.enable_stacks(&process);
+            let observed = self
+                .observed
+                .get_mut(&pid)
+                .expect("pending pid is observed");
+            match setup {
+                StackSetup::On(symbolizer) => {
+                    observed.symbolizer = Some(symbolizer);
+                    observed.stack_check_until = None;
+                }
+                StackSetup::NotYet(why) if observed.stack_check_until.is_some_and(|t| now >= t) => {
+                    info!(
+                        "pid {pid} ({}): Python stacks stay off: the stack layout could not be verified within {}s: {why}",
+                        process.comm,
+                        STACK_CHECK_PATIENCE.as_secs()
+                    );
+                    observed.stack_check_until = None;
+                }
+                StackSetup::NotYet(_) => {}
+                StackSetup::Off => observed.stack_check_until = None,
             }
         }
     }
@@ -542,6 +603,7 @@ impl Observer {
     fn sample(&mut self) {
         let now = Instant::now();
         self.attach_due(now);
+        self.retry_stack_checks(now);
         let page_size = procfs::page_size();
         let retain = self.config.history.as_secs_f64();
         let mut processes = Vec::with_capacity(self.observed.len());
@@ -600,6 +662,18 @@ impl Observer {
         self.probes.retain_binaries(|id| binaries.contains(id));
         self.discoverer.retain(|id| binaries.contains(id));
     }
+}
+
+/// How long a new process may take to show a verifiable Python stack
+/// (initialised interpreter, a thread in Python code).
+const STACK_CHECK_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Whether a process gets Python stacks.
+enum StackSetup {
+    On(Symbolizer),
+    /// The layout cannot be verified yet (the reason); try again.
+    NotYet(String),
+    Off,
 }
 
 /// Time since the process started, from its start time in procfs.

@@ -2,6 +2,7 @@
 //! (the layout the kernel side walks), and turning captured frames into
 //! function/file/line by reading code objects from the process.
 pub mod linetable;
+pub mod verify;
 
 use std::{collections::HashMap, fs::File, os::unix::fs::FileExt as _};
 
