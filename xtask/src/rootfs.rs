@@ -12,8 +12,12 @@ use clap::ValueEnum;
 use crate::{process, setup, workspace};
 
 const MIRROR: &str = "http://deb.debian.org/debian";
-/// Written last: a directory without it is a failed or interrupted build.
+/// Written last, with the suite and its packages: a directory without it is
+/// a failed or interrupted build, one with other packages an outdated one.
 const COMPLETE_MARKER: &str = ".pymem-rootfs-complete";
+/// Installed beside the interpreter in every suite: numpy exercises
+/// extension-buffer tracking (PyTraceMalloc_Track) in the interpreter matrix.
+const EXTRA_PACKAGES: &[&str] = &["python3-numpy"];
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum SuiteArg {
@@ -44,6 +48,20 @@ const SID: Suite = Suite {
     python_package: "python3.14",
 };
 
+impl Suite {
+    /// Everything installed beyond minbase, as debootstrap's --include.
+    fn packages(&self) -> String {
+        std::iter::once(self.python_package)
+            .chain(EXTRA_PACKAGES.iter().copied())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn marker(&self) -> String {
+        format!("{} {}\n", self.name, self.packages())
+    }
+}
+
 impl SuiteArg {
     fn suites(self) -> Vec<Suite> {
         match self {
@@ -71,9 +89,19 @@ fn rootfs_dir(suite_name: &str) -> PathBuf {
 
 fn ensure_rootfs(suite: Suite) -> Result<PathBuf> {
     let dir = rootfs_dir(suite.name);
-    if dir.join(COMPLETE_MARKER).is_file() {
-        eprintln!("rootfs {}: present", suite.name);
-        return Ok(dir);
+    let marker = dir.join(COMPLETE_MARKER);
+    match fs::read_to_string(&marker) {
+        Ok(found) if found == suite.marker() => {
+            eprintln!("rootfs {}: present", suite.name);
+            return Ok(dir);
+        }
+        Ok(found) => eprintln!(
+            "rootfs {}: built with {:?}, now wants {:?}: rebuilding",
+            suite.name,
+            found.trim(),
+            suite.marker().trim()
+        ),
+        Err(_) => {}
     }
     ensure!(
         process::is_root(),
@@ -94,14 +122,11 @@ fn ensure_rootfs(suite: Suite) -> Result<PathBuf> {
     eprintln!(
         "rootfs {}: debootstrap with {} into {}",
         suite.name,
-        suite.python_package,
+        suite.packages(),
         dir.display()
     );
     debootstrap(suite, &dir)?;
-    fs::write(
-        dir.join(COMPLETE_MARKER),
-        format!("{} {}\n", suite.name, suite.python_package),
-    )?;
+    fs::write(marker, suite.marker())?;
     Ok(dir)
 }
 
@@ -110,7 +135,7 @@ fn debootstrap(suite: Suite, dir: &Path) -> Result<()> {
     process::run(
         Command::new("debootstrap")
             .arg("--variant=minbase")
-            .arg(format!("--include={}", suite.python_package))
+            .arg(format!("--include={}", suite.packages()))
             .arg(suite.name)
             .arg(dir)
             .arg(MIRROR)

@@ -42,6 +42,10 @@ const PIP_PACKAGES: &[(&str, &str)] = &[
     ("kubernetes-validate", "kubernetes_validate"),
 ];
 
+/// numpy for the other pyenv interpreters too: the interpreter matrix
+/// (pymem-agent/tests/matrix.rs) checks numpy buffers on every version.
+const NUMPY_PYENV_MINORS: &[&str] = &["3.8", "3.9", "3.10", "3.12", "3.13"];
+
 enum Outcome {
     Present,
     Installed,
@@ -76,6 +80,7 @@ pub fn run() -> Result<()> {
     optional("tracefs at /sys/kernel/tracing", ensure_tracefs);
     ensure_apt_packages(APT_PACKAGES);
     ensure_pip_packages();
+    ensure_numpy_for_every_pyenv();
     Ok(())
 }
 
@@ -266,6 +271,17 @@ fn ensure_pip_packages() {
         optional(&format!("pip {package} for {}", python.display()), || {
             ensure_pip_package(&python, package, module)
         });
+    }
+}
+
+fn ensure_numpy_for_every_pyenv() {
+    for minor in NUMPY_PYENV_MINORS {
+        // Absent interpreters are the matrix test's to report (SKIP).
+        if let Some(python) = python::pyenv_python(minor) {
+            optional(&format!("pip numpy for {}", python.display()), || {
+                ensure_pip_package(&python, "numpy", "numpy")
+            });
+        }
     }
 }
 
