@@ -83,9 +83,6 @@ fn install_workload(root: &Path) -> &'static str {
     INSIDE
 }
 
-/// Written by `cargo xtask rootfs` once a root filesystem is complete.
-const COMPLETE_MARKER: &str = ".pymem-rootfs-complete";
-
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -93,15 +90,11 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The Debian root filesystem of `suite` under .cache/rootfs, built by
-/// `cargo xtask rootfs` when missing (idempotent: a complete one is reused).
-/// Err with the reason when it cannot be had here.
+/// The Debian root filesystem of `suite` under .cache/rootfs, from `cargo
+/// xtask rootfs` (idempotent: it reuses a complete, up-to-date one in a
+/// second, and builds or rebuilds it otherwise). Err with the reason when
+/// it cannot be had here.
 pub fn debian_rootfs(suite: &str) -> Result<PathBuf, String> {
-    let root = workspace_root().join(".cache/rootfs").join(suite);
-    if root.join(COMPLETE_MARKER).is_file() {
-        return Ok(root);
-    }
-    eprintln!("rootfs {suite}: building with `cargo xtask rootfs {suite}`");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     // Its own target directory: the test run's cargo may hold the build lock.
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("xtask-rootfs");
@@ -111,7 +104,9 @@ pub fn debian_rootfs(suite: &str) -> Result<PathBuf, String> {
         .env("CARGO_TARGET_DIR", target)
         .output()
         .map_err(|e| format!("cannot run cargo xtask rootfs {suite}: {e}"))?;
-    if !output.status.success() || !root.join(COMPLETE_MARKER).is_file() {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let root = PathBuf::from(stdout.lines().last().unwrap_or("").trim());
+    if !output.status.success() || !root.is_dir() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
         return Err(format!(
