@@ -127,7 +127,8 @@ pub struct Observer {
     observed: HashMap<u32, Observed>,
     /// Pids already inspected and found not to be Python (or unusable).
     skipped: HashSet<u32>,
-    /// Binaries whose arena probes could not be attached (logged once).
+    /// Binaries whose arena probes could not be attached (warned once;
+    /// each new process of them tries again).
     failed_binaries: HashSet<BinaryId>,
     found_tx: mpsc::UnboundedSender<Found>,
     found_rx: mpsc::UnboundedReceiver<Found>,
@@ -386,19 +387,18 @@ impl Observer {
             );
             return;
         }
-        if self.failed_binaries.contains(&process.binary.id) {
-            self.skipped.insert(pid);
-            return;
-        }
         if let Err(e) = self.probes.ensure_binary(&process.binary) {
-            // The binary is opened through this process's /proc entry: if
-            // the process is gone, the next process will try again.
-            if !discover::is_process(pid) {
+            // The binary is opened through this process's /proc entry,
+            // which vanishes when the process exits (zombies included):
+            // then nothing is wrong with the binary, the next process of it
+            // simply tries again.
+            if !discover::is_running(pid) {
                 debug!("pid {pid} exited while its binary was attached: {e:#}");
                 return;
             }
-            warn!("{e:#}; processes running it are not observed");
-            self.failed_binaries.insert(process.binary.id);
+            if self.failed_binaries.insert(process.binary.id) {
+                warn!("{e:#}; processes running it are not observed");
+            }
             self.info.attach_errors_total += 1;
             self.skipped.insert(pid);
             return;

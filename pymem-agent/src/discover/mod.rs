@@ -110,7 +110,8 @@ impl Discoverer {
             if links_libpython {
                 return Err(Skip::NotYetMapped);
             }
-            if !std::path::Path::new(&proc_dir).exists() {
+            // An exiting process loses its mappings before its /proc entry.
+            if !is_running(pid) {
                 return Err(Skip::Gone);
             }
             let looks_like_python =
@@ -190,6 +191,14 @@ pub fn all_pids() -> Vec<u32> {
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect()
+}
+
+/// True while `pid` exists and is neither a zombie nor dead.
+pub fn is_running(pid: u32) -> bool {
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .map(|stat| !matches!(stat.state, 'Z' | 'X' | 'x'))
+        .unwrap_or(false)
 }
 
 /// True when `pid` is a thread-group leader (a process, not a thread).
