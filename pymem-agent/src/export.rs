@@ -127,7 +127,7 @@ pub async fn serve(
 }
 
 async fn index() -> &'static str {
-    "pymem agent\n\n/metrics                   Prometheus metrics\n/api/v1/processes          observed Python processes (JSON)\n/api/v1/processes/N        one process\n/api/v1/processes/N/sites  its allocation sites (JSON)\n/api/v1/processes/N/pprof  the same as a pprof profile (gzip profile.proto)\n/api/v1/processes/N/flamegraph.svg  a flame graph of their live bytes\n/healthz                   liveness\n"
+    "pymem agent\n\n/metrics                            Prometheus metrics\n/api/v1/processes                   observed Python processes (JSON)\n/api/v1/processes/N                 one process\n/api/v1/processes/N/sites           its allocation sites (JSON)\n/api/v1/processes/N/pprof           the same as a pprof profile (gzip profile.proto)\n/api/v1/processes/N/flamegraph.svg  a flame graph of their live bytes\n/healthz                            liveness\n"
 }
 
 async fn processes(State(state): State<AppState>) -> Json<Vec<ProcessInfo>> {

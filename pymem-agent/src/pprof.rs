@@ -21,6 +21,8 @@ pub struct Profile {
     pub sample_type: Vec<ValueType>,
     #[prost(message, repeated, tag = "2")]
     pub sample: Vec<Sample>,
+    #[prost(message, repeated, tag = "3")]
+    pub mapping: Vec<Mapping>,
     #[prost(message, repeated, tag = "4")]
     pub location: Vec<Location>,
     #[prost(message, repeated, tag = "5")]
@@ -51,10 +53,28 @@ pub struct Sample {
     pub value: Vec<i64>,
 }
 
+/// One pseudo-mapping for all Python code, marked as symbolised so that
+/// readers neither look for a binary nor try to symbolise addresses.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Mapping {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(int64, tag = "5")]
+    pub filename: i64,
+    #[prost(bool, tag = "7")]
+    pub has_functions: bool,
+    #[prost(bool, tag = "8")]
+    pub has_filenames: bool,
+    #[prost(bool, tag = "9")]
+    pub has_line_numbers: bool,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Location {
     #[prost(uint64, tag = "1")]
     pub id: u64,
+    #[prost(uint64, tag = "2")]
+    pub mapping_id: u64,
     #[prost(message, repeated, tag = "4")]
     pub line: Vec<Line>,
 }
@@ -100,11 +120,21 @@ pub fn build(sites: &[Site], time_nanos: i64, comments: &[String]) -> Profile {
     builder.profile.default_sample_type = inuse.r#type;
     let comment = comments.iter().map(|c| builder.string(c)).collect();
     builder.profile.comment = comment;
+    let python = builder.string("[python]");
+    builder.profile.mapping.push(Mapping {
+        id: PYTHON_MAPPING,
+        filename: python,
+        has_functions: true,
+        has_filenames: true,
+        has_line_numbers: true,
+    });
     for site in sites {
         builder.add_site(site);
     }
     builder.profile
 }
+
+const PYTHON_MAPPING: u64 = 1;
 
 #[derive(Default)]
 struct ProfileBuilder {
@@ -171,6 +201,7 @@ impl ProfileBuilder {
         let id = self.profile.location.len() as u64 + 1;
         self.profile.location.push(Location {
             id,
+            mapping_id: PYTHON_MAPPING,
             line: vec![Line {
                 function_id,
                 line: frame.line,

@@ -369,6 +369,36 @@ fn pprof_profile_reads_back_as_the_snapshot_it_came_from() {
         assert!(sample["value"][0].as_i64().unwrap() > 1 << 20, "{sample}");
     }
 
+    // Go's pprof reads it too, where Go is installed.
+    let go_pprof = Command::new("go")
+        .args([
+            "tool",
+            "pprof",
+            "-top",
+            "-lines",
+            "-sample_index=inuse_space",
+        ])
+        .arg(&pprof_path)
+        .output();
+    match go_pprof {
+        Err(_) => eprintln!("SKIP: go tool pprof (no go here)"),
+        Ok(out) => {
+            let top = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{top}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            for (function, marker) in [
+                ("leak_small_objects", "small"),
+                ("leak_large_blobs", "large"),
+            ] {
+                let row = format!("{function} {WORKLOAD}:{}", site_line(marker));
+                assert!(top.contains(&row), "{row} not in:\n{top}");
+            }
+        }
+    }
+
     // The agent's own endpoint serves the same format.
     let url = agent.url(&format!("/api/v1/processes/{pid}/pprof"));
     let mut response = ureq::get(&url).call().unwrap();
