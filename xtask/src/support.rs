@@ -144,6 +144,8 @@ fn render_cell(check: &Value) -> String {
         .next()
         .filter(|word| word.ends_with('%'));
     match (ok, expected, error) {
+        // Rounding gives "-0.0%" for a hair under: both are exact.
+        (true, _, Some("+0.0%" | "-0.0%")) => "✅ ±0.0%".into(),
         (true, _, Some(error)) => format!("✅ {error}"),
         (true, _, None) => "✅".into(),
         (false, false, _) => "⛔".into(),
