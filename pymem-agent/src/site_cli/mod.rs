@@ -29,7 +29,8 @@ impl AgentArg {
 
 #[derive(clap::Args)]
 pub struct SitesArgs {
-    /// A process observed by the agent, or a file saved by `pymem snapshot`.
+    /// A process observed by the agent, or a file saved by `pymem snapshot`
+    /// (digits are a pid: write a file named 123 as ./123).
     #[arg(value_name = "PID|SNAPSHOT")]
     target: String,
     /// Print the sites as JSON (with their stacks) instead of a table.
@@ -80,24 +81,20 @@ pub fn run_sites(args: SitesArgs) -> Result<()> {
         Ok(pid) => SiteSnapshot::take(&args.agent.api(), pid)?,
         Err(_) => SiteSnapshot::read(Path::new(&args.target))?,
     };
-    let mut exported = false;
     if let Some(path) = &args.pprof {
         write_pprof(&snapshot, path)?;
-        exported = true;
     }
     if let Some(path) = &args.flamegraph {
         write_flamegraph(&snapshot, path)?;
-        exported = true;
     }
-    let shown = &snapshot.sites[..format::shown(snapshot.sites.len(), args.limit)];
+    let exported = args.pprof.is_some() || args.flamegraph.is_some();
     if args.json {
-        print_json(&shown)
+        let shown = format::shown(snapshot.sites.len(), args.limit);
+        print_json(&snapshot.sites[..shown])?;
     } else if !exported {
         print!("{}", format::sites_table(&snapshot, args.limit));
-        Ok(())
-    } else {
-        Ok(())
     }
+    Ok(())
 }
 
 pub fn run_snapshot(args: SnapshotArgs) -> Result<()> {
@@ -160,7 +157,7 @@ fn write_flamegraph(snapshot: &SiteSnapshot, path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn print_json(value: &impl serde::Serialize) -> Result<()> {
+fn print_json(value: &(impl serde::Serialize + ?Sized)) -> Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, value)?;
     writeln!(out)?;
