@@ -2,7 +2,13 @@
 //! tracepoints once, arena probes once per interpreter binary, per-
 //! allocation probes once per process (so they can be detached when the
 //! process goes over its budget).
-use std::{collections::HashMap, num::NonZeroU32, path::Path};
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    os::fd::OwnedFd,
+    path::Path,
+    sync::{Arc, Mutex, mpsc},
+};
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
@@ -10,11 +16,11 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         TracePoint, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
 use log::{debug, info, warn};
-use pymem_common::{BlockKey, ProcStats, PyLayout, PyStack, SyscallModeState, counter};
+use pymem_common::{BlockKey, ProcStats, PyLayout, PyStack, SyscallModeState, cookie, counter};
 
 use crate::discover::{Binary, BinaryId, elf::ProbePoint};
 
@@ -33,27 +39,36 @@ pub struct KernelConfig {
 }
 
 const ARENA_PROGRAMS: [&str; 3] = ["arena_mmap", "arena_mmap_ret", "arena_munmap"];
-const PROCESS_PROGRAMS: [&str; 6] = [
-    "raw_malloc",
-    "raw_calloc",
-    "raw_realloc",
-    "raw_alloc_ret",
-    "raw_free",
-    "ext_track",
-];
-const UNTRACK_PROGRAM: &str = "ext_untrack";
+/// The per-process programs: one entry program for every budgeted hook
+/// (told apart by the attach cookie) and the return of malloc/calloc/realloc.
+const ENTRY_PROGRAM: &str = "budgeted_entry";
+const RETURN_PROGRAM: &str = "raw_alloc_ret";
+/// Threads closing detached links: multi-uprobe links close in parallel
+/// (each waits for its own grace periods), perf-event ones queue in the
+/// kernel anyway.
+const DETACH_THREADS: usize = 8;
 
-/// Links of one process's budgeted probes.
-#[derive(Default)]
-struct ProcessLinks {
-    links: Vec<(&'static str, UProbeLinkId)>,
+mod multi;
+
+/// One attachment the agent may close again.
+enum Link {
+    /// A perf-event uprobe attached through aya.
+    Perf(&'static str, UProbeLinkId),
+    /// A multi-uprobe link (see `multi`).
+    Multi(OwnedFd),
 }
+
+/// Something whose drop detaches probes, for the detach threads.
+type Detached = Box<dyn Send>;
 
 /// Owns the loaded programs and every attachment.
 pub struct Probes {
     ebpf: Ebpf,
-    binaries: HashMap<BinaryId, Vec<(&'static str, UProbeLinkId)>>,
-    processes: HashMap<u32, ProcessLinks>,
+    /// Per-process programs for multi-uprobe links; None on kernels before
+    /// 6.6, where each hook is a perf-event uprobe of its own.
+    multi: Option<multi::MultiPrograms>,
+    binaries: HashMap<BinaryId, Vec<Link>>,
+    processes: HashMap<u32, Vec<Link>>,
     pub stats: PerCpuHashMap<MapData, u32, ProcStats>,
     tracked: BpfHashMap<MapData, u32, u64>,
     syscall_mode: BpfHashMap<MapData, u32, SyscallModeState>,
@@ -61,23 +76,70 @@ pub struct Probes {
     layouts: BpfHashMap<MapData, u32, PyLayout>,
     stacks: BpfHashMap<MapData, u64, PyStack>,
     /// Closes detached links off the observer's thread.
-    reaper: std::sync::mpsc::Sender<UProbeLink>,
+    reaper: Reaper,
 }
 
-/// Drops detached links one by one on its own thread.
-fn spawn_reaper() -> std::sync::mpsc::Sender<UProbeLink> {
-    let (tx, rx) = std::sync::mpsc::channel::<UProbeLink>();
-    let spawned = std::thread::Builder::new()
-        .name("pymem-detach".into())
-        .spawn(move || {
-            for link in rx {
-                drop(link);
+/// Threads that drop detached links: closing a uprobe waits for RCU grace
+/// periods, which must not stall the observer.
+struct Reaper {
+    sender: Option<mpsc::Sender<Detached>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Reaper {
+    fn spawn() -> Self {
+        let (sender, receiver) = mpsc::channel::<Detached>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        let mut threads = Vec::new();
+        for i in 0..DETACH_THREADS {
+            let receiver = Arc::clone(&receiver);
+            let spawned = std::thread::Builder::new()
+                .name(format!("pymem-detach-{i}"))
+                .spawn(move || {
+                    loop {
+                        let next = receiver.lock().map(|r| r.recv());
+                        match next {
+                            Ok(Ok(detached)) => drop(detached),
+                            _ => break,
+                        }
+                    }
+                });
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(e) => warn!("no detach thread ({e})"),
             }
-        });
-    if let Err(e) = spawned {
-        warn!("no detach thread ({e}); detaching inline");
+        }
+        if threads.is_empty() {
+            warn!("detaching inline");
+            return Self {
+                sender: None,
+                threads,
+            };
+        }
+        Self {
+            sender: Some(sender),
+            threads,
+        }
     }
-    tx
+
+    fn detach(&self, detached: Detached) {
+        match &self.sender {
+            Some(sender) => {
+                if let Err(mpsc::SendError(detached)) = sender.send(detached) {
+                    drop(detached);
+                }
+            }
+            None => drop(detached),
+        }
+    }
+
+    /// Waits until everything handed over is closed.
+    fn finish(&mut self) {
+        self.sender = None;
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Probes {
@@ -99,14 +161,32 @@ impl Probes {
             .map_max_entries("EVENTS", config.ring_buffer_bytes)
             .load(EBPF_OBJECT)
             .context("loading the eBPF programs (are you root, with BPF and uprobes enabled?)")?;
+        // Before anything takes maps out of `ebpf`: the multi-uprobe
+        // programs are relocated against all of them.
+        let multi = match multi::MultiPrograms::load(
+            EBPF_OBJECT,
+            &ebpf,
+            ENTRY_PROGRAM,
+            RETURN_PROGRAM,
+        ) {
+            Ok(programs) => Some(programs),
+            Err(e) => {
+                warn!(
+                    "no multi-uprobe links ({e:#}; they need Linux 6.6+): per-process probes use one perf event each, which is slower to detach"
+                );
+                None
+            }
+        };
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
             debug!("no eBPF logger: {e}");
         }
-        for name in ARENA_PROGRAMS
-            .iter()
-            .chain(PROCESS_PROGRAMS.iter())
-            .chain([UNTRACK_PROGRAM].iter())
-        {
+        let perf_programs = [ENTRY_PROGRAM, RETURN_PROGRAM];
+        let perf_programs = if multi.is_some() {
+            &perf_programs[..0]
+        } else {
+            &perf_programs[..]
+        };
+        for name in ARENA_PROGRAMS.iter().chain(perf_programs) {
             let program: &mut UProbe = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the object"))?
@@ -154,6 +234,7 @@ impl Probes {
         Ok((
             Self {
                 ebpf,
+                multi,
                 binaries: HashMap::new(),
                 processes: HashMap::new(),
                 stats,
@@ -162,7 +243,7 @@ impl Probes {
                 counters,
                 layouts,
                 stacks,
-                reaper: spawn_reaper(),
+                reaper: Reaper::spawn(),
             },
             events,
         ))
@@ -183,7 +264,7 @@ impl Probes {
         path: &Path,
         scope: UProbeScope,
         cookie: Option<u64>,
-    ) -> Result<(&'static str, UProbeLinkId)> {
+    ) -> Result<Link> {
         let attach_point = UProbeAttachPoint {
             location: UProbeAttachLocation::AbsoluteOffset(point.file_offset),
             cookie,
@@ -198,7 +279,7 @@ impl Probes {
                     path.display()
                 )
             })?;
-        Ok((name, link))
+        Ok(Link::Perf(name, link))
     }
 
     /// Attaches the arena probes of a binary, once for all its processes.
@@ -249,30 +330,78 @@ impl Probes {
     /// its syscall accounting. Missing stubs only lose that source (logged);
     /// attach failures undo everything.
     pub fn attach_process(&mut self, pid: u32, binary: &Binary) -> Result<()> {
-        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
         let interp = binary.interpreter.clone();
         let stubs = &interp.stubs;
-        let wanted: [(&'static str, Option<ProbePoint>); 9] = [
-            ("raw_malloc", stubs.malloc),
-            ("raw_alloc_ret", stubs.malloc),
-            ("raw_calloc", stubs.calloc),
-            ("raw_alloc_ret", stubs.calloc),
-            ("raw_realloc", stubs.realloc),
-            ("raw_alloc_ret", stubs.realloc),
-            ("raw_free", stubs.free),
-            ("ext_track", interp.trace_track),
-            (UNTRACK_PROGRAM, interp.trace_untrack),
+        // Frees and untracks first: a block freed between two attachments
+        // must not stay "live" for ever.
+        let wanted = [
+            ("free", cookie::FREE, stubs.free),
+            (
+                "PyTraceMalloc_Untrack",
+                cookie::UNTRACK,
+                interp.trace_untrack,
+            ),
+            ("malloc", cookie::MALLOC, stubs.malloc),
+            ("calloc", cookie::CALLOC, stubs.calloc),
+            ("realloc", cookie::REALLOC, stubs.realloc),
+            ("PyTraceMalloc_Track", cookie::TRACK, interp.trace_track),
         ];
-        let mut links = Vec::new();
-        for (name, point) in wanted {
+        let mut entries = Vec::new();
+        let mut returns = Vec::new();
+        for (function, cookie, point) in wanted {
             let Some(point) = point else {
                 debug!(
-                    "pid {pid}: {} has no probe point for {name}",
+                    "pid {pid}: {} has no probe point for {function}",
                     binary.display_path
                 );
                 continue;
             };
-            match self.attach_one(name, point, &binary.open_path, scope, None) {
+            entries.push((point, cookie));
+            if matches!(cookie, cookie::MALLOC | cookie::CALLOC | cookie::REALLOC) {
+                returns.push(point);
+            }
+        }
+        let links = match &self.multi {
+            Some(programs) => {
+                let entry_offsets: Vec<(u64, u64)> = entries
+                    .iter()
+                    .map(|(point, cookie)| (point.file_offset, *cookie))
+                    .collect();
+                let return_offsets: Vec<u64> = returns.iter().map(|p| p.file_offset).collect();
+                programs
+                    .attach(&multi::MultiAttach {
+                        pid,
+                        path: &binary.open_path,
+                        entries: &entry_offsets,
+                        returns: &return_offsets,
+                    })?
+                    .into_iter()
+                    .map(Link::Multi)
+                    .collect()
+            }
+            None => self.attach_process_perf(pid, binary, &entries, &returns)?,
+        };
+        let _ = self.syscall_mode.remove(&pid);
+        self.processes.insert(pid, links);
+        Ok(())
+    }
+
+    /// Kernels without multi-uprobe links: one perf-event uprobe per hook.
+    fn attach_process_perf(
+        &mut self,
+        pid: u32,
+        binary: &Binary,
+        entries: &[(ProbePoint, u64)],
+        returns: &[ProbePoint],
+    ) -> Result<Vec<Link>> {
+        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
+        let wanted = entries
+            .iter()
+            .map(|(point, cookie)| (ENTRY_PROGRAM, *point, Some(*cookie)))
+            .chain(returns.iter().map(|point| (RETURN_PROGRAM, *point, None)));
+        let mut links = Vec::new();
+        for (name, point, cookie) in wanted {
+            match self.attach_one(name, point, &binary.open_path, scope, cookie) {
                 Ok(link) => links.push(link),
                 Err(e) => {
                     self.detach_all(links);
@@ -280,9 +409,7 @@ impl Probes {
                 }
             }
         }
-        let _ = self.syscall_mode.remove(&pid);
-        self.processes.insert(pid, ProcessLinks { links });
-        Ok(())
+        Ok(links)
     }
 
     /// Marks a process as observed (exit and fork events are reported for
@@ -295,27 +422,41 @@ impl Probes {
         self.account_by_syscalls(pid, arena_size)
     }
 
-    /// Hands the links to the reaper thread: closing a uprobe perf event
-    /// waits for RCU grace periods under a kernel-wide mutex, which must not
-    /// stall the observer.
-    fn detach_all(&mut self, links: Vec<(&'static str, UProbeLinkId)>) {
-        for (name, link) in links {
-            match self.uprobe(name).and_then(|p| Ok(p.take_link(link)?)) {
-                Ok(owned) => {
-                    if let Err(std::sync::mpsc::SendError(owned)) = self.reaper.send(owned) {
-                        drop(owned);
+    /// Hands the links to the detach threads.
+    fn detach_all(&mut self, links: Vec<Link>) {
+        for link in links {
+            match link {
+                Link::Multi(fd) => self.reaper.detach(Box::new(fd)),
+                Link::Perf(name, id) => {
+                    match self.uprobe(name).and_then(|p| Ok(p.take_link(id)?)) {
+                        Ok(owned) => self.reaper.detach(Box::new(owned)),
+                        Err(e) => debug!("detaching {name}: {e:#}"),
                     }
                 }
-                Err(e) => debug!("detaching {name}: {e:#}"),
             }
         }
     }
 
     /// Stops the per-allocation probes of a process (budget or exit).
     pub fn detach_process(&mut self, pid: u32) {
-        if let Some(process) = self.processes.remove(&pid) {
-            self.detach_all(process.links);
+        if let Some(links) = self.processes.remove(&pid) {
+            self.detach_all(links);
         }
+    }
+
+    /// Detaches everything and waits until the kernel is done with it.
+    pub fn shutdown(&mut self) {
+        let pids: Vec<u32> = self.processes.keys().copied().collect();
+        for pid in pids {
+            self.detach_process(pid);
+        }
+        let binaries: Vec<BinaryId> = self.binaries.keys().copied().collect();
+        for id in binaries {
+            if let Some(links) = self.binaries.remove(&id) {
+                self.detach_all(links);
+            }
+        }
+        self.reaper.finish();
     }
 
     /// Moves a process to syscall accounting: per-allocation probes off,
@@ -411,11 +552,7 @@ impl Probes {
 
     pub fn probe_links(&self) -> usize {
         self.binaries.values().map(Vec::len).sum::<usize>()
-            + self
-                .processes
-                .values()
-                .map(|p| p.links.len())
-                .sum::<usize>()
+            + self.processes.values().map(Vec::len).sum::<usize>()
     }
 
     /// Deletes live-block entries and counters of processes that are gone

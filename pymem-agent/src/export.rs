@@ -167,6 +167,7 @@ struct Aggregate {
     rss: f64,
     leak: f64,
     syscall_accounting: f64,
+    probe_hits: u64,
     allocated: BTreeMap<&'static str, u64>,
     freed: BTreeMap<&'static str, u64>,
 }
@@ -217,6 +218,14 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
         &with_source,
     )?;
     registry.register(Box::new(freed.clone()))?;
+    let probe_hits = IntCounterVec::new(
+        Opts::new(
+            "pymem_probe_hits_total",
+            "Per-allocation probe hits since observation started, each ~1-10 µs of the observed process's time; bounded by --probe-budget",
+        ),
+        &names,
+    )?;
+    registry.register(Box::new(probe_hits.clone()))?;
 
     let mut groups: BTreeMap<Vec<String>, Aggregate> = BTreeMap::new();
     for p in &snapshot.processes {
@@ -225,6 +234,7 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
         agg.heap += p.heap_bytes as f64;
         agg.growth += p.growth_bytes_per_second;
         agg.rss += p.rss_bytes as f64;
+        agg.probe_hits += p.probe_hits_total;
         agg.leak = agg.leak.max(f64::from(u8::from(p.leak_suspected)));
         agg.syscall_accounting = agg.syscall_accounting.max(f64::from(u8::from(
             p.accounting != crate::model::Accounting::Probes,
@@ -245,6 +255,7 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
         syscall_accounting
             .with_label_values(&values)
             .set(agg.syscall_accounting);
+        probe_hits.with_label_values(&values).inc_by(agg.probe_hits);
         for (counters, totals) in [(&allocated, &agg.allocated), (&freed, &agg.freed)] {
             for (source, bytes) in totals {
                 let mut with = values.clone();

@@ -75,9 +75,9 @@ pub struct ObserveArgs {
     /// disables the budget.
     #[arg(long, default_value_t = 1000)]
     pub probe_budget: u64,
-    /// Allocation-probe hits a process may spend at once (imports at
-    /// start-up) before the per-second budget applies.
-    #[arg(long, default_value_t = 2000)]
+    /// Allocation-probe hits a process may spend at once before the
+    /// per-second budget applies (~5 ms of probe time at ~10 µs a hit).
+    #[arg(long, default_value_t = 500)]
     pub probe_burst: u64,
     /// Process age before per-allocation probes are attached; until then
     /// (start-up imports) memory outside pymalloc is accounted by syscalls.

@@ -188,6 +188,10 @@ pub struct ProcessInfo {
     pub accounting: Accounting,
     /// Budgeted probe hits per second over the last sample interval.
     pub probe_hits_per_second: f64,
+    /// Budgeted probe hits since observation started: each one costs the
+    /// process ~1-10 µs (a trap into the kernel).
+    #[serde(default)]
+    pub probe_hits_total: u64,
     /// Seconds since pymem started observing the process; memory allocated
     /// before that is not in `heap_bytes`.
     pub observed_seconds: f64,

@@ -61,7 +61,7 @@ impl Default for ObserverConfig {
             sample_interval: Duration::from_secs(1),
             policy: LeakPolicy::default(),
             hit_budget_per_sec: 1000,
-            hit_budget_burst: 2000,
+            hit_budget_burst: 500,
             rescan_interval: Duration::from_secs(10),
             history: Duration::from_secs(300),
             probe_delay: Duration::from_secs(5),
@@ -214,6 +214,9 @@ impl Observer {
             }
         }
         info!("detaching probes from {} processes", self.observed.len());
+        let started = std::time::Instant::now();
+        self.probes.shutdown();
+        info!("detached in {:.2} s", started.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -714,6 +717,7 @@ fn process_info(o: &Observed, heap: HeapBreakdown, t: f64, policy: &LeakPolicy) 
         freed_bytes_by_source: freed,
         accounting: o.accounting,
         probe_hits_per_second: o.hits_per_second,
+        probe_hits_total: o.stats.probe_hits,
         observed_seconds: t,
         heap_history: o
             .history

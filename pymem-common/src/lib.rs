@@ -223,12 +223,19 @@ pub mod counter {
     pub const LEN: u32 = 2;
 }
 
-/// Cookies attached to the shared uprobes: which libc entry point of the
-/// interpreter the probe sits on. Arena probes carry the arena size instead.
+/// Attach cookies of the per-process entry probes: which function of the
+/// interpreter the probe sits on. One program serves them all, so a process
+/// needs one multi-uprobe link for its entries (and one for the returns of
+/// malloc/calloc/realloc). Arena probes carry the arena size instead.
 pub mod cookie {
     pub const MALLOC: u64 = 1;
     pub const CALLOC: u64 = 2;
     pub const REALLOC: u64 = 3;
+    pub const FREE: u64 = 4;
+    /// `PyTraceMalloc_Track`.
+    pub const TRACK: u64 = 5;
+    /// `PyTraceMalloc_Untrack`.
+    pub const UNTRACK: u64 = 6;
 }
 
 #[cfg(feature = "user")]

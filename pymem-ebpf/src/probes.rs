@@ -1,5 +1,6 @@
 //! One file per hook family.
 mod arena;
+mod budgeted;
 mod extension;
 mod lifecycle;
 mod raw;

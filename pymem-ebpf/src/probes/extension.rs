@@ -1,18 +1,12 @@
 //! Extension buffers: numpy and friends report every data buffer through
 //! `PyTraceMalloc_Track/Untrack`, whether tracemalloc runs or not.
-//! Attached per process and budgeted.
-use aya_ebpf::{macros::uprobe, programs::ProbeContext};
+//! Attached per process and budgeted; dispatched by
+//! `budgeted::budgeted_entry`.
+use aya_ebpf::programs::ProbeContext;
 
 use crate::maps::{EXT_LIVE, charge, current_ids, forget_sampled, remember_sampled, stats};
 
-#[uprobe]
-pub fn ext_track(ctx: ProbeContext) -> u32 {
-    match try_ext_track(&ctx) {
-        Ok(v) | Err(v) => v,
-    }
-}
-
-fn try_ext_track(ctx: &ProbeContext) -> Result<u32, u32> {
+pub(crate) fn try_ext_track(ctx: &ProbeContext) -> Result<u32, u32> {
     let (_, tgid, tid) = current_ids();
     // PyTraceMalloc_Track(unsigned int domain, uintptr_t ptr, size_t size)
     let addr: u64 = ctx.arg(1).ok_or(1u32)?;
@@ -33,14 +27,7 @@ fn try_ext_track(ctx: &ProbeContext) -> Result<u32, u32> {
     Ok(0)
 }
 
-#[uprobe]
-pub fn ext_untrack(ctx: ProbeContext) -> u32 {
-    match try_ext_untrack(&ctx) {
-        Ok(v) | Err(v) => v,
-    }
-}
-
-fn try_ext_untrack(ctx: &ProbeContext) -> Result<u32, u32> {
+pub(crate) fn try_ext_untrack(ctx: &ProbeContext) -> Result<u32, u32> {
     let (_, tgid, tid) = current_ids();
     // PyTraceMalloc_Untrack(unsigned int domain, uintptr_t ptr)
     let addr: u64 = ctx.arg(1).ok_or(1u32)?;

@@ -1,9 +1,10 @@
 //! Blocks the interpreter takes from libc: uprobes on the interpreter's own
 //! `malloc`/`calloc`/`realloc`/`free` PLT stubs. In PGO builds the raw
 //! allocator is inlined behind guards at ~170 sites, but every one of them
-//! still calls libc through the PLT. Attached per process and budgeted.
+//! still calls libc through the PLT. Attached per process and budgeted; the
+//! entries are dispatched by `budgeted::budgeted_entry`.
 use aya_ebpf::{
-    macros::{uprobe, uretprobe},
+    macros::uretprobe,
     programs::{ProbeContext, RetProbeContext},
 };
 use pymem_common::PendingCall;
@@ -23,39 +24,19 @@ fn begin(size: u64, old_addr: u64) -> Result<u32, u32> {
     Ok(0)
 }
 
-#[uprobe]
-pub fn raw_malloc(ctx: ProbeContext) -> u32 {
-    match ctx
-        .arg::<u64>(0)
-        .ok_or(1u32)
-        .and_then(|size| begin(size, 0))
-    {
-        Ok(v) | Err(v) => v,
-    }
+pub(crate) fn try_raw_malloc(ctx: &ProbeContext) -> Result<u32, u32> {
+    let size: u64 = ctx.arg(0).ok_or(1u32)?;
+    begin(size, 0)
 }
 
-#[uprobe]
-pub fn raw_calloc(ctx: ProbeContext) -> u32 {
-    match try_raw_calloc(&ctx) {
-        Ok(v) | Err(v) => v,
-    }
-}
-
-fn try_raw_calloc(ctx: &ProbeContext) -> Result<u32, u32> {
+pub(crate) fn try_raw_calloc(ctx: &ProbeContext) -> Result<u32, u32> {
     let count: u64 = ctx.arg(0).ok_or(1u32)?;
     let elem: u64 = ctx.arg(1).ok_or(1u32)?;
     // An overflowing calloc returns NULL and is ignored on return.
     begin(count.wrapping_mul(elem), 0)
 }
 
-#[uprobe]
-pub fn raw_realloc(ctx: ProbeContext) -> u32 {
-    match try_raw_realloc(&ctx) {
-        Ok(v) | Err(v) => v,
-    }
-}
-
-fn try_raw_realloc(ctx: &ProbeContext) -> Result<u32, u32> {
+pub(crate) fn try_raw_realloc(ctx: &ProbeContext) -> Result<u32, u32> {
     let old: u64 = ctx.arg(0).ok_or(1u32)?;
     let size: u64 = ctx.arg(1).ok_or(1u32)?;
     begin(size, old)
@@ -94,14 +75,7 @@ fn try_raw_alloc_ret(ctx: &RetProbeContext) -> Result<u32, u32> {
     Ok(0)
 }
 
-#[uprobe]
-pub fn raw_free(ctx: ProbeContext) -> u32 {
-    match try_raw_free(&ctx) {
-        Ok(v) | Err(v) => v,
-    }
-}
-
-fn try_raw_free(ctx: &ProbeContext) -> Result<u32, u32> {
+pub(crate) fn try_raw_free(ctx: &ProbeContext) -> Result<u32, u32> {
     let (_, tgid, tid) = current_ids();
     let addr: u64 = ctx.arg(0).ok_or(1u32)?;
     let stats = stats(tgid).ok_or(1u32)?;
