@@ -26,8 +26,8 @@ pub struct RunningAgent {
 }
 
 impl RunningAgent {
-    /// Starts `pymem agent`, appending its output to `log`.
-    pub fn start(binary: &Path, log: &Path) -> Result<Self> {
+    /// Starts `pymem agent` with `extra_args`, appending its output to `log`.
+    pub fn start(binary: &Path, log: &Path, extra_args: &[&str]) -> Result<Self> {
         let addr = free_loopback_addr()?;
         let log_file = File::options()
             .create(true)
@@ -39,6 +39,7 @@ impl RunningAgent {
             .arg("agent")
             .arg("--listen")
             .arg(addr.to_string())
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);

@@ -46,7 +46,7 @@ pub fn run(args: &IdleArgs, bench: &Bench) -> Result<()> {
     let pids: Vec<u32> = sleepers.iter().map(Supervised::pid).collect();
     let agent_log = bench.results_dir()?.join("idle-agent.log");
     fs::write(&agent_log, "")?;
-    let mut agent = RunningAgent::start(&bench.agent_binary, &agent_log)?;
+    let mut agent = RunningAgent::start(&bench.agent_binary, &agent_log, &[])?;
     let time_to_observe_all = agent.wait_until_observed(&pids, OBSERVE_TIMEOUT)?;
     println!(
         "the agent observes all {} (probes attached) after {:.1} s; measuring for {} s",

@@ -71,10 +71,18 @@ fn interpreters() -> Vec<Interpreter> {
     found
 }
 
-/// Timings of one interpreter and the agent's view of its observed runs.
+/// What one interpreter measured: the workload's loop, and the calibration
+/// loop that prices one probe hit.
 struct Measurement {
     interpreter: Interpreter,
     python_version: String,
+    workload: Series,
+    calibration: Series,
+}
+
+/// Interleaved runs of one loop with and without the agent.
+#[derive(Default)]
+struct Series {
     without_agent: Vec<f64>,
     with_agent: Vec<f64>,
     /// The workload's own CPU time (user + system): less sensitive than
@@ -91,6 +99,10 @@ struct Observation {
     peak_probe_hits_per_second: f64,
 }
 
+/// The calibration agent: no budget, probes on from the start, so every
+/// hit of the calibration loop is a probed one.
+const CALIBRATION_AGENT_ARGS: [&str; 4] = ["--probe-budget", "0", "--probe-delay", "0s"];
+
 pub fn run(args: &OverheadArgs, bench: &Bench) -> Result<()> {
     ensure!(args.rounds > 0, "--rounds must be at least 1");
     let interpreters = interpreters();
@@ -103,13 +115,28 @@ pub fn run(args: &OverheadArgs, bench: &Bench) -> Result<()> {
     std::fs::write(&agent_log, "")?;
     let mut measurements = Vec::new();
     for interpreter in interpreters {
-        measurements.push(measure(
+        println!("{} ({}):", interpreter.label, interpreter.path.display());
+        let mut python_version = String::new();
+        let mut runs = |loop_args: &[&str], agent_args: &[&str], rounds| {
+            let runner = Runner {
+                python: &interpreter.path,
+                workload: &workload,
+                loop_args,
+                agent_binary: &bench.agent_binary,
+                agent_args,
+                agent_log: &agent_log,
+            };
+            runner.series(rounds, &mut python_version)
+        };
+        let workload_series = runs(&[], &[], args.rounds)?;
+        println!("  calibration (probe cost per hit):");
+        let calibration = runs(&["probe-cost"], &CALIBRATION_AGENT_ARGS, CALIBRATION_ROUNDS)?;
+        measurements.push(Measurement {
             interpreter,
-            &workload,
-            &bench.agent_binary,
-            &agent_log,
-            args.rounds,
-        )?);
+            python_version,
+            workload: workload_series,
+            calibration,
+        });
     }
     bench.write_results(
         "overhead",
@@ -118,90 +145,83 @@ pub fn run(args: &OverheadArgs, bench: &Bench) -> Result<()> {
     )
 }
 
-fn measure(
-    interpreter: Interpreter,
-    workload: &Path,
-    agent_binary: &Path,
-    agent_log: &Path,
-    rounds: usize,
-) -> Result<Measurement> {
-    println!("{} ({}):", interpreter.label, interpreter.path.display());
-    let mut measurement = Measurement::new(interpreter);
-    let mut agent: Option<RunningAgent> = None;
-    for round in 1..=rounds {
-        // ABBA order, see the module comment.
-        let observed_first = round % 2 == 0;
-        for observed in [observed_first, !observed_first] {
-            let seconds = if observed {
-                let running = match agent.as_mut() {
-                    Some(running) => running,
-                    None => agent.insert(RunningAgent::start(agent_binary, agent_log)?),
-                };
-                measurement.add_observed_run(running, workload)?
-            } else {
-                if let Some(running) = agent.take() {
-                    running.stop()?;
-                }
-                measurement.add_unobserved_run(workload)?
-            };
-            let side = if observed {
-                "with agent   "
-            } else {
-                "without agent"
-            };
-            println!("  round {round}: {side} {seconds:.3} s");
-        }
-    }
-    if let Some(running) = agent {
-        running.stop()?;
-    }
-    Ok(measurement)
+/// Rounds of the calibration loop: its effect is large (tens of times the
+/// loop), so a few suffice.
+const CALIBRATION_ROUNDS: usize = 5;
+
+/// Runs one loop of the workload under one agent configuration.
+struct Runner<'a> {
+    python: &'a Path,
+    workload: &'a Path,
+    loop_args: &'a [&'a str],
+    agent_binary: &'a Path,
+    agent_args: &'a [&'a str],
+    agent_log: &'a Path,
 }
 
-impl Measurement {
-    fn new(interpreter: Interpreter) -> Self {
-        Self {
-            interpreter,
-            python_version: String::new(),
-            without_agent: Vec::new(),
-            with_agent: Vec::new(),
-            cpu_without_agent: Vec::new(),
-            cpu_with_agent: Vec::new(),
-            observations: Vec::new(),
+impl Runner<'_> {
+    fn series(&self, rounds: usize, python_version: &mut String) -> Result<Series> {
+        let mut series = Series::default();
+        let mut agent: Option<RunningAgent> = None;
+        for round in 1..=rounds {
+            // ABBA order, see the module comment.
+            let observed_first = round % 2 == 0;
+            for observed in [observed_first, !observed_first] {
+                let (result, observation) = if observed {
+                    let running = match agent.as_mut() {
+                        Some(running) => running,
+                        None => agent.insert(RunningAgent::start(
+                            self.agent_binary,
+                            self.agent_log,
+                            self.agent_args,
+                        )?),
+                    };
+                    let (result, observation) =
+                        run_observed(running, self.python, self.workload, self.loop_args)?;
+                    (result, Some(observation))
+                } else {
+                    if let Some(running) = agent.take() {
+                        running.stop()?;
+                    }
+                    (
+                        run_unobserved(self.python, self.workload, self.loop_args)?,
+                        None,
+                    )
+                };
+                *python_version = result["python"].as_str().unwrap_or("?").to_owned();
+                let seconds = |key: &str| {
+                    result[key]
+                        .as_f64()
+                        .with_context(|| format!("workload result without {key}: {result}"))
+                };
+                let (wall, cpu) = (seconds("seconds")?, seconds("cpu_seconds")?);
+                match observation {
+                    Some(observation) => {
+                        series.with_agent.push(wall);
+                        series.cpu_with_agent.push(cpu);
+                        series.observations.push(observation);
+                    }
+                    None => {
+                        series.without_agent.push(wall);
+                        series.cpu_without_agent.push(cpu);
+                    }
+                }
+                let side = if observed {
+                    "with agent   "
+                } else {
+                    "without agent"
+                };
+                println!("  round {round}: {side} {wall:.3} s (CPU {cpu:.3} s)");
+            }
         }
+        if let Some(running) = agent {
+            running.stop()?;
+        }
+        Ok(series)
     }
+}
 
-    /// Runs the workload once with no agent running; returns its seconds.
-    fn add_unobserved_run(&mut self, workload: &Path) -> Result<f64> {
-        let result = run_unobserved(&self.interpreter.path, workload)?;
-        let (seconds, cpu_seconds) = self.note(&result)?;
-        self.without_agent.push(seconds);
-        self.cpu_without_agent.push(cpu_seconds);
-        Ok(seconds)
-    }
-
-    /// Runs the workload once under `agent`; returns its seconds.
-    fn add_observed_run(&mut self, agent: &mut RunningAgent, workload: &Path) -> Result<f64> {
-        let (result, observation) = run_observed(agent, &self.interpreter.path, workload)?;
-        let (seconds, cpu_seconds) = self.note(&result)?;
-        self.with_agent.push(seconds);
-        self.cpu_with_agent.push(cpu_seconds);
-        self.observations.push(observation);
-        Ok(seconds)
-    }
-
-    /// The wall and CPU seconds of a workload result, noting the Python
-    /// version it gives.
-    fn note(&mut self, result: &Value) -> Result<(f64, f64)> {
-        self.python_version = result["python"].as_str().unwrap_or("?").to_owned();
-        let seconds = |key: &str| {
-            result[key]
-                .as_f64()
-                .with_context(|| format!("workload result without {key}: {result}"))
-        };
-        Ok((seconds("seconds")?, seconds("cpu_seconds")?))
-    }
-
+impl Series {
     fn overhead_percent(&self) -> f64 {
         overhead_percent(&self.without_agent, &self.with_agent)
     }
@@ -209,14 +229,65 @@ impl Measurement {
     fn cpu_overhead_percent(&self) -> f64 {
         overhead_percent(&self.cpu_without_agent, &self.cpu_with_agent)
     }
+
+    /// Median over rounds of each round's own ratio: both runs of a round
+    /// are adjacent in time, so slow drift of the machine cancels.
+    fn paired_cpu_overhead_percent(&self) -> f64 {
+        let ratios: Vec<f64> = self
+            .cpu_with_agent
+            .iter()
+            .zip(&self.cpu_without_agent)
+            .map(|(with, without)| (with / without - 1.0) * 100.0)
+            .collect();
+        median(&ratios)
+    }
+
+    /// Spread of the runs without the agent (max/min - 1): the noise floor
+    /// any overhead figure has to be read against.
+    fn noise_percent(&self) -> f64 {
+        let (min, max) = self
+            .cpu_without_agent
+            .iter()
+            .fold((f64::INFINITY, 0.0_f64), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+        (max / min - 1.0) * 100.0
+    }
+
+    fn median_probe_hits(&self) -> f64 {
+        let hits: Vec<f64> = self
+            .observations
+            .iter()
+            .map(Observation::probe_hits)
+            .collect();
+        median(&hits)
+    }
+}
+
+impl Measurement {
+    /// CPU seconds one probe hit costs the process, from the calibration:
+    /// the extra CPU time of the observed runs over their probe hits.
+    fn seconds_per_hit(&self) -> f64 {
+        let c = &self.calibration;
+        (median(&c.cpu_with_agent) - median(&c.cpu_without_agent)) / c.median_probe_hits()
+    }
+
+    /// The probe time of a workload run (its hits at the calibrated price)
+    /// as a share of the run's CPU time without the agent: what the
+    /// overhead is once the machine's noise is taken out.
+    fn estimated_probe_percent(&self) -> f64 {
+        self.workload.median_probe_hits() * self.seconds_per_hit()
+            / median(&self.workload.cpu_without_agent)
+            * 100.0
+    }
 }
 
 fn overhead_percent(without: &[f64], with: &[f64]) -> f64 {
     (median(with) / median(without) - 1.0) * 100.0
 }
 
-fn run_unobserved(python: &Path, workload: &Path) -> Result<Value> {
-    let mut run = WorkloadRun::spawn(python, workload)?;
+fn run_unobserved(python: &Path, workload: &Path, loop_args: &[&str]) -> Result<Value> {
+    let mut run = WorkloadRun::spawn(python, workload, loop_args)?;
     run.go()?;
     let result = run
         .result_within(RUN_TIMEOUT)?
@@ -232,8 +303,9 @@ fn run_observed(
     agent: &mut RunningAgent,
     python: &Path,
     workload: &Path,
+    loop_args: &[&str],
 ) -> Result<(Value, Observation)> {
-    let mut run = WorkloadRun::spawn(python, workload)?;
+    let mut run = WorkloadRun::spawn(python, workload, loop_args)?;
     let pid = run.pid();
     agent.wait_until_observed(&[pid], OBSERVE_TIMEOUT)?;
     thread::sleep(SETTLE);
@@ -295,6 +367,10 @@ impl Observation {
         self.last["accounting"].as_str().unwrap_or("unobserved")
     }
 
+    fn probe_hits(&self) -> f64 {
+        self.last["probe_hits_total"].as_f64().unwrap_or(f64::NAN)
+    }
+
     fn end_probe_hits_per_second(&self) -> f64 {
         self.last["probe_hits_per_second"]
             .as_f64()
@@ -304,6 +380,7 @@ impl Observation {
     fn to_json(&self) -> Value {
         json!({
             "accounting": self.accounting(),
+            "probe_hits_total": self.probe_hits(),
             "probe_hits_per_second": self.end_probe_hits_per_second(),
             "probe_hits_per_second_peak": self.peak_probe_hits_per_second,
             "allocated_bytes_by_source": self.last["allocated_bytes_by_source"],
@@ -320,10 +397,11 @@ struct WorkloadRun {
 }
 
 impl WorkloadRun {
-    fn spawn(python: &Path, workload: &Path) -> Result<Self> {
+    fn spawn(python: &Path, workload: &Path, loop_args: &[&str]) -> Result<Self> {
         let mut command = Command::new(python);
         command
             .arg(workload)
+            .args(loop_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         let mut process = Supervised::spawn(&mut command, "workload", Duration::from_secs(5))?;
@@ -379,6 +457,25 @@ impl WorkloadRun {
     }
 }
 
+fn series_json(series: &Series) -> Value {
+    json!({
+        "median_seconds_without_agent": median(&series.without_agent),
+        "median_seconds_with_agent": median(&series.with_agent),
+        "overhead_percent": series.overhead_percent(),
+        "median_cpu_seconds_without_agent": median(&series.cpu_without_agent),
+        "median_cpu_seconds_with_agent": median(&series.cpu_with_agent),
+        "cpu_overhead_percent": series.cpu_overhead_percent(),
+        "paired_cpu_overhead_percent": series.paired_cpu_overhead_percent(),
+        "noise_percent": series.noise_percent(),
+        "median_probe_hits": series.median_probe_hits(),
+        "seconds_without_agent": series.without_agent,
+        "seconds_with_agent": series.with_agent,
+        "cpu_seconds_without_agent": series.cpu_without_agent,
+        "cpu_seconds_with_agent": series.cpu_with_agent,
+        "agent_view_at_end_of_run": series.observations.iter().map(Observation::to_json).collect::<Vec<_>>(),
+    })
+}
+
 fn results_json(measurements: &[Measurement], rounds: usize) -> Value {
     let interpreters: Vec<Value> = measurements
         .iter()
@@ -387,17 +484,10 @@ fn results_json(measurements: &[Measurement], rounds: usize) -> Value {
                 "interpreter": m.interpreter.label,
                 "path": m.interpreter.path,
                 "python_version": m.python_version,
-                "median_seconds_without_agent": median(&m.without_agent),
-                "median_seconds_with_agent": median(&m.with_agent),
-                "overhead_percent": m.overhead_percent(),
-                "median_cpu_seconds_without_agent": median(&m.cpu_without_agent),
-                "median_cpu_seconds_with_agent": median(&m.cpu_with_agent),
-                "cpu_overhead_percent": m.cpu_overhead_percent(),
-                "seconds_without_agent": m.without_agent,
-                "seconds_with_agent": m.with_agent,
-                "cpu_seconds_without_agent": m.cpu_without_agent,
-                "cpu_seconds_with_agent": m.cpu_with_agent,
-                "agent_view_at_end_of_run": m.observations.iter().map(Observation::to_json).collect::<Vec<_>>(),
+                "workload": series_json(&m.workload),
+                "calibration": series_json(&m.calibration),
+                "microseconds_per_probe_hit": m.seconds_per_hit() * 1e6,
+                "estimated_probe_percent": m.estimated_probe_percent(),
             })
         })
         .collect();
@@ -405,7 +495,9 @@ fn results_json(measurements: &[Measurement], rounds: usize) -> Value {
         "benchmark": "overhead",
         "workload": WORKLOAD,
         "rounds": rounds,
+        "calibration_rounds": CALIBRATION_ROUNDS,
         "agent_args": ["agent", "--listen", "127.0.0.1:<free port>"],
+        "calibration_agent_args": CALIBRATION_AGENT_ARGS,
         "interpreters": interpreters,
     })
 }
@@ -414,39 +506,36 @@ fn results_markdown(measurements: &[Measurement], rounds: usize) -> String {
     let mut markdown = format!(
         "## Agent overhead: `{WORKLOAD}`, median of {rounds} rounds\n\n\
          Wall time of the loop, and the workload's CPU time (user + system, where the \
-         probes run; steadier when other work shares the machine).\n\n\
-         | interpreter | Python | without agent | with agent | overhead | CPU without | CPU with | CPU overhead | accounting at end | probe hits/s at end (peak) |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n"
+         probes run). *Paired* is the median of each round's own ratio; *noise* is the \
+         spread of the runs without the agent (max/min), which bounds what a timing \
+         can show. *Probe time* prices the run's probe hits at the cost per hit \
+         measured by the calibration loop (`{WORKLOAD} probe-cost`, {CALIBRATION_ROUNDS} \
+         rounds, agent without budget).\n\n\
+         | interpreter | Python | without agent | with agent | overhead | CPU without | CPU with | CPU overhead | paired | noise | probe hits per run | cost per hit | probe time | accounting at end |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for m in measurements {
-        let end_rates: Vec<f64> = m
-            .observations
-            .iter()
-            .map(Observation::end_probe_hits_per_second)
-            .collect();
-        let peak = m
-            .observations
-            .iter()
-            .map(|o| o.peak_probe_hits_per_second)
-            .fold(0.0, f64::max);
+        let w = &m.workload;
         markdown += &format!(
-            "| {} | {} | {:.3} s | {:.3} s | {:+.1} % | {:.3} s | {:.3} s | {:+.1} % | {} | {:.0} ({:.0}) |\n",
+            "| {} | {} | {:.3} s | {:.3} s | {:+.1} % | {:.3} s | {:.3} s | {:+.1} % | {:+.1} % | {:.0} % | {:.0} | {:.1} µs | {:.2} % | {} |\n",
             m.interpreter.label,
             m.python_version,
-            median(&m.without_agent),
-            median(&m.with_agent),
-            m.overhead_percent(),
-            median(&m.cpu_without_agent),
-            median(&m.cpu_with_agent),
-            m.cpu_overhead_percent(),
-            accounting_summary(&m.observations),
-            median(&end_rates),
-            peak,
+            median(&w.without_agent),
+            median(&w.with_agent),
+            w.overhead_percent(),
+            median(&w.cpu_without_agent),
+            median(&w.cpu_with_agent),
+            w.cpu_overhead_percent(),
+            w.paired_cpu_overhead_percent(),
+            w.noise_percent(),
+            w.median_probe_hits(),
+            m.seconds_per_hit() * 1e6,
+            m.estimated_probe_percent(),
+            accounting_summary(&w.observations),
         );
     }
     markdown
 }
-
 /// E.g. "syscalls ×5, probes ×2".
 fn accounting_summary(observations: &[Observation]) -> String {
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
