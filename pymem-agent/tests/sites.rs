@@ -9,21 +9,10 @@ use std::{
     time::Duration,
 };
 
-use common::{Agent, pyenv};
+use common::{Agent, pyenv, site_line};
 use serde_json::Value;
 
-const WORKLOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/sites.py");
-
-/// The line number of the `# SITE: name` marker in the workload.
-fn site_line(name: &str) -> i64 {
-    let source = std::fs::read_to_string(WORKLOAD).unwrap();
-    let marker = format!("# SITE: {name}");
-    let index = source
-        .lines()
-        .position(|l| l.contains(&marker))
-        .unwrap_or_else(|| panic!("no {marker}"));
-    index as i64 + 1
-}
+const WORKLOAD: &str = common::SITES_WORKLOAD;
 
 fn find<'a>(sites: &'a [Value], function: &str) -> Option<(usize, &'a Value)> {
     sites

@@ -12,22 +12,11 @@ use std::{
     time::Duration,
 };
 
-use common::{Agent, pyenv};
+use common::{Agent, pyenv, site_line};
 use serde_json::{Value, json};
 
-const WORKLOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/sites.py");
+const WORKLOAD: &str = common::SITES_WORKLOAD;
 const PROFILE_PROTO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pprof");
-
-/// The line number of the `# SITE: name` marker in the workload.
-fn site_line(name: &str) -> i64 {
-    let source = std::fs::read_to_string(WORKLOAD).unwrap();
-    let marker = format!("# SITE: {name}");
-    let index = source
-        .lines()
-        .position(|l| l.contains(&marker))
-        .unwrap_or_else(|| panic!("no {marker}"));
-    index as i64 + 1
-}
 
 /// An agent for sites.py. Without a probe budget: the workload's blob
 /// loop exceeds the default one within a second, after which its blocks

@@ -174,12 +174,9 @@ pub fn version_reported(agent: &Agent, work: &Workload) -> Check {
 
 /// The line of memwork.py that allocates the small-object leak.
 fn small_leak_line() -> i64 {
-    let source = std::fs::read_to_string(super::WORKLOAD).unwrap();
-    let index = source
-        .lines()
-        .position(|l| l.trim_start().starts_with("chain = [chain,"))
-        .expect("the small-object leak line in memwork.py");
-    index as i64 + 1
+    super::source_line(super::WORKLOAD, "small-object leak line", |l| {
+        l.trim_start().starts_with("chain = [chain,")
+    })
 }
 
 /// After the small-object leak: its line holds the most live bytes.

@@ -16,6 +16,25 @@ use std::{
 use serde_json::Value;
 
 pub const WORKLOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/memwork.py");
+/// The allocation-site workload, with `# SITE: name` markers on its lines.
+pub const SITES_WORKLOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/sites.py");
+
+/// The 1-based number of the first line of `file` that satisfies `is_it`:
+/// tests take expected source lines from the workloads themselves.
+pub fn source_line(file: &str, what: &str, is_it: impl Fn(&str) -> bool) -> i64 {
+    let source = std::fs::read_to_string(file).unwrap();
+    let index = source
+        .lines()
+        .position(is_it)
+        .unwrap_or_else(|| panic!("no {what} in {file}"));
+    index as i64 + 1
+}
+
+/// The line number of the `# SITE: name` marker in the sites workload.
+pub fn site_line(name: &str) -> i64 {
+    let marker = format!("# SITE: {name}");
+    source_line(SITES_WORKLOAD, &marker, |line| line.contains(&marker))
+}
 
 /// A running `pymem agent` on a free loopback port, stopped on drop.
 pub struct Agent {
