@@ -36,6 +36,9 @@ pub struct KernelConfig {
     pub hit_budget_burst: u64,
     /// Size of the event ring buffer (a power of two, at least a page).
     pub ring_buffer_bytes: u32,
+    /// Perf-event uprobes for the per-process probes even where multi-uprobe
+    /// links work.
+    pub perf_uprobes: bool,
 }
 
 const ARENA_PROGRAMS: [&str; 3] = ["arena_mmap", "arena_mmap_ret", "arena_munmap"];
@@ -163,18 +166,18 @@ impl Probes {
             .context("loading the eBPF programs (are you root, with BPF and uprobes enabled?)")?;
         // Before anything takes maps out of `ebpf`: the multi-uprobe
         // programs are relocated against all of them.
-        let multi = match multi::MultiPrograms::load(
-            EBPF_OBJECT,
-            &ebpf,
-            ENTRY_PROGRAM,
-            RETURN_PROGRAM,
-        ) {
-            Ok(programs) => Some(programs),
-            Err(e) => {
-                warn!(
-                    "no multi-uprobe links ({e:#}; they need Linux 6.6+): per-process probes use one perf event each, which is slower to detach"
-                );
-                None
+        let multi = if config.perf_uprobes {
+            info!("per-process probes: one perf-event uprobe per hook (--perf-uprobes)");
+            None
+        } else {
+            match multi::MultiPrograms::load(EBPF_OBJECT, &ebpf, ENTRY_PROGRAM, RETURN_PROGRAM) {
+                Ok(programs) => Some(programs),
+                Err(e) => {
+                    warn!(
+                        "no multi-uprobe links ({e:#}; they need Linux 6.6+): per-process probes use one perf event each, which is slower to detach"
+                    );
+                    None
+                }
             }
         };
         if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {

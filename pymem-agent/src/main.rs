@@ -92,6 +92,10 @@ pub struct ObserveArgs {
     /// pymem_events_lost_total.
     #[arg(long, default_value_t = 1 << 20, value_parser = parse_ring_size)]
     pub ring_buffer_bytes: u32,
+    /// One perf-event uprobe per hook, as on kernels before 6.6, even where
+    /// multi-uprobe links work (to test that path).
+    #[arg(long, hide = true)]
+    pub perf_uprobes: bool,
 }
 
 fn parse_ring_size(value: &str) -> Result<u32, String> {
@@ -116,6 +120,7 @@ impl ObserveArgs {
             probe_delay: self.probe_delay,
             sample_bytes: self.sample_bytes,
             ring_buffer_bytes: self.ring_buffer_bytes,
+            perf_uprobes: self.perf_uprobes,
             ..ObserverConfig::default()
         }
     }

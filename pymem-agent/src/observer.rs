@@ -53,6 +53,9 @@ pub struct ObserverConfig {
     /// Top sites per process published with each snapshot (for per-site
     /// metrics); 0 = none.
     pub site_metrics: usize,
+    /// Per-process probes as perf-event uprobes even where multi-uprobe
+    /// links work.
+    pub perf_uprobes: bool,
 }
 
 impl Default for ObserverConfig {
@@ -68,6 +71,7 @@ impl Default for ObserverConfig {
             sample_bytes: 256 << 10,
             ring_buffer_bytes: 1 << 20,
             site_metrics: 0,
+            perf_uprobes: false,
         }
     }
 }
@@ -151,6 +155,7 @@ impl Observer {
             hit_budget_per_sec: config.hit_budget_per_sec,
             hit_budget_burst: config.hit_budget_burst,
             ring_buffer_bytes: config.ring_buffer_bytes,
+            perf_uprobes: config.perf_uprobes,
         })?;
         let events = EventStream::new(ring)?;
         let (found_tx, found_rx) = mpsc::unbounded_channel();

@@ -57,6 +57,60 @@ fn large_object_leak_matches_known_bytes() {
     assert_eq!(m.after["accounting"], "probes", "{}", m.after);
 }
 
+/// The default probe burst (`--probe-burst`).
+const PROBE_BURST: f64 = 500.0;
+
+/// A hot loop of 8 KiB blocks (5,000 a second, three probe hits each) goes
+/// over the probe budget: the process moves to syscall accounting, stops
+/// paying for probes within milliseconds (its hits stay near the burst, not
+/// the tens of thousands its loop would cost), and its growth is still
+/// measured against the blocks' exact sizes.
+#[test]
+fn over_budget_process_moves_to_syscall_accounting_promptly() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let agent = Agent::start(&[]);
+    let mut work = Workload::spawn(&python);
+    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    let m = agent.measure(&mut work, "leak_bytes 6 5000");
+    let truth = m.result["bytes"].as_f64().unwrap();
+    let blocks = m.result["objects"].as_f64().unwrap();
+    assert!(blocks > 20_000.0, "{}", m.result);
+    assert_eq!(m.after["accounting"], "syscalls", "{}", m.after);
+    let hits = m.after["probe_hits_total"].as_f64().unwrap();
+    eprintln!("{hits} probe hits for {blocks} blocks");
+    assert!(
+        hits < 3.0 * PROBE_BURST,
+        "{hits} probe hits for {blocks} blocks: the probes were not detached promptly after the budget ran out\n{}",
+        agent.log()
+    );
+    assert_within(m.heap_growth(), truth, 0.10, "heap growth");
+    assert!(
+        agent.log().contains("over its allocation-probe budget"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// Kernels before 6.6 have no multi-uprobe links: the same programs as one
+/// perf-event uprobe per hook count the same blocks.
+#[test]
+fn perf_uprobe_fallback_counts_large_blocks() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let agent = Agent::start(&["--perf-uprobes"]);
+    let mut work = Workload::spawn(&python);
+    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    let m = agent.measure(&mut work, "leak_bytes 12 300");
+    let truth = m.result["bytes"].as_f64().unwrap();
+    assert!(truth > 25e6, "{}", m.result);
+    assert_within(m.source_growth("raw_bytes"), truth, 0.10, "raw growth");
+    assert_eq!(m.after["accounting"], "probes", "{}", m.after);
+    assert!(
+        agent.log().contains("one perf-event uprobe per hook"),
+        "{}",
+        agent.log()
+    );
+}
+
 /// numpy reports its buffers through PyTraceMalloc_Track.
 #[test]
 fn numpy_leak_matches_nbytes() {
@@ -223,9 +277,23 @@ fn exits_are_dropped_and_sigterm_is_prompt() {
         agent.process(pid).is_none(),
         "exited pid {pid} still listed"
     );
+    // Stopping detaches every process's probes: with one perf-event uprobe
+    // per hook this took seconds per process; it must not grow with them.
+    let held: Vec<Workload> = (0..PROCESSES_AT_STOP)
+        .map(|_| Workload::spawn(&python))
+        .collect();
+    for work in &held {
+        agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    }
     let took = agent.stop();
-    assert!(took < Duration::from_secs(5), "agent took {took:?} to exit");
+    assert!(
+        took < Duration::from_secs(5),
+        "agent took {took:?} to exit holding the probes of {PROCESSES_AT_STOP} processes"
+    );
 }
+
+/// Processes whose probes the agent holds when it is stopped.
+const PROCESSES_AT_STOP: usize = 20;
 
 /// Forked children (multiprocessing, pre-fork servers) never exec: they
 /// are found through the fork tracepoint and measured on their own.
