@@ -22,7 +22,10 @@ struct VersionOffsets {
     /// 3.12+: `PyInterpreterState.ceval.gil`, `_gil_runtime_state.last_holder`.
     tstate_deref: [u64; 2],
     frame_owner: u64,
-    cstack_owner: u64,
+    /// Owner values from this one up mark frames that are not Python
+    /// functions: `FRAME_OWNED_BY_CSTACK` (3.12, 3.13: 3), and 3.14's
+    /// `FRAME_OWNED_BY_INTERPRETER` (3) and `FRAME_OWNED_BY_CSTACK` (4).
+    first_shim_owner: u64,
     tstate_frame: u64,
     cframe_frame: u64,
     frame_code: u64,
@@ -78,7 +81,7 @@ fn offsets(version: PyVersion) -> Option<VersionOffsets> {
         tstate_deref: [NO_OFFSET; 2],
         // f_code's low byte: never 0xff for an aligned pointer.
         frame_owner: 32,
-        cstack_owner: 0xff,
+        first_shim_owner: 0xff,
         tstate_frame: 24,
         cframe_frame: NO_OFFSET,
         frame_code: 32,
@@ -94,7 +97,7 @@ fn offsets(version: PyVersion) -> Option<VersionOffsets> {
             runtime_tstate_chain: 576,
             tstate_deref: [NO_OFFSET; 2],
             frame_owner: 32,
-            cstack_owner: 0xff,
+            first_shim_owner: 0xff,
             tstate_frame: 56,
             cframe_frame: 8,
             frame_code: 32,
@@ -116,7 +119,7 @@ fn offsets(version: PyVersion) -> Option<VersionOffsets> {
             runtime_tstate_chain: 40,
             tstate_deref: [384, 8],
             frame_owner: 70,
-            cstack_owner: 3,
+            first_shim_owner: 3,
             tstate_frame: 56,
             cframe_frame: 0,
             frame_code: 0,
@@ -128,7 +131,7 @@ fn offsets(version: PyVersion) -> Option<VersionOffsets> {
             runtime_tstate_chain: 632,
             tstate_deref: [16, 8],
             frame_owner: 70,
-            cstack_owner: 3,
+            first_shim_owner: 3,
             tstate_frame: 72,
             cframe_frame: NO_OFFSET,
             frame_code: 0,
@@ -168,7 +171,7 @@ pub fn layout_for(pid: u32, binary: &Binary, sample_period: u64) -> Result<Proce
             frame_back: offsets.frame_back,
             frame_instr: offsets.frame_instr,
             frame_owner: offsets.frame_owner,
-            cstack_owner: offsets.cstack_owner,
+            first_shim_owner: offsets.first_shim_owner,
             sample_period,
         },
         code: offsets.code,
