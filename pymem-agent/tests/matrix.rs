@@ -49,10 +49,11 @@ fn selected(interp: &Interpreter) -> bool {
     })
 }
 
-/// Python stacks are walked for these minors (3.12+ keep the thread state
-/// elsewhere); sites elsewhere are recorded, not required.
+/// Python stacks are required for these minors (3.14's offsets come from
+/// the binary's own `_Py_DebugOffsets`); sites elsewhere are recorded, not
+/// required.
 fn stacks_expected(minor: &str) -> bool {
-    matches!(minor, "3.8" | "3.9" | "3.10" | "3.11")
+    matches!(minor, "3.8" | "3.9" | "3.10" | "3.11" | "3.14")
 }
 
 /// Every core case on one workload process, in an order that keeps the

@@ -69,14 +69,17 @@ pub struct PyLayout {
     pub tstate_frame: u64,
     /// CFrame -> current_frame, or NO_OFFSET.
     pub cframe_frame: u64,
+    /// The frame's code object; its low 3 bits are masked off (3.14 keeps
+    /// a tag there: `_PyStackRef`).
     pub frame_code: u64,
     pub frame_back: u64,
     pub frame_instr: u64,
-    /// Frame owner byte and the value marking C-stack shim frames (3.12+);
-    /// shim frames are recorded with code 0. Older versions point at a
-    /// field that never holds `cstack_owner` (0xff).
+    /// Frame owner byte and the first owner value marking frames that are
+    /// not Python functions (C-stack and interpreter shim frames, 3.12+);
+    /// those are recorded with code 0. Older versions point at a byte that
+    /// never reaches `first_shim_owner` (0xff: an aligned pointer's low byte).
     pub frame_owner: u64,
-    pub cstack_owner: u64,
+    pub first_shim_owner: u64,
     /// Mean bytes between sampled allocations outside pymalloc; 0 = off.
     pub sample_period: u64,
 }

@@ -87,8 +87,9 @@ pub fn capture(tgid: u32) -> u64 {
         }
         let owner = read_u8_or_zero(frame + layout.frame_owner);
         // Shim frames keep their slot with code 0 (branch-free skip).
-        let real = u64::from(u64::from(owner) != layout.cstack_owner);
-        let code = read_u64_or_zero(frame + layout.frame_code) * real;
+        let real = u64::from(u64::from(owner) < layout.first_shim_owner);
+        // 3.14's `_PyStackRef` tags the low bit; objects are 8-aligned.
+        let code = (read_u64_or_zero(frame + layout.frame_code) & !7) * real;
         let instr = read_u64_or_zero(frame + layout.frame_instr) * real;
         *slot = PyFrame { code, instr };
         hash = (hash ^ code).wrapping_mul(FNV_PRIME);

@@ -10,10 +10,15 @@ use anyhow::{Context as _, Result, anyhow};
 use pymem_common::{NO_OFFSET, PyFrame, PyLayout};
 use serde::{Deserialize, Serialize};
 
-use crate::discover::{Binary, elf::PyVersion};
+use crate::discover::{
+    Binary,
+    elf::{Interpreter, PyVersion},
+};
 
 /// Per-version offsets (x86-64, default GIL builds), checked against the
-/// interpreters' own debug info in the tests.
+/// interpreters' own debug info in the tests. For 3.13+ the binary's own
+/// `_Py_DebugOffsets` override them where it has them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct VersionOffsets {
     /// Offset in `_PyRuntime` where the chain to the GIL holder's thread
     /// state starts (`gilstate.tstate_current` up to 3.11,
@@ -22,7 +27,10 @@ struct VersionOffsets {
     /// 3.12+: `PyInterpreterState.ceval.gil`, `_gil_runtime_state.last_holder`.
     tstate_deref: [u64; 2],
     frame_owner: u64,
-    cstack_owner: u64,
+    /// Owner values from this one up mark frames that are not Python
+    /// functions: `FRAME_OWNED_BY_CSTACK` (3.12, 3.13: 3), and 3.14's
+    /// `FRAME_OWNED_BY_INTERPRETER` (3) and `FRAME_OWNED_BY_CSTACK` (4).
+    first_shim_owner: u64,
     tstate_frame: u64,
     cframe_frame: u64,
     frame_code: u64,
@@ -31,7 +39,7 @@ struct VersionOffsets {
     code: CodeOffsets,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CodeOffsets {
     filename: u64,
     name: u64,
@@ -52,6 +60,30 @@ enum LineFormat {
     Linetable310,
     /// 3.11+ location table, instruction pointer into co_code_adaptive
     Locations,
+}
+
+/// The offsets for `interp`: the version's table, with what the binary's
+/// own `_Py_DebugOffsets` states taking precedence (a vendor's patched
+/// build keeps working; the tests check the table against it).
+fn offsets_for(interp: &Interpreter) -> Option<VersionOffsets> {
+    let mut offsets = offsets(interp.version)?;
+    if let Some(debug) = &interp.stack_offsets {
+        offsets.runtime_tstate_chain = debug.runtime_interpreters_head;
+        offsets.tstate_deref = [debug.interp_ceval_gil, debug.gil_last_holder];
+        offsets.tstate_frame = debug.tstate_current_frame;
+        offsets.cframe_frame = NO_OFFSET;
+        offsets.frame_code = debug.frame_executable;
+        offsets.frame_back = debug.frame_previous;
+        offsets.frame_instr = debug.frame_instr_ptr;
+        offsets.frame_owner = debug.frame_owner;
+        offsets.code.filename = debug.code_filename;
+        offsets.code.name = debug.code_name;
+        offsets.code.first_line = debug.code_firstlineno;
+        offsets.code.line_table = debug.code_linetable;
+        offsets.code.code_adaptive = debug.code_adaptive;
+        offsets.code.ascii_data = debug.ascii_object_size;
+    }
+    Some(offsets)
 }
 
 fn offsets(version: PyVersion) -> Option<VersionOffsets> {
@@ -78,7 +110,7 @@ fn offsets(version: PyVersion) -> Option<VersionOffsets> {
         tstate_deref: [NO_OFFSET; 2],
         // f_code's low byte: never 0xff for an aligned pointer.
         frame_owner: 32,
-        cstack_owner: 0xff,
+        first_shim_owner: 0xff,
         tstate_frame: 24,
         cframe_frame: NO_OFFSET,
         frame_code: 32,
@@ -94,7 +126,7 @@ fn offsets(version: PyVersion) -> Option<VersionOffsets> {
             runtime_tstate_chain: 576,
             tstate_deref: [NO_OFFSET; 2],
             frame_owner: 32,
-            cstack_owner: 0xff,
+            first_shim_owner: 0xff,
             tstate_frame: 56,
             cframe_frame: 8,
             frame_code: 32,
@@ -116,7 +148,7 @@ fn offsets(version: PyVersion) -> Option<VersionOffsets> {
             runtime_tstate_chain: 40,
             tstate_deref: [384, 8],
             frame_owner: 70,
-            cstack_owner: 3,
+            first_shim_owner: 3,
             tstate_frame: 56,
             cframe_frame: 0,
             frame_code: 0,
@@ -128,13 +160,27 @@ fn offsets(version: PyVersion) -> Option<VersionOffsets> {
             runtime_tstate_chain: 632,
             tstate_deref: [16, 8],
             frame_owner: 70,
-            cstack_owner: 3,
+            first_shim_owner: 3,
             tstate_frame: 72,
             cframe_frame: NO_OFFSET,
             frame_code: 0,
             frame_back: 8,
             frame_instr: 56,
             code: new_code(200),
+        }),
+        // f_executable is a tagged `_PyStackRef` (low bit): masked by the
+        // kernel walk and the symbolizer.
+        (3, 14) => Some(VersionOffsets {
+            runtime_tstate_chain: 808,
+            tstate_deref: [16, 8],
+            frame_owner: 74,
+            first_shim_owner: 3,
+            tstate_frame: 72,
+            cframe_frame: NO_OFFSET,
+            frame_code: 0,
+            frame_back: 8,
+            frame_instr: 56,
+            code: new_code(208),
         }),
         _ => None,
     }
@@ -152,7 +198,7 @@ pub struct ProcessLayout {
 /// supported for this build.
 pub fn layout_for(pid: u32, binary: &Binary, sample_period: u64) -> Result<ProcessLayout> {
     let interp = &binary.interpreter;
-    let offsets = offsets(interp.version)
+    let offsets = offsets_for(interp)
         .ok_or_else(|| anyhow!("Python stacks are not supported for {} yet", interp.version))?;
     let runtime = interp
         .runtime_vaddr
@@ -168,7 +214,7 @@ pub fn layout_for(pid: u32, binary: &Binary, sample_period: u64) -> Result<Proce
             frame_back: offsets.frame_back,
             frame_instr: offsets.frame_instr,
             frame_owner: offsets.frame_owner,
-            cstack_owner: offsets.cstack_owner,
+            first_shim_owner: offsets.first_shim_owner,
             sample_period,
         },
         code: offsets.code,
@@ -334,4 +380,88 @@ fn read_bytes_object(mem: &File, addr: u64) -> Result<Vec<u8>> {
         return Err(anyhow!("implausible bytes size {size}"));
     }
     read_bytes(mem, addr + 32, size as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::discover::elf;
+
+    /// 3.13+ interpreters on this machine: pyenv's shared builds and the
+    /// Debian static stripped builds inside the test root filesystems.
+    fn interpreters_with_debug_offsets() -> Vec<(PathBuf, String)> {
+        let home = PathBuf::from(std::env::var("HOME").unwrap_or_default());
+        let rootfs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/rootfs");
+        let mut found = Vec::new();
+        for dir in std::fs::read_dir(home.join(".pyenv/versions"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+        {
+            let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+            let Some(minor) = name.strip_prefix("3.").and_then(|r| r.split('.').next()) else {
+                continue;
+            };
+            if minor.parse::<u8>().is_ok_and(|m| m >= 13) && !name.ends_with('t') {
+                let lib = format!("libpython3.{minor}.so.1.0");
+                found.push((dir.join("lib").join(&lib), lib));
+            }
+        }
+        for (suite, python) in [("trixie", "python3.13"), ("sid", "python3.14")] {
+            found.push((
+                rootfs.join(suite).join("usr/bin").join(python),
+                python.into(),
+            ));
+        }
+        found.retain(|(path, _)| path.exists());
+        found
+    }
+
+    /// The hard-coded 3.13/3.14 offsets are exactly what each binary's own
+    /// `_Py_DebugOffsets` states.
+    #[test]
+    fn table_matches_each_binarys_debug_offsets() {
+        let interpreters = interpreters_with_debug_offsets();
+        if interpreters.is_empty() {
+            eprintln!("SKIP: no Python 3.13+ here (pyenv or .cache/rootfs)");
+            return;
+        }
+        for (path, name) in interpreters {
+            let interp = elf::analyze(&path, &name).unwrap();
+            let debug = interp
+                .stack_offsets
+                .unwrap_or_else(|| panic!("{}: no stack offsets read", path.display()));
+            let table = offsets(interp.version)
+                .unwrap_or_else(|| panic!("{}: no table for {}", path.display(), interp.version));
+            let from_binary = offsets_for(&interp).unwrap();
+            assert_eq!(table, from_binary, "{}: {debug:#?}", path.display());
+            eprintln!(
+                "{} ({}): table = _Py_DebugOffsets",
+                path.display(),
+                interp.version
+            );
+        }
+    }
+
+    /// 3.8–3.12 carry no `_Py_DebugOffsets`: the table alone decides.
+    #[test]
+    fn versions_before_313_use_the_table() {
+        for minor in 8..=12 {
+            let version = PyVersion {
+                major: 3,
+                minor,
+                micro: 0,
+            };
+            assert!(offsets(version).is_some(), "3.{minor}");
+        }
+        let future = PyVersion {
+            major: 3,
+            minor: 15,
+            micro: 0,
+        };
+        assert!(offsets(future).is_none());
+    }
 }
