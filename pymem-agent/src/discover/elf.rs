@@ -618,7 +618,7 @@ fn plt_stubs(elf: &ElfFile64<'_, object::Endianness>) -> Result<LibcStubs> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -721,7 +721,7 @@ mod tests {
 
     /// 3.13+ interpreters on this machine: pyenv's shared 3.13 and the
     /// Debian static stripped builds inside the test root filesystems.
-    fn debug_offset_interpreters() -> Vec<(std::path::PathBuf, String)> {
+    pub(crate) fn debug_offset_interpreters() -> Vec<(std::path::PathBuf, String)> {
         let home = std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default());
         let rootfs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/rootfs");
         let mut found = Vec::new();

@@ -384,47 +384,14 @@ fn read_bytes_object(mem: &File, addr: u64) -> Result<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::{Path, PathBuf};
-
     use super::*;
     use crate::discover::elf;
-
-    /// 3.13+ interpreters on this machine: pyenv's shared builds and the
-    /// Debian static stripped builds inside the test root filesystems.
-    fn interpreters_with_debug_offsets() -> Vec<(PathBuf, String)> {
-        let home = PathBuf::from(std::env::var("HOME").unwrap_or_default());
-        let rootfs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/rootfs");
-        let mut found = Vec::new();
-        for dir in std::fs::read_dir(home.join(".pyenv/versions"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-        {
-            let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-            let Some(minor) = name.strip_prefix("3.").and_then(|r| r.split('.').next()) else {
-                continue;
-            };
-            if minor.parse::<u8>().is_ok_and(|m| m >= 13) && !name.ends_with('t') {
-                let lib = format!("libpython3.{minor}.so.1.0");
-                found.push((dir.join("lib").join(&lib), lib));
-            }
-        }
-        for (suite, python) in [("trixie", "python3.13"), ("sid", "python3.14")] {
-            found.push((
-                rootfs.join(suite).join("usr/bin").join(python),
-                python.into(),
-            ));
-        }
-        found.retain(|(path, _)| path.exists());
-        found
-    }
 
     /// The hard-coded 3.13/3.14 offsets are exactly what each binary's own
     /// `_Py_DebugOffsets` states.
     #[test]
     fn table_matches_each_binarys_debug_offsets() {
-        let interpreters = interpreters_with_debug_offsets();
+        let interpreters = elf::tests::debug_offset_interpreters();
         if interpreters.is_empty() {
             eprintln!("SKIP: no Python 3.13+ here (pyenv or .cache/rootfs)");
             return;
