@@ -55,14 +55,6 @@ fn label(function: &str, file: &str, line: i64) -> String {
 mod tests {
     use super::*;
 
-    fn frame(function: &str, line: i64) -> Frame {
-        Frame {
-            function: function.into(),
-            file: "app.py".into(),
-            line,
-        }
-    }
-
     fn site(stack: Vec<Frame>, bytes: u64) -> Site {
         Site {
             function: stack[0].function.clone(),
@@ -77,8 +69,14 @@ mod tests {
     #[test]
     fn folded_stacks_are_root_first_and_skip_sites_without_live_bytes() {
         let sites = [
-            site(vec![frame("leak", 9), frame("main", 30)], 800),
-            site(vec![frame("churn", 5), frame("main", 31)], 0),
+            site(
+                vec![Frame::in_app("leak", 9), Frame::in_app("main", 30)],
+                800,
+            ),
+            site(
+                vec![Frame::in_app("churn", 5), Frame::in_app("main", 31)],
+                0,
+            ),
         ];
         assert_eq!(
             folded_stacks(&sites),
@@ -88,7 +86,10 @@ mod tests {
 
     #[test]
     fn svg_names_the_frames() {
-        let sites = [site(vec![frame("leak", 9), frame("main", 30)], 800)];
+        let sites = [site(
+            vec![Frame::in_app("leak", 9), Frame::in_app("main", 30)],
+            800,
+        )];
         let svg = String::from_utf8(render_svg(&sites, "t").unwrap()).unwrap();
         assert!(svg.starts_with("<?xml"), "{}", &svg[..100]);
         assert!(svg.contains("leak (app.py:9)"));
@@ -96,7 +97,7 @@ mod tests {
 
     #[test]
     fn nothing_live_is_an_error() {
-        let sites = [site(vec![frame("churn", 5)], 0)];
+        let sites = [site(vec![Frame::in_app("churn", 5)], 0)];
         assert!(render_svg(&sites, "t").is_err());
     }
 }

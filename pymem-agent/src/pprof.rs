@@ -239,14 +239,6 @@ mod tests {
 
     use super::*;
 
-    fn frame(function: &str, line: i64) -> Frame {
-        Frame {
-            function: function.into(),
-            file: "app.py".into(),
-            line,
-        }
-    }
-
     fn site(stack: Vec<Frame>, bytes: u64, allocated_bytes: u64) -> Site {
         Site {
             function: stack[0].function.clone(),
@@ -261,9 +253,17 @@ mod tests {
     #[test]
     fn shared_frames_share_locations_and_functions() {
         let sites = [
-            site(vec![frame("leak", 9), frame("main", 30)], 800, 900),
-            site(vec![frame("churn", 5), frame("main", 31)], 0, 4096),
-            site(vec![frame("idle", 2)], 0, 0),
+            site(
+                vec![Frame::in_app("leak", 9), Frame::in_app("main", 30)],
+                800,
+                900,
+            ),
+            site(
+                vec![Frame::in_app("churn", 5), Frame::in_app("main", 31)],
+                0,
+                4096,
+            ),
+            site(vec![Frame::in_app("idle", 2)], 0, 0),
         ];
         let profile = build(&sites, 7, &["pid 1".into()]);
         let text = |i: i64| profile.string_table[i as usize].as_str();
@@ -283,7 +283,7 @@ mod tests {
 
     #[test]
     fn encoded_profile_is_gzip_of_the_message() {
-        let sites = [site(vec![frame("leak", 9)], 1, 2)];
+        let sites = [site(vec![Frame::in_app("leak", 9)], 1, 2)];
         let gz = encode(&sites, 7, &[]).unwrap();
         let mut raw = Vec::new();
         flate2::read::GzDecoder::new(&gz[..])

@@ -107,14 +107,6 @@ pub fn group_sites(stacks: Vec<(Vec<Frame>, StackBytes)>) -> Vec<Site> {
 mod tests {
     use super::*;
 
-    fn frame(function: &str, line: i64) -> Frame {
-        Frame {
-            function: function.into(),
-            file: "app.py".into(),
-            line,
-        }
-    }
-
     #[test]
     fn frees_leave_the_site_that_allocated() {
         let mut t = SiteTracker::default();
@@ -145,21 +137,21 @@ mod tests {
     fn sites_group_by_innermost_frame_and_sort_by_live_bytes() {
         let sites = group_sites(vec![
             (
-                vec![frame("churn", 5), frame("main", 1)],
+                vec![Frame::in_app("churn", 5), Frame::in_app("main", 1)],
                 StackBytes {
                     live: 0,
                     allocated: 900,
                 },
             ),
             (
-                vec![frame("leak", 9), frame("a", 2)],
+                vec![Frame::in_app("leak", 9), Frame::in_app("a", 2)],
                 StackBytes {
                     live: 300,
                     allocated: 300,
                 },
             ),
             (
-                vec![frame("leak", 9), frame("b", 3)],
+                vec![Frame::in_app("leak", 9), Frame::in_app("b", 3)],
                 StackBytes {
                     live: 500,
                     allocated: 500,

@@ -249,6 +249,18 @@ pub struct Frame {
     pub line: i64,
 }
 
+#[cfg(test)]
+impl Frame {
+    /// A frame of `app.py`, for tests.
+    pub fn in_app(function: &str, line: i64) -> Self {
+        Self {
+            function: function.into(),
+            file: "app.py".into(),
+            line,
+        }
+    }
+}
+
 struct CodeInfo {
     function: String,
     file: String,
