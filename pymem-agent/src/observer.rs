@@ -91,7 +91,12 @@ pub type QuerySender = mpsc::Sender<Query>;
 
 /// Results of discovery work done off the loop.
 enum Found {
-    Python(Box<PythonProcess>),
+    /// `forked`: found through a fork (no exec), so it runs its parent's
+    /// image with the imports done.
+    Python {
+        process: Box<PythonProcess>,
+        forked: bool,
+    },
     Skipped(u32, Skip),
     /// The full scan finished; the set of pids seen in /proc.
     ScanDone(HashSet<u32>),
@@ -301,7 +306,10 @@ impl Observer {
                 std::thread::sleep(Duration::from_millis(delay));
                 match discoverer.inspect(pid) {
                     Ok(process) => {
-                        let _ = tx.send(Found::Python(Box::new(process)));
+                        let _ = tx.send(Found::Python {
+                            process: Box::new(process),
+                            forked: !after_exec,
+                        });
                         return;
                     }
                     Err(Skip::NotYetMapped) => last = Skip::NotYetMapped,
@@ -333,7 +341,10 @@ impl Observer {
                     continue;
                 }
                 let found = match discoverer.inspect(pid) {
-                    Ok(process) => Found::Python(Box::new(process)),
+                    Ok(process) => Found::Python {
+                        process: Box::new(process),
+                        forked: false,
+                    },
                     Err(skip) => Found::Skipped(pid, skip),
                 };
                 if tx.send(found).is_err() {
@@ -346,7 +357,7 @@ impl Observer {
 
     fn on_found(&mut self, found: Found) {
         match found {
-            Found::Python(process) => self.observe(*process),
+            Found::Python { process, forked } => self.observe(*process, forked),
             Found::Skipped(pid, skip) => {
                 match &skip {
                     Skip::Unsupported(reason) => {
@@ -380,7 +391,7 @@ impl Observer {
         }
     }
 
-    fn observe(&mut self, process: PythonProcess) {
+    fn observe(&mut self, process: PythonProcess, forked: bool) {
         let pid = process.pid;
         if self.observed.contains_key(&pid) {
             return;
@@ -425,8 +436,15 @@ impl Observer {
             StackSetup::NotYet(_) => (None, Some(now + STACK_CHECK_PATIENCE)),
             StackSetup::Off => (None, None),
         };
-        let age = process_age(pid).unwrap_or(Duration::MAX);
-        let probes_due = now + self.config.probe_delay.saturating_sub(age);
+        // A forked child has no imports ahead of it, and it inherits its
+        // parent's breakpoints, which cost it a trap each, uncounted, until
+        // its own probes are attached: attach them at once.
+        let probes_due = if forked {
+            now
+        } else {
+            let age = process_age(pid).unwrap_or(Duration::MAX);
+            now + self.config.probe_delay.saturating_sub(age)
+        };
         self.observed.insert(
             pid,
             Observed {
