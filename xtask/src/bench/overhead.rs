@@ -505,6 +505,8 @@ fn results_json(measurements: &[Measurement], rounds: usize) -> Value {
 fn results_markdown(measurements: &[Measurement], rounds: usize) -> String {
     let mut markdown = format!(
         "## Agent overhead: `{WORKLOAD}`, median of {rounds} rounds\n\n\
+         The agent runs with its defaults: probe budget on, Python stacks captured at \
+         every new arena and at byte-sampled blocks (`--sample-bytes` 256 KiB). \
          Wall time of the loop, and the workload's CPU time (user + system, where the \
          probes run). *Paired* is the median of each round's own ratio; *noise* is the \
          spread of the runs without the agent (max/min), which bounds what a timing \
