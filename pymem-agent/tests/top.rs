@@ -9,21 +9,29 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, pyenv};
+use common::{Agent, pyenv, source_line};
 use serde_json::Value;
 
 const PYMEM: &str = env!("CARGO_BIN_EXE_pymem");
 
 /// Leaks small objects (pymalloc arenas: visible from the first sample) at
-/// about 3 MB/s for `argv[1]` seconds, then idles.
+/// about 3 MB/s for `argv[1]` seconds, then idles. The leaking line is
+/// marked for the allocation-site checks.
 const LEAKER: &str = r#"
 import sys, time
 chain = None
+
+
+def leak(i):
+    global chain
+    chain = [chain, "x" * 40 + str(i)]  # SITE: leak
+
+
 end = time.time() + float(sys.argv[1])
 i = 0
 while time.time() < end:
     for _ in range(330):
-        chain = [chain, "x" * 40 + str(i)]
+        leak(i)
         i += 1
     time.sleep(0.02)
 time.sleep(3600)
@@ -236,10 +244,29 @@ fn tui_shows_a_leak_sorts_on_a_key_and_restores_the_terminal() {
 
     tmux.send_keys("End");
     tmux.send_keys("Enter");
-    let screen = tmux.wait_for("detail view", Duration::from_secs(5), |s| {
-        s.contains("Heap history") && s.contains("Top growing allocation sites")
+    // The detail view lists the leaking line, from the script's own source,
+    // as its heaviest allocation site.
+    let leaker_path = dir.path().join("leaker.py");
+    let leak_line = source_line(leaker_path.to_str().unwrap(), "the leak", |l| {
+        l.contains("# SITE: leak")
     });
+    let location = format!("{}:{leak_line}", leaker_path.display());
+    let screen = tmux.wait_for("the leak's site", Duration::from_secs(10), |s| {
+        s.contains("Heap history") && s.contains(&location)
+    });
+    eprintln!("pymem top, detail view:\n{screen}");
     assert!(screen.contains(&format!("pid {}", leaker.pid)), "{screen}");
+    assert!(screen.contains("Top allocation sites · "), "{screen}");
+    let header = line_of(&screen, "ALLOCATED").expect("sites table header");
+    let heaviest = screen.lines().nth(header + 1).unwrap();
+    assert!(
+        heaviest.contains(&location) && heaviest.contains(" leak "),
+        "the leak is the heaviest site:\n{screen}"
+    );
+    assert!(
+        heaviest.matches(" MiB").count() == 2,
+        "live and allocated: {heaviest}"
+    );
     tmux.send_keys("Escape");
     tmux.wait_for("back to the table", Duration::from_secs(5), |s| {
         s.contains("HEAP HISTORY")
