@@ -64,6 +64,16 @@ pub struct Site {
     pub stack: Vec<Frame>,
 }
 
+/// `file:line`, or `<unknown>:0` (as tracemalloc writes it) for memory
+/// allocated with no Python frame on the stack.
+pub fn location(file: &str, line: i64) -> String {
+    if file.is_empty() {
+        "<unknown>:0".to_string()
+    } else {
+        format!("{file}:{line}")
+    }
+}
+
 /// Groups symbolised stacks by their innermost frame, heaviest first.
 pub fn group_sites(stacks: Vec<(Vec<Frame>, StackBytes)>) -> Vec<Site> {
     let mut by_line: HashMap<Frame, (StackBytes, Vec<Frame>, u64)> = HashMap::new();

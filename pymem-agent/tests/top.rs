@@ -9,21 +9,29 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, pyenv};
+use common::{Agent, pyenv, source_line};
 use serde_json::Value;
 
 const PYMEM: &str = env!("CARGO_BIN_EXE_pymem");
 
 /// Leaks small objects (pymalloc arenas: visible from the first sample) at
-/// about 3 MB/s for `argv[1]` seconds, then idles.
+/// about 3 MB/s for `argv[1]` seconds, then idles. The leaking line is
+/// marked for the allocation-site checks.
 const LEAKER: &str = r#"
 import sys, time
 chain = None
+
+
+def leak(i):
+    global chain
+    chain = [chain, "x" * 40 + str(i)]  # SITE: leak
+
+
 end = time.time() + float(sys.argv[1])
 i = 0
 while time.time() < end:
     for _ in range(330):
-        chain = [chain, "x" * 40 + str(i)]
+        leak(i)
         i += 1
     time.sleep(0.02)
 time.sleep(3600)
@@ -161,6 +169,37 @@ fn line_with<'a>(screen: &'a str, needle: &str) -> &'a str {
     screen.lines().find(|l| l.contains(needle)).unwrap_or("")
 }
 
+/// `leaker.py:N` in `dir`: the leaking line, from the script's own source.
+fn leak_location(dir: &Path) -> String {
+    let path = dir.join("leaker.py");
+    let line = source_line(path.to_str().unwrap(), "the leak", |l| {
+        l.contains("# SITE: leak")
+    });
+    format!("{}:{line}", path.display())
+}
+
+/// The detail view of the leaker in `dir` once it lists the leaking line;
+/// checks that the line is the heaviest site, with its function and bytes.
+fn wait_for_leak_site(tmux: &Tmux, dir: &Path) -> String {
+    let location = leak_location(dir);
+    let screen = tmux.wait_for("the leak's site", Duration::from_secs(15), |s| {
+        s.contains("Heap history") && s.contains(&location)
+    });
+    assert!(screen.contains("Top allocation sites · "), "{screen}");
+    let header = line_of(&screen, "ALLOCATED").expect("sites table header");
+    let heaviest = screen.lines().nth(header + 1).unwrap();
+    assert!(
+        heaviest.contains(&location) && heaviest.contains(" leak "),
+        "the leak is the heaviest site:\n{screen}"
+    );
+    assert_eq!(
+        heaviest.matches(" MiB").count(),
+        2,
+        "live and allocated bytes: {heaviest}"
+    );
+    screen
+}
+
 #[test]
 fn tui_shows_a_leak_sorts_on_a_key_and_restores_the_terminal() {
     let python = require!(python(), "Python 3");
@@ -236,9 +275,8 @@ fn tui_shows_a_leak_sorts_on_a_key_and_restores_the_terminal() {
 
     tmux.send_keys("End");
     tmux.send_keys("Enter");
-    let screen = tmux.wait_for("detail view", Duration::from_secs(5), |s| {
-        s.contains("Heap history") && s.contains("Top growing allocation sites")
-    });
+    let screen = wait_for_leak_site(&tmux, dir.path());
+    eprintln!("pymem top, detail view:\n{screen}");
     assert!(screen.contains(&format!("pid {}", leaker.pid)), "{screen}");
     tmux.send_keys("Escape");
     tmux.wait_for("back to the table", Duration::from_secs(5), |s| {
@@ -258,6 +296,34 @@ fn tui_shows_a_leak_sorts_on_a_key_and_restores_the_terminal() {
         !screen.contains("sort:"),
         "still on the alternate screen:\n{screen}"
     );
+}
+
+#[test]
+fn tui_without_an_agent_lists_sites_from_its_own_observer() {
+    let python = require!(python(), "Python 3");
+    let dir = tempfile::tempdir().unwrap();
+    let leaker = Script::spawn(&python, dir.path(), "leaker.py", LEAKER, &["60"]);
+    let command = format!(
+        "{PYMEM} top --embedded --interval 500ms --filter {}; echo pymem-exit=$?; sleep 120",
+        dir.path().display()
+    );
+    let Some(tmux) = Tmux::start("embedded", &command) else {
+        eprintln!("SKIP: tmux is not installed here");
+        return;
+    };
+    tmux.wait_for("the leaker's row", Duration::from_secs(15), |s| {
+        s.contains("source: embedded observer") && s.contains("leaker.py")
+    });
+    tmux.send_keys("Enter");
+    let screen = wait_for_leak_site(&tmux, dir.path());
+    eprintln!("pymem top --embedded, detail view:\n{screen}");
+    assert!(screen.contains(&format!("pid {}", leaker.pid)), "{screen}");
+
+    tmux.send_keys("q");
+    let screen = tmux.wait_for("pymem exited", Duration::from_secs(15), |s| {
+        s.contains("pymem-exit=")
+    });
+    assert!(screen.contains("pymem-exit=0"), "{screen}");
 }
 
 /// Runs `pymem top` with `args`.

@@ -8,10 +8,10 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    format::{location, shown, tracemalloc_size},
+    format::{shown, tracemalloc_size},
     snapshot::SiteSnapshot,
 };
-use crate::sites::Site;
+use crate::sites::{Site, location};
 
 /// One site in both snapshots (zero where it is absent).
 #[derive(Clone, Debug, Serialize, PartialEq)]

@@ -2,6 +2,7 @@
 use std::fmt::Write as _;
 
 use super::snapshot::SiteSnapshot;
+use crate::sites::location;
 
 const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
 
@@ -86,16 +87,6 @@ pub fn sites_table(snapshot: &SiteSnapshot, limit: usize) -> String {
         let _ = writeln!(out, "({hidden} more sites; --limit 0 shows all)");
     }
     out
-}
-
-/// `file:line`, or `<unknown>:0` (as tracemalloc writes it) for memory
-/// allocated with no Python frame on the stack.
-pub fn location(file: &str, line: i64) -> String {
-    if file.is_empty() {
-        "<unknown>:0".to_string()
-    } else {
-        format!("{file}:{line}")
-    }
 }
 
 /// How many of `total` rows a `--limit` shows (0 = all).

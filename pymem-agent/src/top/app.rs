@@ -4,7 +4,7 @@ use std::cmp::Ordering;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
-use crate::model::ProcessInfo;
+use crate::{model::ProcessInfo, sites::Site};
 
 /// Column the process table is ordered by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -90,6 +90,15 @@ pub enum Status {
     Failed(String),
 }
 
+/// The allocation sites of the process in the detail view.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sites {
+    /// The last answer, heaviest first; `None` until the first one.
+    pub sites: Option<Vec<Site>>,
+    /// Why the last fetch failed (the sites before it stay shown).
+    pub error: Option<String>,
+}
+
 pub struct App {
     /// Where the data comes from, for the header.
     pub source: String,
@@ -99,6 +108,8 @@ pub struct App {
     pub editing_filter: bool,
     pub view: View,
     pub status: Status,
+    /// Sites of the detail view's process (reset when a detail view opens).
+    pub sites: Sites,
     /// The selection follows a process across refreshes and re-sorts...
     selected_pid: Option<u32>,
     /// ...and falls back to its last row when that process goes away.
@@ -116,6 +127,7 @@ impl App {
             editing_filter: false,
             view: View::List,
             status: Status::Waiting,
+            sites: Sites::default(),
             selected_pid: None,
             selected_row: 0,
             should_quit: false,
@@ -129,6 +141,30 @@ impl App {
                 self.status = Status::Live;
             }
             Err(error) => self.status = Status::Failed(error),
+        }
+    }
+
+    /// An answer to a sites fetch for `pid`; ignored unless that process's
+    /// detail view is (still) open.
+    pub fn on_sites(&mut self, pid: u32, data: Result<Vec<Site>, String>) {
+        if self.view != View::Detail(pid) {
+            return;
+        }
+        match data {
+            Ok(sites) => {
+                self.sites.sites = Some(sites);
+                self.sites.error = None;
+            }
+            Err(error) => self.sites.error = Some(error),
+        }
+    }
+
+    /// The process whose sites the data source should fetch: the one in
+    /// the detail view, while it is open.
+    pub fn sites_wanted(&self) -> Option<u32> {
+        match self.view {
+            View::Detail(pid) => Some(pid),
+            View::List => None,
         }
     }
 
@@ -238,6 +274,7 @@ impl App {
             let pid = self.visible()[row].pid;
             self.selected_pid = Some(pid);
             self.view = View::Detail(pid);
+            self.sites = Sites::default();
         }
     }
 }
@@ -302,6 +339,51 @@ pub mod tests {
             process(200, "python3 -m http.server", 500 * MIB, 600 * MIB, 0.0),
             worker,
             process(100, "python3 batch.py", 5 * MIB, 900 * MIB, 1024.0),
+        ]
+    }
+
+    /// A site as the API reports it (its stack is just the site's frame).
+    pub fn site(function: &str, file: &str, line: i64, live: u64, allocated: u64) -> Site {
+        Site {
+            function: function.into(),
+            file: file.into(),
+            line,
+            bytes: live,
+            allocated_bytes: allocated,
+            stack: vec![crate::pystack::Frame {
+                function: function.into(),
+                file: file.into(),
+                line,
+            }],
+        }
+    }
+
+    /// The leaking worker's sites, heaviest first: two leaks, an import, a
+    /// churning line that holds nothing.
+    pub fn sample_sites() -> Vec<Site> {
+        vec![
+            site(
+                "append_result",
+                "/srv/worker/jobs.py",
+                42,
+                70 * MIB,
+                70 * MIB,
+            ),
+            site(
+                "decode_payload",
+                "/opt/venvs/worker-2024/lib/python3.11/site-packages/fastcodec/decoder.py",
+                1187,
+                8 * MIB,
+                9 * MIB,
+            ),
+            site(
+                "_compile_bytecode",
+                "<frozen importlib._bootstrap_external>",
+                729,
+                2 * MIB,
+                2 * MIB,
+            ),
+            site("<listcomp>", "/srv/worker/jobs.py", 57, 0, 300 * MIB),
         ]
     }
 
@@ -385,6 +467,42 @@ pub mod tests {
         assert!(!app.should_quit, "Esc in the detail view only goes back");
         press(&mut app, KeyCode::Esc);
         assert!(app.should_quit, "Esc in the list quits");
+    }
+
+    #[test]
+    fn sites_are_wanted_only_while_a_detail_view_is_open() {
+        let mut app = app_with_samples();
+        assert_eq!(app.sites_wanted(), None);
+        press(&mut app, KeyCode::Enter);
+        assert_eq!(app.sites_wanted(), Some(300));
+        press(&mut app, KeyCode::Esc);
+        assert_eq!(app.sites_wanted(), None);
+    }
+
+    #[test]
+    fn sites_answers_apply_to_their_own_detail_view_only() {
+        let mut app = app_with_samples();
+        app.on_sites(300, Ok(sample_sites()));
+        assert_eq!(app.sites, Sites::default(), "no detail view open");
+        press(&mut app, KeyCode::Enter);
+        app.on_sites(200, Ok(sample_sites()));
+        assert_eq!(app.sites.sites, None, "another process's answer");
+        app.on_sites(300, Ok(sample_sites()));
+        assert_eq!(app.sites.sites.as_ref().unwrap().len(), 4);
+
+        app.on_sites(300, Err("timed out".into()));
+        assert_eq!(app.sites.error.as_deref(), Some("timed out"));
+        assert_eq!(
+            app.sites.sites.as_ref().unwrap().len(),
+            4,
+            "a failed fetch keeps the last sites"
+        );
+        app.on_sites(300, Ok(Vec::new()));
+        assert_eq!(app.sites.error, None, "an answer clears the error");
+
+        press(&mut app, KeyCode::Esc);
+        press(&mut app, KeyCode::Enter);
+        assert_eq!(app.sites, Sites::default(), "reopening starts afresh");
     }
 
     #[test]

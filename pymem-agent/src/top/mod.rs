@@ -3,7 +3,9 @@
 //! An input thread and a data thread feed one event channel; the main
 //! thread applies each event to `App` and redraws it (`ui::render` is pure
 //! state -> frame). The data comes from a running agent or, when none
-//! answers, from an observer embedded in this process.
+//! answers, from an observer embedded in this process. The main thread
+//! tells the data thread which process's allocation sites to fetch along
+//! (the one in the detail view, if any).
 mod app;
 mod source;
 mod ui;
@@ -17,7 +19,7 @@ use std::{
         mpsc,
     },
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -27,7 +29,7 @@ use self::{
     app::{App, SortKey},
     source::{AgentClient, EmbeddedObserver, Source},
 };
-use crate::{ObserveArgs, model::ProcessInfo};
+use crate::{ObserveArgs, model::ProcessInfo, sites::Site};
 
 #[derive(clap::Args, Debug)]
 pub struct TopArgs {
@@ -158,26 +160,33 @@ enum Event {
     Key(KeyEvent),
     Resize,
     Data(Result<Vec<ProcessInfo>, String>),
+    /// The allocation sites of one process.
+    Sites(u32, Result<Vec<Site>, String>),
 }
+
+/// What the data thread fetches besides the processes: the sites of this
+/// pid (the detail view's), or none.
+type SitesWanted = Option<u32>;
 
 fn run_tui(source: Source, args: &TopArgs) -> Result<()> {
     let mut app = App::new(source.describe(), args.sort, args.filter.clone());
     let (events_tx, events_rx) = mpsc::channel();
-    let (stop_data, data_stopped) = mpsc::channel::<()>();
+    // Dropping `wanted` stops the data thread.
+    let (wanted, wanted_rx) = mpsc::channel::<SitesWanted>();
     let input_running = Arc::new(AtomicBool::new(true));
     // A floor on the interval: refreshing faster only burns CPU.
     let interval = args.interval.max(Duration::from_millis(100));
-    let data = spawn_data_thread(source, interval, events_tx.clone(), data_stopped)?;
+    let data = spawn_data_thread(source, interval, events_tx.clone(), wanted_rx)?;
     let input = spawn_input_thread(events_tx, input_running.clone())?;
 
     // Raw mode + alternate screen, and a panic hook that restores both.
     let mut terminal = ratatui::try_init().context("setting up the terminal")?;
     exit_on_any_panic();
-    let result = event_loop(&mut terminal, &mut app, &events_rx);
+    let result = event_loop(&mut terminal, &mut app, &events_rx, &wanted);
     ratatui::restore();
 
     input_running.store(false, Ordering::Relaxed);
-    drop(stop_data);
+    drop(wanted);
     // Joining the data thread drops the source: an embedded observer
     // detaches its probes before we exit.
     let _ = data.join();
@@ -200,41 +209,77 @@ fn event_loop(
     terminal: &mut ratatui::DefaultTerminal,
     app: &mut App,
     events: &mpsc::Receiver<Event>,
+    wanted: &mpsc::Sender<SitesWanted>,
 ) -> Result<()> {
+    let mut asked: SitesWanted = None;
     loop {
         terminal.draw(|frame| ui::render(frame, app))?;
         match events.recv().context("event threads stopped")? {
             Event::Key(key) => app.on_key(key),
             Event::Resize => {} // the next draw uses the new size
             Event::Data(data) => app.on_data(data),
+            Event::Sites(pid, sites) => app.on_sites(pid, sites),
         }
         if app.should_quit {
             return Ok(());
         }
+        if app.sites_wanted() != asked {
+            asked = app.sites_wanted();
+            // The data thread only ends after this loop (or with a panic,
+            // which exits): nothing to handle if it is gone.
+            let _ = wanted.send(asked);
+        }
     }
 }
 
-/// Fetches from `source` every `interval` until `stop` is dropped.
+/// Fetches from `source` every `interval`: the processes, then the sites
+/// of the process `wanted` last named (at most once per refresh). A newly
+/// wanted process refreshes at once; dropping `wanted`'s sender stops.
 fn spawn_data_thread(
     source: Source,
     interval: Duration,
     events: mpsc::Sender<Event>,
-    stop: mpsc::Receiver<()>,
+    wanted: mpsc::Receiver<SitesWanted>,
 ) -> Result<JoinHandle<()>> {
     let thread = std::thread::Builder::new()
         .name("pymem-top-data".into())
         .spawn(move || {
+            let mut sites_of: SitesWanted = None;
+            let mut next_refresh = Instant::now();
             loop {
-                let data = source.fetch().map_err(|e| format!("{e:#}"));
-                if events.send(Event::Data(data)).is_err() {
-                    return;
+                let wait = next_refresh.saturating_duration_since(Instant::now());
+                match wanted.recv_timeout(wait) {
+                    Ok(pid) => {
+                        if pid.is_some() && pid != sites_of {
+                            next_refresh = Instant::now();
+                        }
+                        sites_of = pid;
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
-                if stop.recv_timeout(interval) != Err(mpsc::RecvTimeoutError::Timeout) {
+                next_refresh = Instant::now() + interval;
+                if !refresh(&source, sites_of, &events) {
                     return;
                 }
             }
         })?;
     Ok(thread)
+}
+
+/// One refresh: the processes, then the sites of `sites_of`. False once
+/// nobody listens any more.
+fn refresh(source: &Source, sites_of: SitesWanted, events: &mpsc::Sender<Event>) -> bool {
+    let data = source.fetch().map_err(|e| format!("{e:#}"));
+    if events.send(Event::Data(data)).is_err() {
+        return false;
+    }
+    let Some(pid) = sites_of else {
+        return true;
+    };
+    let sites = source.sites(pid).map_err(|e| format!("{e:#}"));
+    events.send(Event::Sites(pid, sites)).is_ok()
 }
 
 /// Forwards key presses and resizes until `running` is cleared.

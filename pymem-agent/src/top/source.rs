@@ -1,17 +1,19 @@
-//! Where `pymem top` gets its processes: a running agent over HTTP, or an
-//! observer embedded in this process when no agent answers.
+//! Where `pymem top` gets its processes (and the allocation sites of the
+//! one in the detail view): a running agent over HTTP, or an observer
+//! embedded in this process when no agent answers.
 use std::{
     sync::{Arc, RwLock},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use tokio::sync::oneshot;
 
 use crate::{
     model::{ProcessInfo, Snapshot},
-    observer::{Observer, ObserverConfig, SharedSnapshot},
+    observer::{Observer, ObserverConfig, Query, QuerySender, SharedSnapshot},
+    sites::Site,
 };
 
 pub enum Source {
@@ -24,6 +26,14 @@ impl Source {
         match self {
             Self::Agent(agent) => agent.fetch(),
             Self::Embedded(observer) => Ok(observer.processes()),
+        }
+    }
+
+    /// The allocation sites of `pid`, heaviest live bytes first.
+    pub fn sites(&self, pid: u32) -> Result<Vec<Site>> {
+        match self {
+            Self::Agent(agent) => agent.sites(pid),
+            Self::Embedded(observer) => observer.sites(pid),
         }
     }
 
@@ -89,6 +99,28 @@ impl AgentClient {
             .read_json::<Vec<ProcessInfo>>()
             .with_context(|| format!("reading processes from {url}"))
     }
+
+    pub fn sites(&self, pid: u32) -> Result<Vec<Site>> {
+        let url = format!("{}/api/v1/processes/{pid}/sites", self.base_url);
+        let mut response = self
+            .http
+            .get(&url)
+            .config()
+            // Error statuses carry the agent's reason in the body.
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .with_context(|| format!("GET {url}"))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.body_mut().read_to_string().unwrap_or_default();
+            bail!("GET {url}: {status}: {}", body.trim());
+        }
+        response
+            .body_mut()
+            .read_json::<Vec<Site>>()
+            .with_context(|| format!("reading sites from {url}"))
+    }
 }
 
 /// An observer running on its own thread and tokio runtime, publishing
@@ -96,6 +128,7 @@ impl AgentClient {
 /// detaches its probes.
 pub struct EmbeddedObserver {
     snapshot: SharedSnapshot,
+    queries: QuerySender,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<Result<()>>>,
     started: Instant,
@@ -114,8 +147,9 @@ impl EmbeddedObserver {
             .name("pymem-observer".into())
             .spawn(move || observe(config, shared, ready_tx, shutdown_rx))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self {
+            Ok(Ok(queries)) => Ok(Self {
                 snapshot,
+                queries,
                 shutdown: Some(shutdown_tx),
                 thread: Some(thread),
                 started: Instant::now(),
@@ -135,6 +169,20 @@ impl EmbeddedObserver {
             .expect("snapshot lock")
             .processes
             .clone()
+    }
+
+    /// Asks the observer (which owns the live attribution) for the sites
+    /// of `pid`, as the agent's `/api/v1/processes/{pid}/sites` does.
+    pub fn sites(&self, pid: u32) -> Result<Vec<Site>> {
+        let (reply, answer) = oneshot::channel();
+        self.queries
+            .blocking_send(Query::Sites { pid, reply })
+            .map_err(|_| anyhow!("the embedded observer stopped"))?;
+        match answer.blocking_recv() {
+            Ok(Some(sites)) => Ok(sites),
+            Ok(None) => bail!("pid {pid} is not observed"),
+            Err(_) => bail!("the embedded observer stopped"),
+        }
     }
 
     /// Blocks until a snapshot is worth printing: discovery scans /proc in
@@ -170,12 +218,12 @@ impl Drop for EmbeddedObserver {
     }
 }
 
-/// The observer thread: reports whether the probes loaded, then observes
-/// until shut down.
+/// The observer thread: reports whether the probes loaded (with the
+/// channel for queries), then observes until shut down.
 fn observe(
     config: ObserverConfig,
     snapshot: SharedSnapshot,
-    ready: std::sync::mpsc::Sender<Result<()>>,
+    ready: std::sync::mpsc::Sender<Result<QuerySender>>,
     shutdown: oneshot::Receiver<()>,
 ) -> Result<()> {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -197,10 +245,8 @@ fn observe(
                 return Ok(());
             }
         };
-        let _ = ready.send(Ok(()));
-        // Fields by position: whatever else `new` hands out (a query
-        // channel) stays alive in `started` while the observer runs.
-        let (observer, events) = (started.0, started.1);
+        let (observer, events, queries) = started;
+        let _ = ready.send(Ok(queries));
         observer
             .run(events, async {
                 let _ = shutdown.await;

@@ -8,22 +8,27 @@ use ratatui::{
     symbols::Marker,
     text::{Line, Span},
     widgets::{
-        Axis, Block, Borders, Cell, Chart, Dataset, GraphType, Paragraph, Row, Table, TableState,
-        Wrap,
+        Axis, Block, Cell, Chart, Dataset, GraphType, Paragraph, Row, Table, TableState, Wrap,
     },
 };
 
 use super::{
-    app::{App, SortKey, Status, View},
+    app::{App, Sites, SortKey, Status, View},
     units,
 };
-use crate::model::{Accounting, ProcessInfo};
+use crate::{
+    model::{Accounting, ProcessInfo},
+    sites::{self, Site},
+};
 
 /// Most cells the heap sparkline gets in the table.
 const MAX_HISTORY_WIDTH: u16 = 30;
 /// The command column keeps this many cells before the sparkline gets any.
 const MIN_COMMAND_WIDTH: u16 = 20;
 const COLUMN_SPACING: u16 = 1;
+/// Widest the function column of the sites table gets; the location has
+/// the rest.
+const MAX_FUNCTION_WIDTH: u16 = 32;
 /// Accents that read on both light and dark backgrounds.
 const ALERT: Color = Color::Red;
 const ACCENT: Color = Color::Magenta;
@@ -209,13 +214,13 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App, pid: u32) {
     };
     let [info, chart, sites] = Layout::vertical([
         Constraint::Length(6),
-        Constraint::Min(6),
-        Constraint::Length(4),
+        Constraint::Fill(1),
+        Constraint::Fill(1),
     ])
     .areas(area);
     frame.render_widget(process_summary(p), info);
     render_heap_chart(frame, chart, p);
-    frame.render_widget(allocation_sites(p), sites);
+    render_sites(frame, sites, p.pid, &app.sites);
 }
 
 fn process_summary(p: &ProcessInfo) -> Paragraph<'static> {
@@ -312,21 +317,100 @@ fn y_bounds(points: &[(f64, f64)]) -> (f64, f64) {
     ((min - margin).max(0.0), max + margin)
 }
 
-/// PLACEHOLDER (allocation sites): the place for the process's top growing
-/// allocation sites. The agent now serves them (`/api/v1/processes/{pid}/
-/// sites`, `observer::Query::Sites` in process); to list them here, fetch
-/// them for the detail pid in `source.rs` and rank by growth between
-/// refreshes (site, live bytes, growth per minute).
-fn allocation_sites(p: &ProcessInfo) -> Paragraph<'static> {
-    let text = format!(
-        "Not shown here yet. An agent serves them at /api/v1/processes/{}/sites.",
-        p.pid
-    );
-    Paragraph::new(text).italic().block(
-        Block::new()
-            .borders(Borders::ALL)
-            .title(" Top growing allocation sites "),
-    )
+/// The process's top allocation sites, heaviest live bytes first (as many
+/// as fit), or why there are none to show.
+fn render_sites(frame: &mut Frame, area: Rect, pid: u32, state: &Sites) {
+    let mut block = Block::bordered().title(sites_title(state.sites.as_deref()));
+    if let (Some(error), Some(_)) = (&state.error, &state.sites) {
+        // The last sites stay; the failure shows under them.
+        block = block.title_bottom(
+            Line::from(format!(" fetching failed: {error} "))
+                .fg(ALERT)
+                .bold(),
+        );
+    }
+    let message = match (&state.sites, &state.error) {
+        (None, None) => Paragraph::new(format!("Fetching the allocation sites of pid {pid}…")),
+        (None, Some(error)) => Paragraph::new(format!(
+            "Fetching the allocation sites failed (retried at every refresh): {error}"
+        ))
+        .fg(ALERT),
+        (Some(list), _) if list.is_empty() => Paragraph::new(
+            "No allocation sites yet: a Python line shows up here once it makes the heap \
+             grow (a new pymalloc arena, or a sampled block outside pymalloc).",
+        ),
+        (Some(list), _) if list.iter().all(|site| site.file.is_empty()) => {
+            let live = list.iter().map(|site| site.bytes).sum();
+            Paragraph::new(format!(
+                "No Python stacks for this process: the {} recorded so far was allocated with \
+                 no Python frame running. If this stays so, its interpreter has no stack \
+                 support here (`pymem agent` logs why).",
+                units::bytes(live)
+            ))
+        }
+        (Some(list), _) => {
+            frame.render_widget(sites_table(list, area.width).block(block), area);
+            return;
+        }
+    };
+    frame.render_widget(message.wrap(Wrap { trim: true }).block(block), area);
+}
+
+fn sites_title(sites: Option<&[Site]>) -> String {
+    match sites {
+        Some(list) if !list.is_empty() => {
+            let live = list.iter().map(|site| site.bytes).sum();
+            let lines = if list.len() == 1 { "line" } else { "lines" };
+            format!(
+                " Top allocation sites · {} {lines}, {} live ",
+                list.len(),
+                units::bytes(live)
+            )
+        }
+        _ => " Top allocation sites ".to_string(),
+    }
+}
+
+/// Live and allocated bytes, function and `file:line` per site, for a
+/// bordered block `width` cells wide. Long paths lose their start (the
+/// file name and line matter most), long functions their end.
+fn sites_table(list: &[Site], width: u16) -> Table<'static> {
+    const NUMBER: u16 = 10; // 1023.9 MiB
+    // Wider than the process table's: a number next to a name reads as one
+    // word otherwise.
+    const SPACING: u16 = 2;
+    let inner = width.saturating_sub(2);
+    let longest = list
+        .iter()
+        .map(|site| site.function.chars().count())
+        .max()
+        .unwrap_or(0);
+    let function_width = u16::try_from(longest)
+        .unwrap_or(u16::MAX)
+        .clamp("FUNCTION".len() as u16, MAX_FUNCTION_WIDTH);
+    let location_width = inner.saturating_sub(2 * NUMBER + function_width + 3 * SPACING);
+    let widths = [NUMBER, NUMBER, function_width, location_width];
+    let header = Row::new([
+        Cell::from(aligned("LIVE".into(), true)),
+        Cell::from(aligned("ALLOCATED".into(), true)),
+        Cell::from("FUNCTION"),
+        Cell::from("LOCATION"),
+    ])
+    .bold();
+    let rows = list.iter().map(|site| {
+        Row::new([
+            Cell::from(aligned(units::bytes(site.bytes), true)).bold(),
+            Cell::from(aligned(units::bytes(site.allocated_bytes), true)),
+            Cell::from(units::truncate(&site.function, usize::from(function_width))),
+            Cell::from(units::truncate_start(
+                &sites::location(&site.file, site.line),
+                usize::from(location_width),
+            )),
+        ])
+    });
+    Table::new(rows, widths.map(Constraint::Length))
+        .column_spacing(SPACING)
+        .header(header)
 }
 
 fn help_line(app: &App) -> Line<'static> {
@@ -364,7 +448,7 @@ mod tests {
     use ratatui::{Terminal, backend::TestBackend};
 
     use super::*;
-    use crate::top::app::tests::{app_with_samples, sample_processes};
+    use crate::top::app::tests::{app_with_samples, sample_processes, sample_sites, site};
 
     /// The rendered screen as text, one line per row.
     fn screen(app: &App, width: u16, height: u16) -> Vec<String> {
@@ -378,6 +462,13 @@ mod tests {
                     .collect::<String>()
             })
             .collect()
+    }
+
+    /// The foreground colour of one cell.
+    fn buffer_fg(app: &App, width: u16, height: u16, x: u16, y: u16) -> Color {
+        let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
+        terminal.draw(|frame| render(frame, app)).unwrap();
+        terminal.backend().buffer()[(x, y)].fg
     }
 
     fn press(app: &mut App, code: KeyCode) {
@@ -531,10 +622,29 @@ mod tests {
         }
     }
 
-    #[test]
-    fn detail_view_shows_summary_chart_and_sites_placeholder() {
+    /// The worker's detail view, after `sites` answered for it.
+    fn detail_with_sites(sites: Result<Vec<Site>, String>) -> App {
         let mut app = app_with_samples();
         press(&mut app, KeyCode::Enter);
+        app.on_sites(300, sites);
+        app
+    }
+
+    /// The rows of the sites block: from its title to its bottom border.
+    fn sites_block(lines: &[String]) -> Vec<String> {
+        let top = row_of(lines, "Top allocation sites");
+        let bottom = (top + 1..lines.len())
+            .find(|&y| lines[y].starts_with('└'))
+            .expect("bottom border of the sites block");
+        lines[top..=bottom]
+            .iter()
+            .map(|l| l.trim_end().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn detail_view_shows_summary_chart_and_top_sites() {
+        let app = detail_with_sites(Ok(sample_sites()));
         let lines = screen(&app, 120, 30);
         let text = lines.join("\n");
         for expected in [
@@ -547,9 +657,6 @@ mod tests {
             "Heap history (last 10s)",
             "-10s",
             "now",
-            "Top growing allocation sites",
-            "Not shown here yet",
-            "/api/v1/processes/300/sites",
             "Esc back",
         ] {
             assert!(text.contains(expected), "{expected:?} missing:\n{text}");
@@ -557,6 +664,139 @@ mod tests {
         assert!(
             text.contains('⠀') || text.chars().any(|c| ('\u{2801}'..='\u{28ff}').contains(&c)),
             "braille line:\n{text}"
+        );
+        assert_eq!(
+            sites_block(&lines),
+            [
+                "┌ Top allocation sites · 4 lines, 80.0 MiB live ───────────────────────────────────────────────────────────────────────┐",
+                "│      LIVE   ALLOCATED  FUNCTION           LOCATION                                                                   │",
+                "│  70.0 MiB    70.0 MiB  append_result      /srv/worker/jobs.py:42                                                     │",
+                "│   8.0 MiB     9.0 MiB  decode_payload     …t/venvs/worker-2024/lib/python3.11/site-packages/fastcodec/decoder.py:1187│",
+                "│   2.0 MiB     2.0 MiB  _compile_bytecode  <frozen importlib._bootstrap_external>:729                                 │",
+                "│       0 B   300.0 MiB  <listcomp>         /srv/worker/jobs.py:57                                                     │",
+                "│                                                                                                                      │",
+                "│                                                                                                                      │",
+                "│                                                                                                                      │",
+                "│                                                                                                                      │",
+                "└──────────────────────────────────────────────────────────────────────────────────────────────────────────────────────┘",
+            ],
+            "\n{text}"
+        );
+    }
+
+    #[test]
+    fn sites_fill_the_block_heaviest_first_and_paths_lose_their_start() {
+        let many: Vec<Site> = (0..40u64)
+            .map(|i| {
+                site(
+                    "handler",
+                    "/srv/worker/jobs.py",
+                    100 + i as i64,
+                    (40 - i) << 20,
+                    64 << 20,
+                )
+            })
+            .collect();
+        let app = detail_with_sites(Ok(many));
+        let block = sites_block(&screen(&app, 120, 30));
+        let rows = &block[2..block.len() - 1];
+        assert_eq!(rows.len(), 8, "as many as fit:\n{}", block.join("\n"));
+        assert!(
+            rows[0].contains("40.0 MiB") && rows[0].contains("jobs.py:100"),
+            "{}",
+            rows[0]
+        );
+        assert!(
+            rows[7].contains("33.0 MiB") && rows[7].contains("jobs.py:107"),
+            "{}",
+            rows[7]
+        );
+
+        let app = detail_with_sites(Ok(sample_sites()));
+        let block = sites_block(&screen(&app, 72, 30));
+        let decoder = &block[row_of(&block, "decode_payload")];
+        assert!(
+            decoder.contains(" …") && decoder.ends_with("/fastcodec/decoder.py:1187│"),
+            "shortened from the left: {decoder}"
+        );
+    }
+
+    #[test]
+    fn detail_view_says_when_there_are_no_sites_yet() {
+        let mut app = app_with_samples();
+        press(&mut app, KeyCode::Enter);
+        let block = sites_block(&screen(&app, 120, 30)).join("\n");
+        assert!(
+            block.contains("Fetching the allocation sites of pid 300…"),
+            "{block}"
+        );
+
+        let app = detail_with_sites(Ok(Vec::new()));
+        let block = sites_block(&screen(&app, 120, 30)).join("\n");
+        assert!(block.contains("┌ Top allocation sites ─"), "{block}");
+        assert!(
+            block.contains(
+                "No allocation sites yet: a Python line shows up here once it makes the heap grow"
+            ),
+            "{block}"
+        );
+    }
+
+    #[test]
+    fn detail_view_explains_a_process_without_python_stacks() {
+        // What the API answers for a process whose interpreter has no stack
+        // support: all its memory at one frameless site.
+        let app = detail_with_sites(Ok(vec![site(
+            "<no Python stack>",
+            "",
+            0,
+            12 << 20,
+            12 << 20,
+        )]));
+        let block = sites_block(&screen(&app, 120, 30)).join("\n");
+        assert!(
+            block.contains("┌ Top allocation sites · 1 line, 12.0 MiB live ─"),
+            "{block}"
+        );
+        assert!(
+            block.contains("No Python stacks for this process: the 12.0 MiB recorded so far"),
+            "{block}"
+        );
+        assert!(block.contains("no stack"), "{block}");
+        assert!(!block.contains("LOCATION"), "{block}");
+    }
+
+    #[test]
+    fn detail_view_shows_fetch_errors_with_or_without_earlier_sites() {
+        let error = "GET http://127.0.0.1:9477/api/v1/processes/300/sites: 503 Service Unavailable: observer stopped";
+        let app = detail_with_sites(Err(error.into()));
+        let lines = screen(&app, 120, 30);
+        let block = sites_block(&lines).join("\n");
+        assert!(
+            block.contains("Fetching the allocation sites failed (retried at every refresh): GET"),
+            "{block}"
+        );
+        assert!(
+            block.contains("observer stopped"),
+            "wrapped, not cut:\n{block}"
+        );
+        let y = row_of(&lines, "Fetching the allocation sites failed");
+        assert_eq!(buffer_fg(&app, 120, 30, 2, y as u16), ALERT);
+
+        let mut app = detail_with_sites(Ok(sample_sites()));
+        app.on_sites(300, Err(error.into()));
+        let block = sites_block(&screen(&app, 120, 30));
+        assert!(
+            block[2].contains("append_result"),
+            "last sites kept:\n{}",
+            block.join("\n")
+        );
+        assert!(
+            block.last().unwrap().starts_with(
+                "└ fetching failed: GET http://127.0.0.1:9477/api/v1/processes/300/sites"
+            ),
+            "{}",
+            block.join("\n")
         );
     }
 

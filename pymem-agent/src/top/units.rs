@@ -103,6 +103,20 @@ pub fn truncate(text: &str, width: usize) -> String {
     format!("{kept}…")
 }
 
+/// Shortens `text` to `width` characters from the start, marking the cut
+/// with `…`: `…/site-packages/pkg/mod.py:12`.
+pub fn truncate_start(text: &str, width: usize) -> String {
+    let length = text.chars().count();
+    if length <= width {
+        return text.to_string();
+    }
+    if width == 0 {
+        return String::new();
+    }
+    let kept: String = text.chars().skip(length - (width - 1)).collect();
+    format!("…{kept}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +174,12 @@ mod tests {
     fn truncate_marks_the_cut() {
         assert_eq!(truncate("python3 -u x.py", 9), "python3 …");
         assert_eq!(truncate("short", 9), "short");
+    }
+
+    #[test]
+    fn truncate_start_keeps_the_end() {
+        assert_eq!(truncate_start("/srv/app/jobs.py:42", 12), "…/jobs.py:42");
+        assert_eq!(truncate_start("jobs.py:42", 12), "jobs.py:42");
+        assert_eq!(truncate_start("jobs.py:42", 0), "");
     }
 }
