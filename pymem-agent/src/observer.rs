@@ -256,6 +256,12 @@ impl Observer {
                     observed.sites.freed(event.addr);
                 }
             }
+            event_kind::HEAP_SHRINK => {
+                if let Some(observed) = self.observed.get_mut(&pid) {
+                    let end = event.addr.saturating_add(event.size);
+                    observed.sites.freed_range(event.addr, end);
+                }
+            }
             other => debug!("unknown event kind {other}"),
         }
     }

@@ -1,7 +1,7 @@
 //! Allocation sites: which Python lines hold the memory. Arenas and sampled
 //! blocks carry the stack that allocated them; when they are freed their
 //! bytes leave that stack again, so sites show memory still held.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -17,8 +17,9 @@ pub struct StackBytes {
 /// Live attribution for one process.
 #[derive(Default)]
 pub struct SiteTracker {
-    /// block address -> (stack id, bytes it stands for)
-    blocks: HashMap<u64, (u64, u64)>,
+    /// block address -> (stack id, bytes it stands for); ordered, so that
+    /// the blocks above a shrinking heap's new end can be dropped.
+    blocks: BTreeMap<u64, (u64, u64)>,
     stacks: HashMap<u64, StackBytes>,
 }
 
@@ -36,6 +37,14 @@ impl SiteTracker {
     pub fn freed(&mut self, addr: u64) {
         if let Some((stack_id, bytes)) = self.blocks.remove(&addr) {
             self.release(stack_id, bytes);
+        }
+    }
+
+    /// Everything sampled in `[start, end)` is gone (the heap shrank).
+    pub fn freed_range(&mut self, start: u64, end: u64) {
+        let gone: Vec<u64> = self.blocks.range(start..end).map(|(&a, _)| a).collect();
+        for addr in gone {
+            self.freed(addr);
         }
     }
 
@@ -116,6 +125,21 @@ pub fn group_sites(stacks: Vec<(Vec<Frame>, StackBytes)>) -> Vec<Site> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shrinking_heap_frees_the_samples_above_its_new_end() {
+        let mut t = SiteTracker::default();
+        t.allocated(0x1000, 1, 300);
+        t.allocated(0x2000, 2, 200);
+        t.allocated(0x3000, 2, 100);
+        t.freed_range(0x2000, 0x4000);
+        let live: HashMap<u64, u64> = t.stacks().map(|(id, b)| (id, b.live)).collect();
+        assert_eq!(live[&1], 300);
+        assert_eq!(live[&2], 0);
+        t.freed(0x2000);
+        t.freed_range(0, 0x1000);
+        assert_eq!(t.stacks().find(|(id, _)| *id == 1).unwrap().1.live, 300);
+    }
 
     #[test]
     fn frees_leave_the_site_that_allocated() {

@@ -18,14 +18,10 @@ use serde_json::{Value, json};
 const WORKLOAD: &str = common::SITES_WORKLOAD;
 const PROFILE_PROTO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pprof");
 
-/// An agent for sites.py. Without a probe budget: the workload's blob
-/// loop exceeds the default one within a second, after which its blocks
-/// outside pymalloc are accounted by syscalls and no longer sampled (arenas
-/// still are), so the blob site would stop growing.
+/// An agent for sites.py, with the default probe budget (the workload
+/// stays within it).
 fn agent_for_leaker(extra: &[&str]) -> Agent {
-    let mut args = vec!["--probe-budget", "0"];
-    args.extend_from_slice(extra);
-    Agent::start(&args)
+    Agent::start(extra)
 }
 
 /// sites.py, leaking until dropped.
@@ -149,7 +145,8 @@ fn diff_of_two_snapshots_shows_the_leaking_lines_growing() {
         let site = find(sites, function).unwrap_or_else(|| panic!("{function} missing: {diff}"));
         assert_eq!(site["line"].as_i64().unwrap(), site_line(marker), "{site}");
         assert!(site["file"].as_str().unwrap().ends_with("sites.py"));
-        // Every round leaks ~2 MiB of small objects and 800 KiB of blobs.
+        // Every round (ten a second) leaks ~2 MiB of small objects and 160 KiB
+        // of blobs.
         assert!(site["size_diff"].as_i64().unwrap() > 1 << 20, "{site}");
         let location = format!("sites.py:{}: size=", site_line(marker));
         let line = text.lines().find(|l| l.contains(&location)).unwrap();

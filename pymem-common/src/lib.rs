@@ -22,9 +22,13 @@ pub mod event_kind {
     pub const BUDGET_EXCEEDED: u32 = 6;
     /// A sampled block outside pymalloc (raw or extension) at `addr`;
     /// `size` is its sampling weight in bytes, `stack_id` where it came from.
+    /// Under syscall accounting also a sampled anonymous mapping.
     pub const BLOCK_SAMPLE: u32 = 7;
     /// A sampled block at `addr` was freed.
     pub const BLOCK_SAMPLE_FREE: u32 = 8;
+    /// Under syscall accounting, the libc heap shrank: `addr` is the new
+    /// break, `size` the bytes given back. Blocks sampled above it are gone.
+    pub const HEAP_SHRINK: u32 = 9;
 }
 
 /// Deepest Python stack captured, innermost frame first.

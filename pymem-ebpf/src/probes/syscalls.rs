@@ -2,10 +2,19 @@
 //! libc heap (brk) and of anonymous private mappings, from syscall
 //! tracepoints that cost a fraction of a uprobe hit. Only processes the agent
 //! put in `SYSCALL_MODE` are counted.
+//!
+//! Allocation sites go on for anonymous mappings (libc's blocks of 128 KiB
+//! and more): they are sampled by bytes like blocks are. Heap growth by
+//! `brk` is not attributed: the allocation that happens to cross the top of
+//! the heap is as often a churning one reusing nothing as a leaking one, so
+//! churn would be blamed.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use pymem_common::PendingMmap;
+use pymem_common::{PendingMmap, event_kind};
 
-use crate::maps::{PENDING_MMAP, SYS_LIVE, SYSCALL_MODE, current_ids, forget, remember, stats};
+use crate::maps::{
+    PENDING_MMAP, SYS_LIVE, SYSCALL_MODE, current_ids, emit, forget_sampled, remember_sampled,
+    stats,
+};
 
 // Field offsets of the syscall tracepoints (stable: after the 8-byte common
 // header and the 8-byte syscall number slot).
@@ -28,7 +37,7 @@ pub fn sys_exit_brk(ctx: TracePointContext) -> u32 {
 }
 
 fn try_sys_exit_brk(ctx: &TracePointContext) -> Result<u32, u32> {
-    let (_, tgid, _) = current_ids();
+    let (_, tgid, tid) = current_ids();
     let state = SYSCALL_MODE.get_ptr_mut(tgid).ok_or(0u32)?;
     let state = unsafe { &mut *state };
     let new_brk: u64 = unsafe { ctx.read_at(RET) }.map_err(|_| 1u32)?;
@@ -40,8 +49,18 @@ fn try_sys_exit_brk(ctx: &TracePointContext) -> Result<u32, u32> {
     let stats = stats(tgid).ok_or(1u32)?;
     if new_brk > old_brk {
         stats.sys_alloc_bytes += new_brk - old_brk;
-    } else {
+    } else if new_brk < old_brk {
+        // Blocks sampled above the new end were freed (their frees went
+        // unseen once the per-allocation probes were detached).
         stats.sys_free_bytes += old_brk - new_brk;
+        emit(
+            event_kind::HEAP_SHRINK,
+            tgid,
+            tid,
+            new_brk,
+            old_brk - new_brk,
+            0,
+        );
     }
     Ok(0)
 }
@@ -84,7 +103,7 @@ pub fn sys_exit_mmap(ctx: TracePointContext) -> u32 {
 }
 
 fn try_sys_exit_mmap(ctx: &TracePointContext) -> Result<u32, u32> {
-    let (pid_tgid, tgid, _) = current_ids();
+    let (pid_tgid, tgid, tid) = current_ids();
     let pending = unsafe { PENDING_MMAP.get(pid_tgid) }.copied().ok_or(0u32)?;
     let _ = PENDING_MMAP.remove(pid_tgid);
     let ret: i64 = unsafe { ctx.read_at(RET) }.map_err(|_| 1u32)?;
@@ -92,7 +111,7 @@ fn try_sys_exit_mmap(ctx: &TracePointContext) -> Result<u32, u32> {
         return Ok(0);
     }
     let stats = stats(tgid).ok_or(1u32)?;
-    if remember(&SYS_LIVE, tgid, ret as u64, pending.len) {
+    if remember_sampled(&SYS_LIVE, tgid, tid, ret as u64, pending.len) {
         stats.sys_alloc_bytes += pending.len;
     } else {
         stats.untracked_allocs += 1;
@@ -108,13 +127,13 @@ pub fn sys_enter_munmap(ctx: TracePointContext) -> u32 {
 }
 
 fn try_sys_enter_munmap(ctx: &TracePointContext) -> Result<u32, u32> {
-    let (_, tgid, _) = current_ids();
+    let (_, tgid, tid) = current_ids();
     if unsafe { SYSCALL_MODE.get(tgid) }.is_none() {
         return Ok(0);
     }
     let addr: u64 = unsafe { ctx.read_at(ARG0) }.map_err(|_| 1u32)?;
     let _len: u64 = unsafe { ctx.read_at(ARG1) }.map_err(|_| 1u32)?;
-    let size = forget(&SYS_LIVE, tgid, addr).ok_or(0u32)?;
+    let size = forget_sampled(&SYS_LIVE, tgid, tid, addr).ok_or(0u32)?;
     let stats = stats(tgid).ok_or(1u32)?;
     stats.sys_free_bytes += size;
     Ok(0)
