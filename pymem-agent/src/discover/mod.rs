@@ -275,10 +275,18 @@ mod tests {
         assert!(find_libpythons("7f-8f r-xp 0 0:0 1 /usr/lib/libc.so.6\n").is_empty());
     }
 
+    /// A plain program (not this test binary: other tests map libpython
+    /// files into it while they read them).
     #[test]
-    fn this_test_binary_is_not_python() {
-        let me = std::process::id();
-        match Discoverer::default().inspect(me) {
+    fn a_plain_program_is_not_python() {
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let found = Discoverer::default().inspect(sleeper.id());
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        match found {
             Err(Skip::NotPython(reason)) => assert!(reason.contains("not a CPython")),
             other => panic!("unexpected {other:?}"),
         }
