@@ -306,7 +306,9 @@ impl Observer {
             if !after_exec && !discover::is_process(pid) {
                 return; // a new thread, not a new process
             }
-            let delays_ms = [0u64, 10, 20, 40, 80, 150, 250, 400];
+            // The dynamic loader maps libpython within milliseconds, or
+            // seconds on a starved machine.
+            let delays_ms = [0u64, 10, 20, 40, 80, 150, 250, 400, 500, 1000, 1000, 1500];
             let mut last = Skip::Gone;
             for delay in delays_ms {
                 std::thread::sleep(Duration::from_millis(delay));
@@ -371,12 +373,12 @@ impl Observer {
                         info!("pid {pid}: not observed: {reason}");
                     }
                     Skip::NotPython(reason) => debug!("pid {pid}: not Python: {reason}"),
-                    Skip::NotYetMapped => {
-                        info!("pid {pid}: links libpython but never mapped it; not observed")
-                    }
+                    Skip::NotYetMapped => debug!(
+                        "pid {pid}: links libpython but has not mapped it yet; the next scan looks again"
+                    ),
                     Skip::Gone => debug!("pid {pid}: exited before it could be inspected"),
                 }
-                if !matches!(skip, Skip::Gone) {
+                if !matches!(skip, Skip::Gone | Skip::NotYetMapped) {
                     self.skipped.insert(pid);
                 }
             }
