@@ -242,6 +242,14 @@ impl Series {
         median(&ratios)
     }
 
+    /// Fastest run with over fastest run without: interference on a shared
+    /// machine only ever slows a run down, so the fastest runs are the least
+    /// disturbed ones.
+    fn fastest_cpu_overhead_percent(&self) -> f64 {
+        let fastest = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+        (fastest(&self.cpu_with_agent) / fastest(&self.cpu_without_agent) - 1.0) * 100.0
+    }
+
     /// Spread of the runs without the agent (max/min - 1): the noise floor
     /// any overhead figure has to be read against.
     fn noise_percent(&self) -> f64 {
@@ -466,6 +474,7 @@ fn series_json(series: &Series) -> Value {
         "median_cpu_seconds_with_agent": median(&series.cpu_with_agent),
         "cpu_overhead_percent": series.cpu_overhead_percent(),
         "paired_cpu_overhead_percent": series.paired_cpu_overhead_percent(),
+        "fastest_cpu_overhead_percent": series.fastest_cpu_overhead_percent(),
         "noise_percent": series.noise_percent(),
         "median_probe_hits": series.median_probe_hits(),
         "seconds_without_agent": series.without_agent,
@@ -508,18 +517,19 @@ fn results_markdown(measurements: &[Measurement], rounds: usize) -> String {
          The agent runs with its defaults: probe budget on, Python stacks captured at \
          every new arena and at byte-sampled blocks (`--sample-bytes` 256 KiB). \
          Wall time of the loop, and the workload's CPU time (user + system, where the \
-         probes run). *Paired* is the median of each round's own ratio; *noise* is the \
+         probes run). *Paired* is the median of each round's own ratio; *fastest*, the fastest \
+         run with over the fastest without (interference only slows runs down); *noise* is the \
          spread of the runs without the agent (max/min), which bounds what a timing \
          can show. *Probe time* prices the run's probe hits at the cost per hit \
          measured by the calibration loop (`{WORKLOAD} probe-cost`, {CALIBRATION_ROUNDS} \
          rounds, agent without budget).\n\n\
-         | interpreter | Python | without agent | with agent | overhead | CPU without | CPU with | CPU overhead | paired | noise | probe hits per run | cost per hit | probe time | accounting at end |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+         | interpreter | Python | without agent | with agent | overhead | CPU without | CPU with | CPU overhead | paired | fastest | noise | probe hits per run | cost per hit | probe time | accounting at end |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for m in measurements {
         let w = &m.workload;
         markdown += &format!(
-            "| {} | {} | {:.3} s | {:.3} s | {:+.1} % | {:.3} s | {:.3} s | {:+.1} % | {:+.1} % | {:.0} % | {:.0} | {:.1} µs | {:.2} % | {} |\n",
+            "| {} | {} | {:.3} s | {:.3} s | {:+.1} % | {:.3} s | {:.3} s | {:+.1} % | {:+.1} % | {:+.1} % | {:.0} % | {:.0} | {:.1} µs | {:.2} % | {} |\n",
             m.interpreter.label,
             m.python_version,
             median(&w.without_agent),
@@ -529,6 +539,7 @@ fn results_markdown(measurements: &[Measurement], rounds: usize) -> String {
             median(&w.cpu_with_agent),
             w.cpu_overhead_percent(),
             w.paired_cpu_overhead_percent(),
+            w.fastest_cpu_overhead_percent(),
             w.noise_percent(),
             w.median_probe_hits(),
             m.seconds_per_hit() * 1e6,
