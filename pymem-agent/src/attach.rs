@@ -114,13 +114,9 @@ impl Reaper {
         }
         if threads.is_empty() {
             warn!("detaching inline");
-            return Self {
-                sender: None,
-                threads,
-            };
         }
         Self {
-            sender: Some(sender),
+            sender: (!threads.is_empty()).then_some(sender),
             threads,
         }
     }
@@ -449,16 +445,13 @@ impl Probes {
 
     /// Detaches everything and waits until the kernel is done with it.
     pub fn shutdown(&mut self) {
-        let pids: Vec<u32> = self.processes.keys().copied().collect();
-        for pid in pids {
-            self.detach_process(pid);
-        }
-        let binaries: Vec<BinaryId> = self.binaries.keys().copied().collect();
-        for id in binaries {
-            if let Some(links) = self.binaries.remove(&id) {
-                self.detach_all(links);
-            }
-        }
+        let links: Vec<Link> = self
+            .processes
+            .drain()
+            .flat_map(|(_, links)| links)
+            .chain(self.binaries.drain().flat_map(|(_, links)| links))
+            .collect();
+        self.detach_all(links);
         self.reaper.finish();
     }
 
