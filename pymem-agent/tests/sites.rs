@@ -9,10 +9,8 @@ use std::{
     time::Duration,
 };
 
-use common::{Agent, pyenv, site_line};
+use common::{Agent, Leaker, pyenv, site_line};
 use serde_json::Value;
-
-const WORKLOAD: &str = common::SITES_WORKLOAD;
 
 fn find<'a>(sites: &'a [Value], function: &str) -> Option<(usize, &'a Value)> {
     sites
@@ -23,19 +21,8 @@ fn find<'a>(sites: &'a [Value], function: &str) -> Option<(usize, &'a Value)> {
 
 fn leaking_lines_are_top_sites(python: &Path) {
     let agent = Agent::start(&[]);
-    let mut child = Command::new(python)
-        .arg("-u")
-        .arg(WORKLOAD)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let mut ready = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    agent.wait_for_probes(pid, Duration::from_secs(15));
-    std::thread::sleep(Duration::from_secs(8));
+    let leaker = Leaker::start(python, &agent, Duration::from_secs(8));
+    let pid = leaker.pid;
     let sites: Vec<Value> = serde_json::from_str(
         &agent
             .get(&format!("/api/v1/processes/{pid}/sites"))
@@ -45,8 +32,7 @@ fn leaking_lines_are_top_sites(python: &Path) {
     // The workload stays within the default probe budget: every block
     // outside pymalloc was seen, not just those before a switch.
     let accounting = agent.process(pid).unwrap()["accounting"].clone();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(leaker);
     assert_eq!(accounting, "probes");
     let top: Vec<String> = sites
         .iter()

@@ -6,56 +6,23 @@ mod common;
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output},
     time::Duration,
 };
 
-use common::{Agent, pyenv, site_line};
+use common::{Agent, Leaker, pyenv, site_line};
 use serde_json::{Value, json};
 
 const WORKLOAD: &str = common::SITES_WORKLOAD;
+/// Leaking rounds the agent sees before a test reads its sites.
+const SETTLE: Duration = Duration::from_secs(3);
 const PROFILE_PROTO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pprof");
 
 /// An agent for sites.py, with the default probe budget (the workload
 /// stays within it).
 fn agent_for_leaker(extra: &[&str]) -> Agent {
     Agent::start(extra)
-}
-
-/// sites.py, leaking until dropped.
-struct Leaker {
-    child: Child,
-    pid: u32,
-}
-
-impl Leaker {
-    /// Starts the workload and waits until the agent has its allocation
-    /// probes and has seen a few rounds of leaking.
-    fn start(python: &Path, agent: &Agent) -> Leaker {
-        let mut child = Command::new(python)
-            .arg("-u")
-            .arg(WORKLOAD)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut ready = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut ready)
-            .unwrap();
-        let pid = child.id();
-        agent.wait_for_probes(pid, Duration::from_secs(15));
-        std::thread::sleep(Duration::from_secs(3));
-        Leaker { child, pid }
-    }
-}
-
-impl Drop for Leaker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn pymem(args: &[&str]) -> Output {
@@ -106,7 +73,7 @@ fn python_json(python: &Path, script: &str, args: &[&str]) -> Value {
 fn diff_of_two_snapshots_shows_the_leaking_lines_growing() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
     let agent = agent_for_leaker(&[]);
-    let leaker = Leaker::start(&python, &agent);
+    let leaker = Leaker::start(&python, &agent, SETTLE);
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
     let url = agent.url("");
@@ -282,7 +249,7 @@ fn read_pprof(python: &Path, path: &Path) -> Value {
 fn pprof_profile_reads_back_as_the_snapshot_it_came_from() {
     let python = require!(python_with_protobuf(), "pyenv 3.11");
     let agent = agent_for_leaker(&[]);
-    let leaker = Leaker::start(&python, &agent);
+    let leaker = Leaker::start(&python, &agent, SETTLE);
     let dir = tempfile::tempdir().unwrap();
     let snapshot_path = dir.path().join("snapshot.json");
     let pprof_path = dir.path().join("sites.pb.gz");
@@ -423,7 +390,7 @@ fn svg_titles(python: &Path, svg: &Path) -> Vec<String> {
 fn flame_graph_is_well_formed_svg_naming_the_leaks() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
     let agent = agent_for_leaker(&[]);
-    let leaker = Leaker::start(&python, &agent);
+    let leaker = Leaker::start(&python, &agent, SETTLE);
     let dir = tempfile::tempdir().unwrap();
     let from_cli = dir.path().join("cli.svg");
     let pid = leaker.pid.to_string();
@@ -470,7 +437,7 @@ fn flame_graph_is_well_formed_svg_naming_the_leaks() {
 fn site_metrics_expose_the_top_sites_when_asked() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
     let agent = agent_for_leaker(&["--site-metrics", "2"]);
-    let leaker = Leaker::start(&python, &agent);
+    let leaker = Leaker::start(&python, &agent, SETTLE);
     let metrics = agent.metrics();
     let pid_label = format!("pid=\"{}\"", leaker.pid);
     let series: Vec<&str> = metrics

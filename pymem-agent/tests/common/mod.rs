@@ -36,6 +36,40 @@ pub fn site_line(name: &str) -> i64 {
     source_line(SITES_WORKLOAD, &marker, |line| line.contains(&marker))
 }
 
+/// The sites workload, leaking until dropped.
+pub struct Leaker {
+    child: Child,
+    pub pid: u32,
+}
+
+impl Leaker {
+    /// Starts `SITES_WORKLOAD`, waits until the agent has its allocation
+    /// probes, then lets it leak for `settle`.
+    pub fn start(python: &Path, agent: &Agent, settle: Duration) -> Leaker {
+        let mut child = Command::new(python)
+            .arg("-u")
+            .arg(SITES_WORKLOAD)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        let pid = child.id();
+        agent.wait_for_probes(pid, Duration::from_secs(15));
+        std::thread::sleep(settle);
+        Leaker { child, pid }
+    }
+}
+
+impl Drop for Leaker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A running `pymem agent` on a free loopback port, stopped on drop.
 pub struct Agent {
     child: Option<Child>,
