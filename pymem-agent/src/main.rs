@@ -1,36 +1,20 @@
 //! `pymem`: a system-wide eBPF observer of CPython memory.
-mod attach;
-mod discover;
-mod events;
-mod export;
-mod flamegraph;
-mod k8s;
-mod model;
-mod observer;
-mod pprof;
-mod pystack;
-mod site_cli;
-mod sites;
-mod top;
-
 use std::{
     net::SocketAddr,
     sync::{Arc, RwLock},
-    time::Duration,
 };
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use log::info;
 
-use crate::{
-    export::ProcessLabel,
-    model::LeakPolicy,
-    observer::{Observer, ObserverConfig},
+use pymem_agent::{
+    cli, export,
+    export::{DEFAULT_LISTEN, ProcessLabel},
+    k8s, model,
+    observer::{Observer, ObserverConfig, config::ObserveArgs},
+    top,
 };
-
-/// The agent's default address: loopback only; expose it deliberately.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
 
 #[derive(Parser)]
 #[command(
@@ -51,79 +35,12 @@ enum Command {
     Top(top::TopArgs),
     /// Which Python lines hold a process's memory (from the agent or a
     /// snapshot file); also writes pprof profiles and flame graphs.
-    Sites(site_cli::SitesArgs),
+    Sites(cli::SitesArgs),
     /// Save a process's allocation sites to a file, for `pymem diff`.
-    Snapshot(site_cli::SnapshotArgs),
+    Snapshot(cli::SnapshotArgs),
     /// Compare two snapshots: which lines' memory grew, like tracemalloc's
     /// `compare_to`.
-    Diff(site_cli::DiffArgs),
-}
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct ObserveArgs {
-    /// Trailing window for growth rate and leak detection (e.g. 60s, 5m).
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    pub window: Duration,
-    /// How often the kernel counters are sampled.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-    pub sample_interval: Duration,
-    /// Minimum growth over one window before a leak is suspected, in bytes.
-    #[arg(long, default_value_t = 1 << 20)]
-    pub leak_min_growth: u64,
-    /// Per-process budget of allocation-probe hits per second (each costs
-    /// ~1-10 µs); a process above it is moved to syscall accounting. 0
-    /// disables the budget.
-    #[arg(long, default_value_t = 1000)]
-    pub probe_budget: u64,
-    /// Allocation-probe hits a process may spend at once before the
-    /// per-second budget applies (~5 ms of probe time at ~10 µs a hit).
-    #[arg(long, default_value_t = 500)]
-    pub probe_burst: u64,
-    /// Process age before per-allocation probes are attached; until then
-    /// (start-up imports) memory outside pymalloc is accounted by syscalls.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub probe_delay: Duration,
-    /// Mean bytes between Python-stack samples of allocations outside
-    /// pymalloc (arenas are always attributed); 0 disables sampling.
-    #[arg(long, default_value_t = 256 << 10)]
-    pub sample_bytes: u64,
-    /// Size of the kernel-to-agent event ring buffer in bytes (a power of
-    /// two, at least 4096). Events that do not fit are counted in
-    /// pymem_events_lost_total.
-    #[arg(long, default_value_t = 1 << 20, value_parser = parse_ring_size)]
-    pub ring_buffer_bytes: u32,
-    /// One perf-event uprobe per hook, as on kernels before 6.6, even where
-    /// multi-uprobe links work (to test that path).
-    #[arg(long, hide = true)]
-    pub perf_uprobes: bool,
-}
-
-fn parse_ring_size(value: &str) -> Result<u32, String> {
-    let bytes: u32 = value.parse().map_err(|e| format!("{value:?}: {e}"))?;
-    if bytes < 4096 || !bytes.is_power_of_two() {
-        return Err(format!("{bytes} is not a power of two >= 4096"));
-    }
-    Ok(bytes)
-}
-
-impl ObserveArgs {
-    pub fn observer_config(&self) -> ObserverConfig {
-        ObserverConfig {
-            sample_interval: self.sample_interval,
-            policy: LeakPolicy {
-                window: self.window,
-                min_growth_bytes: self.leak_min_growth as f64,
-                ..LeakPolicy::default()
-            },
-            hit_budget_per_sec: self.probe_budget,
-            hit_budget_burst: self.probe_burst,
-            probe_delay: self.probe_delay,
-            sample_bytes: self.sample_bytes,
-            ring_buffer_bytes: self.ring_buffer_bytes,
-            perf_uprobes: self.perf_uprobes,
-            ..ObserverConfig::default()
-        }
-    }
+    Diff(cli::DiffArgs),
 }
 
 #[derive(clap::Args)]
@@ -160,9 +77,9 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Agent(args) => run_agent(args),
         Command::Top(args) => top::run(args),
-        Command::Sites(args) => site_cli::run_sites(args),
-        Command::Snapshot(args) => site_cli::run_snapshot(args),
-        Command::Diff(args) => site_cli::run_diff(args),
+        Command::Sites(args) => cli::run_sites(args),
+        Command::Snapshot(args) => cli::run_snapshot(args),
+        Command::Diff(args) => cli::run_diff(args),
     }
 }
 

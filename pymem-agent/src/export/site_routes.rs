@@ -69,7 +69,7 @@ pub(super) async fn sites_pprof(State(state): State<AppState>, Path(pid): Path<u
         "pymem allocation sites of {}",
         describe(&state, pid)
     )];
-    match crate::pprof::encode(&sites, unix_nanos_now(), &comments) {
+    match crate::sites::pprof::encode(&sites, unix_nanos_now(), &comments) {
         Ok(profile) => (
             [(header::CONTENT_TYPE, "application/octet-stream")],
             profile,
@@ -88,7 +88,7 @@ pub(super) async fn sites_flamegraph(
         Err(response) => return response,
     };
     let title = format!("{}: live bytes by allocation site", describe(&state, pid));
-    match crate::flamegraph::render_svg(&sites, &title) {
+    match crate::sites::flamegraph::render_svg(&sites, &title) {
         Ok(svg) => ([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response(),
         // Nothing live yet: a client error of timing, not a server fault.
         Err(e) => (StatusCode::NOT_FOUND, format!("pid {pid}: {e:#}\n")).into_response(),

@@ -350,7 +350,7 @@ pub mod tests {
             line,
             bytes: live,
             allocated_bytes: allocated,
-            stack: vec![crate::pystack::Frame {
+            stack: vec![crate::cpython::stacks::Frame {
                 function: function.into(),
                 file: file.into(),
                 line,

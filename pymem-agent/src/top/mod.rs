@@ -29,7 +29,7 @@ use self::{
     app::{App, SortKey},
     source::{AgentClient, EmbeddedObserver, Source},
 };
-use crate::{ObserveArgs, model::ProcessInfo, sites::Site};
+use crate::{model::ProcessInfo, observer::config::ObserveArgs, sites::Site};
 
 #[derive(clap::Args, Debug)]
 pub struct TopArgs {

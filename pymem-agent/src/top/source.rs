@@ -48,7 +48,7 @@ impl Source {
 
 /// The default agent address as a URL.
 pub fn default_agent_url() -> String {
-    format!("http://{}", crate::DEFAULT_LISTEN)
+    format!("http://{}", crate::export::DEFAULT_LISTEN)
 }
 
 /// `http://host:port` from `http://host:port/`, `host:port` or a bare port.

@@ -134,7 +134,8 @@ pub fn run_diff(args: DiffArgs) -> Result<()> {
 
 fn write_pprof(snapshot: &SiteSnapshot, path: &Path) -> Result<()> {
     let comments = [format!("pymem allocation sites of {}", snapshot.describe())];
-    let profile = crate::pprof::encode(&snapshot.sites, snapshot.taken_at_unix_nanos(), &comments)?;
+    let profile =
+        crate::sites::pprof::encode(&snapshot.sites, snapshot.taken_at_unix_nanos(), &comments)?;
     std::fs::write(path, profile).with_context(|| format!("writing {}", path.display()))?;
     eprintln!(
         "wrote pprof profile of {} to {}",
@@ -146,7 +147,7 @@ fn write_pprof(snapshot: &SiteSnapshot, path: &Path) -> Result<()> {
 
 fn write_flamegraph(snapshot: &SiteSnapshot, path: &Path) -> Result<()> {
     let title = format!("{}: live bytes by allocation site", snapshot.describe());
-    let svg = crate::flamegraph::render_svg(&snapshot.sites, &title)
+    let svg = crate::sites::flamegraph::render_svg(&snapshot.sites, &title)
         .with_context(|| format!("no flame graph of {}", snapshot.describe()))?;
     std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
     eprintln!(

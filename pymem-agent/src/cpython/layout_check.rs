@@ -12,7 +12,7 @@ use std::{collections::HashSet, fs::File, os::unix::fs::FileExt as _};
 
 use pymem_common::NO_OFFSET;
 
-use super::ProcessLayout;
+use super::stacks::ProcessLayout;
 use crate::discover::elf::PyVersion;
 
 /// Offsets the check reads beyond the kernel's layout (x86-64, GIL builds;
@@ -225,8 +225,8 @@ mod tests {
 
     use super::*;
     use crate::{
+        cpython::stacks::layout_for,
         discover::{Binary, Discoverer},
-        pystack::layout_for,
     };
 
     /// A Python process sitting in `time.sleep` (a thread in Python code),

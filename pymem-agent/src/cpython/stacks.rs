@@ -1,8 +1,6 @@
 //! Python stacks: where each interpreter version keeps the current frame
 //! (the layout the kernel side walks), and turning captured frames into
 //! function/file/line by reading code objects from the process.
-pub mod linetable;
-pub mod verify;
 
 use std::{collections::HashMap, fs::File, os::unix::fs::FileExt as _};
 
@@ -316,12 +314,12 @@ impl Symbolizer {
             };
         };
         let line = match layout.format {
-            LineFormat::Lnotab => linetable::line_from_lnotab(
+            LineFormat::Lnotab => super::linetable::line_from_lnotab(
                 &info.line_table,
                 info.first_line,
                 frame.instr & 0xffff_ffff,
             ),
-            LineFormat::Linetable310 => linetable::line_from_linetable_310(
+            LineFormat::Linetable310 => super::linetable::line_from_linetable_310(
                 &info.line_table,
                 info.first_line,
                 (frame.instr & 0xffff_ffff) * 2,
@@ -329,7 +327,7 @@ impl Symbolizer {
             LineFormat::Locations => {
                 let start = frame.code + layout.code_adaptive;
                 let index = frame.instr.saturating_sub(start) / 2;
-                linetable::line_from_locations(&info.line_table, info.first_line, index)
+                super::linetable::line_from_locations(&info.line_table, info.first_line, index)
             }
         };
         Frame {

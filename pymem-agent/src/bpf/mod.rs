@@ -51,6 +51,7 @@ const RETURN_PROGRAM: &str = "raw_alloc_ret";
 /// kernel anyway.
 const DETACH_THREADS: usize = 8;
 
+pub mod events;
 mod multi;
 
 /// One attachment the agent may close again.

@@ -25,7 +25,10 @@ pub struct AgentApi {
 impl AgentApi {
     /// The agent at `url`, or at the default address.
     pub fn new(url: Option<&str>) -> Self {
-        let url = url.map_or_else(|| format!("http://{}", crate::DEFAULT_LISTEN), base_url);
+        let url = url.map_or_else(
+            || format!("http://{}", crate::export::DEFAULT_LISTEN),
+            base_url,
+        );
         let http = ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(2)))
             // The first query of a process symbolises all its stacks.

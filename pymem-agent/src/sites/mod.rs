@@ -1,11 +1,13 @@
 //! Allocation sites: which Python lines hold the memory. Arenas and sampled
 //! blocks carry the stack that allocated them; when they are freed their
 //! bytes leave that stack again, so sites show memory still held.
+pub mod flamegraph;
+pub mod pprof;
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::pystack::Frame;
+use crate::cpython::stacks::Frame;
 
 /// Bytes attributed to one captured stack.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -3,6 +3,8 @@
 //!
 //! kernel probes -> ring buffer / counters -> this loop -> `Snapshot` ->
 //! exporters (metrics, JSON API, TUI).
+pub mod config;
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, RwLock},
@@ -15,17 +17,16 @@ use pymem_common::{ProcStats, event_kind};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    attach::{KernelConfig, Probes},
+    bpf::{KernelConfig, Probes, events::EventStream},
+    cpython::{
+        layout_check::{self, Verdict},
+        stacks::{self, Frame, Symbolizer},
+    },
     discover::{self, BinaryId, Discoverer, PythonProcess, Skip, arena_check},
-    events::EventStream,
     k8s::{self, PodCache},
     model::{
         Accounting, AgentInfo, HeapBreakdown, HeapHistory, LeakPolicy, ProcessInfo, Snapshot,
         SourceTotals,
-    },
-    pystack::{
-        self, Frame, Symbolizer,
-        verify::{self, Verdict},
     },
     sites::{self, Site, SiteTracker},
 };
@@ -481,9 +482,9 @@ impl Observer {
     /// once per binary where stacks are not supported.
     fn enable_stacks(&mut self, process: &PythonProcess) -> StackSetup {
         let pid = process.pid;
-        let layout = pystack::layout_for(pid, &process.binary, self.config.sample_bytes);
+        let layout = stacks::layout_for(pid, &process.binary, self.config.sample_bytes);
         if let Ok(layout) = &layout {
-            match verify::check(pid, process.binary.interpreter.version, layout) {
+            match layout_check::check(pid, process.binary.interpreter.version, layout) {
                 Verdict::Verified(what) => debug!("pid {pid}: stack layout verified: {what}"),
                 Verdict::Unchecked => {}
                 Verdict::NotYet(why) => return StackSetup::NotYet(why),

@@ -19,6 +19,9 @@ use crate::{
 
 mod site_routes;
 
+/// The agent's default address: loopback only; expose it deliberately.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
+
 /// Labels that identify a process on per-process series. `pid` and `comm`
 /// by default; dropping `pid` aggregates processes of one command.
 /// `namespace`, `pod` and `container` name a process's Kubernetes pod.

@@ -1,0 +1,12 @@
+//! pymem's agent as a library: the `pymem` binary is a thin command line over
+//! it, and the integration tests and xtask read its typed values.
+pub mod bpf;
+pub mod cli;
+pub mod cpython;
+pub mod discover;
+pub mod export;
+pub mod k8s;
+pub mod model;
+pub mod observer;
+pub mod sites;
+pub mod top;
