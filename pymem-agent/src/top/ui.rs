@@ -472,6 +472,14 @@ mod tests {
             .collect()
     }
 
+    /// Asserts that `shown` contains each of `expected`.
+    #[track_caller]
+    fn assert_shows(shown: &str, expected: &[&str]) {
+        for text in expected {
+            assert!(shown.contains(text), "{text:?} missing:\n{shown}");
+        }
+    }
+
     /// The foreground colour of one cell.
     fn buffer_fg(app: &App, width: u16, height: u16, x: u16, y: u16) -> Color {
         rendered(app, width, height)[(x, y)].fg
@@ -494,33 +502,35 @@ mod tests {
         );
         assert!(lines[0].contains("3/3 processes"), "{text}");
         assert!(lines[0].contains("sort: growth ▼"), "{text}");
-        for header in [
-            "PID",
-            "COMMAND",
-            "PYTHON",
-            "HEAP",
-            "RSS",
-            "GROWTH ▼",
-            "HEAP HISTORY",
-            "LEAK",
-        ] {
-            assert!(lines[1].contains(header), "{header} missing:\n{text}");
-        }
+        assert_shows(
+            &lines[1],
+            &[
+                "PID",
+                "COMMAND",
+                "PYTHON",
+                "HEAP",
+                "RSS",
+                "GROWTH ▼",
+                "HEAP HISTORY",
+                "LEAK",
+            ],
+        );
         let worker = row_of(&lines, "worker.py");
         let batch = row_of(&lines, "batch.py");
         let server = row_of(&lines, "http.server");
         assert!(worker < batch && batch < server, "growth order:\n{text}");
         let worker_line = &lines[worker];
-        for cell in [
-            "300",
-            "3.11.7",
-            "80.0 MiB",
-            "120.0 MiB",
-            "+120.0 MiB/min",
-            "LEAK",
-        ] {
-            assert!(worker_line.contains(cell), "{cell} missing: {worker_line}");
-        }
+        assert_shows(
+            worker_line,
+            &[
+                "300",
+                "3.11.7",
+                "80.0 MiB",
+                "120.0 MiB",
+                "+120.0 MiB/min",
+                "LEAK",
+            ],
+        );
         assert!(
             worker_line.contains('█') && worker_line.contains('▁'),
             "sparkline: {worker_line}"
@@ -607,15 +617,16 @@ mod tests {
         let lines = screen(&app_with_samples(), 80, 12);
         let help = lines[11].trim_end();
         assert!(help.ends_with("/ filter"), "cut at 80 columns: {help}");
-        for key in [
-            "q quit",
-            "↑↓ select",
-            "Enter details",
-            "s sort",
-            "h/g/r/p heap/growth/rss/pid",
-        ] {
-            assert!(help.contains(key), "{key} missing: {help}");
-        }
+        assert_shows(
+            help,
+            &[
+                "q quit",
+                "↑↓ select",
+                "Enter details",
+                "s sort",
+                "h/g/r/p heap/growth/rss/pid",
+            ],
+        );
     }
 
     /// The worker's detail view, after `sites` answered for it.
@@ -643,20 +654,21 @@ mod tests {
         let app = detail_with_sites(Ok(sample_sites()));
         let lines = screen(&app, 120, 30);
         let text = lines.join("\n");
-        for expected in [
-            "pid 300 · python3",
-            "python3 worker.py --queue jobs",
-            "3.11.7 (/usr/bin/python3.11)",
-            "80.0 MiB",
-            "+120.0 MiB/min",
-            "LEAK SUSPECTED",
-            "Heap history (last 10s)",
-            "-10s",
-            "now",
-            "Esc back",
-        ] {
-            assert!(text.contains(expected), "{expected:?} missing:\n{text}");
-        }
+        assert_shows(
+            &text,
+            &[
+                "pid 300 · python3",
+                "python3 worker.py --queue jobs",
+                "3.11.7 (/usr/bin/python3.11)",
+                "80.0 MiB",
+                "+120.0 MiB/min",
+                "LEAK SUSPECTED",
+                "Heap history (last 10s)",
+                "-10s",
+                "now",
+                "Esc back",
+            ],
+        );
         assert!(
             text.contains('⠀') || text.chars().any(|c| ('\u{2801}'..='\u{28ff}').contains(&c)),
             "braille line:\n{text}"
