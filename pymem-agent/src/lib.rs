@@ -2,9 +2,11 @@
 //! it, and the integration tests and xtask read its typed values.
 pub mod bpf;
 pub mod cli;
+pub mod client;
 pub mod cpython;
 pub mod discover;
 pub mod export;
+pub mod format;
 pub mod k8s;
 pub mod model;
 pub mod observer;

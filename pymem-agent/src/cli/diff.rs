@@ -7,11 +7,11 @@ use std::{
 
 use serde::Serialize;
 
-use super::{
-    format::{shown, tracemalloc_size},
-    snapshot::SiteSnapshot,
+use super::{snapshot::SiteSnapshot, table::shown};
+use crate::{
+    format::tracemalloc_size,
+    sites::{Site, location},
 };
-use crate::sites::{Site, location};
 
 /// One site in both snapshots (zero where it is absent).
 #[derive(Clone, Debug, Serialize, PartialEq)]

@@ -1,9 +1,8 @@
 //! `pymem sites`, `pymem snapshot` and `pymem diff`: which Python lines hold
 //! a process's memory, read from a running agent or a saved snapshot.
-mod client;
 mod diff;
-mod format;
 mod snapshot;
+mod table;
 
 use std::{
     io::Write as _,
@@ -12,7 +11,11 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use self::{client::AgentApi, snapshot::SiteSnapshot};
+use self::snapshot::SiteSnapshot;
+use crate::{
+    client::{AgentClient, Caller},
+    format,
+};
 
 #[derive(clap::Args)]
 pub struct AgentArg {
@@ -22,8 +25,8 @@ pub struct AgentArg {
 }
 
 impl AgentArg {
-    fn api(&self) -> AgentApi {
-        AgentApi::new(self.agent.as_deref())
+    fn api(&self) -> AgentClient {
+        AgentClient::new(self.agent.as_deref(), Caller::Command)
     }
 }
 
@@ -89,10 +92,10 @@ pub fn run_sites(args: SitesArgs) -> Result<()> {
     }
     let exported = args.pprof.is_some() || args.flamegraph.is_some();
     if args.json {
-        let shown = format::shown(snapshot.sites.len(), args.limit);
+        let shown = table::shown(snapshot.sites.len(), args.limit);
         print_json(&snapshot.sites[..shown])?;
     } else if !exported {
-        print!("{}", format::sites_table(&snapshot, args.limit));
+        print!("{}", table::sites_table(&snapshot, args.limit));
     }
     Ok(())
 }
@@ -104,8 +107,8 @@ pub fn run_snapshot(args: SnapshotArgs) -> Result<()> {
         "{}: {} sites, {} live, heap {} -> {}",
         snapshot.describe(),
         snapshot.sites.len(),
-        format::human_bytes(snapshot.live_bytes()),
-        format::human_bytes(snapshot.heap_bytes),
+        format::bytes(snapshot.live_bytes()),
+        format::bytes(snapshot.heap_bytes),
         args.output.display()
     );
     Ok(())
@@ -124,7 +127,7 @@ pub fn run_diff(args: DiffArgs) -> Result<()> {
     let mut diff = diff::compare(&old, &new);
     if args.json {
         diff.sites
-            .truncate(format::shown(diff.sites.len(), args.limit));
+            .truncate(table::shown(diff.sites.len(), args.limit));
         print_json(&diff)
     } else {
         print!("{}", diff::render_text(&diff, args.limit));

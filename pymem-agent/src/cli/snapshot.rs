@@ -10,8 +10,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use super::client::AgentApi;
-use crate::sites::Site;
+use crate::{client::AgentClient, sites::Site};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SiteSnapshot {
@@ -29,7 +28,7 @@ pub struct SiteSnapshot {
 impl SiteSnapshot {
     /// Reads the process and then its sites from the agent: both within
     /// one sample interval, so the heap and the sites agree.
-    pub fn take(agent: &AgentApi, pid: u32) -> Result<Self> {
+    pub fn take(agent: &AgentClient, pid: u32) -> Result<Self> {
         let process = agent.process(pid)?;
         let sites = agent.sites(pid)?;
         Ok(Self {

@@ -1,19 +1,15 @@
 //! Allocation sites of one process over HTTP: JSON, a pprof profile and a
-//! flame graph, all from one query to the observer; and the optional
-//! per-site Prometheus series.
+//! flame graph, all from one query to the observer.
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::Result;
+use super::{AppState, not_observed};
+use crate::{observer::Query, sites::Site};
 use axum::{
     Json,
     extract::{Path, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
-use prometheus::{IntGaugeVec, Opts, Registry};
-
-use super::AppState;
-use crate::{model::Snapshot, observer::Query, sites::Site};
 
 /// The sites of `pid`, heaviest live bytes first, or the error response.
 async fn query_sites(state: &AppState, pid: u32) -> Result<Vec<Site>, Response> {
@@ -34,19 +30,10 @@ async fn query_sites(state: &AppState, pid: u32) -> Result<Vec<Site>, Response> 
     }
 }
 
-fn not_observed(pid: u32) -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        format!("pid {pid} is not observed\n"),
-    )
-        .into_response()
-}
-
 /// `pid 4242 (python3, Python 3.11.7)`, or just the pid if the process left
 /// the snapshot meanwhile.
 fn describe(state: &AppState, pid: u32) -> String {
-    let snapshot = state.snapshot.read().expect("snapshot");
-    match snapshot.processes.iter().find(|p| p.pid == pid) {
+    match state.process(pid) {
         Some(p) => format!("pid {pid} ({}, Python {})", p.comm, p.python_version),
         None => format!("pid {pid}"),
     }
@@ -93,42 +80,6 @@ pub(super) async fn sites_flamegraph(
         // Nothing live yet: a client error of timing, not a server fault.
         Err(e) => (StatusCode::NOT_FOUND, format!("pid {pid}: {e:#}\n")).into_response(),
     }
-}
-
-/// `pymem_site_live_bytes` for the top sites the observer published (only
-/// with `pymem agent --site-metrics N`): one series per process and line.
-pub(super) fn register_site_metrics(registry: &Registry, snapshot: &Snapshot) -> Result<()> {
-    if snapshot.top_sites.is_empty() {
-        return Ok(());
-    }
-    let gauge = IntGaugeVec::new(
-        Opts::new(
-            "pymem_site_live_bytes",
-            "Live bytes allocated at one Python line (estimated from stack samples), for each process's top allocation sites",
-        ),
-        &["pid", "comm", "python_version", "function", "file", "line"],
-    )?;
-    for process in &snapshot.processes {
-        let Some(sites) = snapshot.top_sites.get(&process.pid) else {
-            continue;
-        };
-        let pid = process.pid.to_string();
-        for site in sites {
-            let line = site.line.to_string();
-            gauge
-                .with_label_values(&[
-                    pid.as_str(),
-                    &process.comm,
-                    &process.python_version,
-                    &site.function,
-                    &site.file,
-                    &line,
-                ])
-                .set(i64::try_from(site.bytes).unwrap_or(i64::MAX));
-        }
-    }
-    registry.register(Box::new(gauge))?;
-    Ok(())
 }
 
 fn unix_nanos_now() -> i64 {

@@ -32,22 +32,19 @@ fn folded_stacks(sites: &[Site]) -> Vec<String> {
         .iter()
         .filter(|site| site.bytes > 0)
         .map(|site| {
-            let frames: Vec<String> = if site.stack.is_empty() {
-                vec![label(&site.function, &site.file, site.line)]
-            } else {
-                site.stack.iter().rev().map(frame_label).collect()
-            };
+            let frames: Vec<String> = site.frames().iter().rev().map(label).collect();
             format!("{} {}", frames.join(";"), site.bytes)
         })
         .collect()
 }
 
-fn frame_label(frame: &Frame) -> String {
-    label(&frame.function, &frame.file, frame.line)
-}
-
 /// `function (file:line)`; `;` separates frames in the folded format.
-fn label(function: &str, file: &str, line: i64) -> String {
+fn label(frame: &Frame) -> String {
+    let Frame {
+        function,
+        file,
+        line,
+    } = frame;
     format!("{function} ({file}:{line})").replace(';', ",")
 }
 
@@ -56,14 +53,7 @@ mod tests {
     use super::*;
 
     fn site(stack: Vec<Frame>, bytes: u64) -> Site {
-        Site {
-            function: stack[0].function.clone(),
-            file: stack[0].file.clone(),
-            line: stack[0].line,
-            bytes,
-            allocated_bytes: bytes,
-            stack,
-        }
+        Site::of_stack(stack, bytes, bytes)
     }
 
     #[test]

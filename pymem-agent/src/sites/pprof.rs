@@ -170,19 +170,7 @@ impl ProfileBuilder {
         if site.bytes == 0 && site.allocated_bytes == 0 {
             return;
         }
-        // A site always has its own frame first; a stack-less one (an old
-        // snapshot) still gets that frame.
-        let own_frame = [Frame {
-            function: site.function.clone(),
-            file: site.file.clone(),
-            line: site.line,
-        }];
-        let frames = if site.stack.is_empty() {
-            &own_frame[..]
-        } else {
-            &site.stack[..]
-        };
-        let location_id = frames.iter().map(|f| self.location(f)).collect();
+        let location_id = site.frames().iter().map(|f| self.location(f)).collect();
         self.profile.sample.push(Sample {
             location_id,
             value: vec![
@@ -239,31 +227,20 @@ mod tests {
 
     use super::*;
 
-    fn site(stack: Vec<Frame>, bytes: u64, allocated_bytes: u64) -> Site {
-        Site {
-            function: stack[0].function.clone(),
-            file: stack[0].file.clone(),
-            line: stack[0].line,
-            bytes,
-            allocated_bytes,
-            stack,
-        }
-    }
-
     #[test]
     fn shared_frames_share_locations_and_functions() {
         let sites = [
-            site(
+            Site::of_stack(
                 vec![Frame::in_app("leak", 9), Frame::in_app("main", 30)],
                 800,
                 900,
             ),
-            site(
+            Site::of_stack(
                 vec![Frame::in_app("churn", 5), Frame::in_app("main", 31)],
                 0,
                 4096,
             ),
-            site(vec![Frame::in_app("idle", 2)], 0, 0),
+            Site::of_stack(vec![Frame::in_app("idle", 2)], 0, 0),
         ];
         let profile = build(&sites, 7, &["pid 1".into()]);
         let text = |i: i64| profile.string_table[i as usize].as_str();
@@ -283,7 +260,7 @@ mod tests {
 
     #[test]
     fn encoded_profile_is_gzip_of_the_message() {
-        let sites = [site(vec![Frame::in_app("leak", 9)], 1, 2)];
+        let sites = [Site::of_stack(vec![Frame::in_app("leak", 9)], 1, 2)];
         let gz = encode(&sites, 7, &[]).unwrap();
         let mut raw = Vec::new();
         flate2::read::GzDecoder::new(&gz[..])

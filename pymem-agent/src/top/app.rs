@@ -397,8 +397,15 @@ pub mod tests {
         app
     }
 
-    fn press(app: &mut App, code: KeyCode) {
+    pub fn press(app: &mut App, code: KeyCode) {
         app.on_key(KeyEvent::from(code));
+    }
+
+    /// Presses one key for each character of `text`.
+    pub fn type_text(app: &mut App, text: &str) {
+        for c in text.chars() {
+            press(app, KeyCode::Char(c));
+        }
     }
 
     fn visible_pids(app: &App) -> Vec<u32> {
@@ -423,9 +430,7 @@ pub mod tests {
     fn filter_is_typed_after_slash_and_cleared_by_esc() {
         let mut app = app_with_samples();
         press(&mut app, KeyCode::Char('/'));
-        for c in "WORK".chars() {
-            press(&mut app, KeyCode::Char(c));
-        }
+        type_text(&mut app, "WORK");
         assert_eq!(visible_pids(&app), [300], "case-insensitive substring");
         press(&mut app, KeyCode::Enter);
         assert!(!app.editing_filter);

@@ -8,8 +8,8 @@
 //! (the one in the detail view, if any).
 mod app;
 mod source;
+mod text;
 mod ui;
-mod units;
 
 use std::{
     io::Write as _,
@@ -27,9 +27,15 @@ use crossterm::event::{self, KeyEvent};
 
 use self::{
     app::{App, SortKey},
-    source::{AgentClient, EmbeddedObserver, Source},
+    source::{EmbeddedObserver, Source},
 };
-use crate::{model::ProcessInfo, observer::config::ObserveArgs, sites::Site};
+use crate::{
+    client::{AgentClient, Caller},
+    format,
+    model::ProcessInfo,
+    observer::config::ObserveArgs,
+    sites::Site,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct TopArgs {
@@ -97,13 +103,9 @@ fn connect(args: &TopArgs) -> Result<Source> {
     if args.embedded {
         return start_embedded(args);
     }
-    let agent = AgentClient::new(
-        args.agent
-            .as_deref()
-            .unwrap_or(&source::default_agent_url()),
-    );
+    let agent = AgentClient::new(args.agent.as_deref(), Caller::View);
     let url = agent.base_url().to_string();
-    match agent.fetch() {
+    match agent.processes() {
         Ok(_) => Ok(Source::Agent(agent)),
         Err(e) if args.agent.is_some() => {
             Err(e.context(format!("no pymem agent answered at {url}")))
@@ -142,11 +144,11 @@ fn plain_table(processes: &[&ProcessInfo]) -> String {
         let line = format!(
             "{:>8}  {:<40}  {:<7}  {:>11}  {:>11}  {:>15}  {}",
             p.pid,
-            units::truncate(&units::short_command(ui::command(p)), 40),
+            text::truncate(&text::short_command(ui::command(p)), 40),
             p.python_version,
-            units::bytes(p.heap_bytes),
-            units::bytes(p.rss_bytes),
-            units::rate_per_minute(p.growth_bytes_per_second),
+            format::bytes(p.heap_bytes),
+            format::bytes(p.rss_bytes),
+            format::rate_per_minute(p.growth_bytes_per_second),
             if p.leak_suspected { "LEAK" } else { "" },
         );
         table.push_str(line.trim_end());

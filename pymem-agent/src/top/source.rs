@@ -7,10 +7,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use tokio::sync::oneshot;
 
 use crate::{
+    client::AgentClient,
     model::{ProcessInfo, Snapshot},
     observer::{Observer, ObserverConfig, Query, QuerySender, SharedSnapshot},
     sites::Site,
@@ -24,7 +25,7 @@ pub enum Source {
 impl Source {
     pub fn fetch(&self) -> Result<Vec<ProcessInfo>> {
         match self {
-            Self::Agent(agent) => agent.fetch(),
+            Self::Agent(agent) => agent.processes(),
             Self::Embedded(observer) => Ok(observer.processes()),
         }
     }
@@ -43,83 +44,6 @@ impl Source {
             Self::Agent(agent) => format!("agent {}", agent.base_url()),
             Self::Embedded(_) => "embedded observer".to_string(),
         }
-    }
-}
-
-/// The default agent address as a URL.
-pub fn default_agent_url() -> String {
-    format!("http://{}", crate::export::DEFAULT_LISTEN)
-}
-
-/// `http://host:port` from `http://host:port/`, `host:port` or a bare port.
-pub fn normalize_agent_url(agent: &str) -> String {
-    let agent = agent.trim().trim_end_matches('/');
-    if let Ok(port) = agent.parse::<u16>() {
-        return format!("http://127.0.0.1:{port}");
-    }
-    if agent.contains("://") {
-        agent.to_string()
-    } else {
-        format!("http://{agent}")
-    }
-}
-
-/// A `pymem agent`'s JSON API.
-pub struct AgentClient {
-    base_url: String,
-    http: ureq::Agent,
-}
-
-impl AgentClient {
-    pub fn new(url: &str) -> Self {
-        // Short timeouts: a hung agent shows as an error in the header
-        // instead of freezing the refresh.
-        let http = ureq::Agent::config_builder()
-            .timeout_connect(Some(Duration::from_secs(1)))
-            .timeout_global(Some(Duration::from_secs(3)))
-            .build()
-            .into();
-        Self {
-            base_url: normalize_agent_url(url),
-            http,
-        }
-    }
-
-    pub fn base_url(&self) -> &str {
-        &self.base_url
-    }
-
-    pub fn fetch(&self) -> Result<Vec<ProcessInfo>> {
-        let url = format!("{}/api/v1/processes", self.base_url);
-        self.http
-            .get(&url)
-            .call()
-            .with_context(|| format!("GET {url}"))?
-            .body_mut()
-            .read_json::<Vec<ProcessInfo>>()
-            .with_context(|| format!("reading processes from {url}"))
-    }
-
-    pub fn sites(&self, pid: u32) -> Result<Vec<Site>> {
-        let url = format!("{}/api/v1/processes/{pid}/sites", self.base_url);
-        let mut response = self
-            .http
-            .get(&url)
-            .config()
-            // Error statuses carry the agent's reason in the body.
-            .http_status_as_error(false)
-            .build()
-            .call()
-            .with_context(|| format!("GET {url}"))?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = response.body_mut().read_to_string().unwrap_or_default();
-            bail!("GET {url}: {status}: {}", body.trim());
-        }
-        response
-            .body_mut()
-            .read_json::<Vec<Site>>()
-            .with_context(|| format!("reading sites from {url}"))
     }
 }
 
@@ -262,37 +186,5 @@ fn not_root_hint() -> String {
         "cannot load the eBPF probes for the embedded observer".to_string()
     } else {
         "the embedded observer needs root to load eBPF probes: run `sudo pymem top`, or start `sudo pymem agent` and run `pymem top --agent URL`".to_string()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn agent_urls_are_normalized() {
-        assert_eq!(
-            normalize_agent_url("http://10.0.0.1:9477/"),
-            "http://10.0.0.1:9477"
-        );
-        assert_eq!(
-            normalize_agent_url("localhost:9000"),
-            "http://localhost:9000"
-        );
-        assert_eq!(normalize_agent_url("9500"), "http://127.0.0.1:9500");
-        assert_eq!(default_agent_url(), "http://127.0.0.1:9477");
-    }
-
-    #[test]
-    fn an_absent_agent_is_an_error_not_a_hang() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port(); // bound then released: nothing listens there now
-        let started = Instant::now();
-        let err = AgentClient::new(&port.to_string()).fetch().unwrap_err();
-        assert!(format!("{err:#}").contains("/api/v1/processes"), "{err:#}");
-        assert!(started.elapsed() < Duration::from_secs(3));
     }
 }

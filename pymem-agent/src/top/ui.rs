@@ -14,9 +14,10 @@ use ratatui::{
 
 use super::{
     app::{App, Sites, SortKey, Status, View},
-    units,
+    text,
 };
 use crate::{
+    format,
     model::{Accounting, ProcessInfo},
     sites::{self, Site},
 };
@@ -159,15 +160,15 @@ fn process_row(p: &ProcessInfo, history_width: usize) -> Row<'static> {
     let history: Vec<u64> = p.heap_history.iter().map(|&(_, bytes)| bytes).collect();
     Row::new([
         Cell::from(aligned(p.pid.to_string(), true)),
-        Cell::from(units::short_command(command(p))),
+        Cell::from(text::short_command(command(p))),
         Cell::from(p.python_version.clone()),
-        Cell::from(aligned(units::bytes(p.heap_bytes), true)),
-        Cell::from(aligned(units::bytes(p.rss_bytes), true)),
+        Cell::from(aligned(format::bytes(p.heap_bytes), true)),
+        Cell::from(aligned(format::bytes(p.rss_bytes), true)),
         Cell::from(aligned(
-            units::rate_per_minute(p.growth_bytes_per_second),
+            format::rate_per_minute(p.growth_bytes_per_second),
             true,
         )),
-        Cell::from(units::sparkline(&history, history_width)).fg(ACCENT),
+        Cell::from(text::sparkline(&history, history_width)).fg(ACCENT),
         leak_cell(p.leak_suspected),
     ])
 }
@@ -239,26 +240,26 @@ fn process_summary(p: &ProcessInfo) -> Paragraph<'static> {
                 "{} ({})   observed {}   accounting: {}",
                 p.python_version,
                 p.binary,
-                units::duration(p.observed_seconds),
+                format::duration(p.observed_seconds),
                 accounting_label(p.accounting)
             )),
         ]),
         Line::from(vec![
             label("Heap"),
-            Span::raw(units::bytes(p.heap_bytes)).bold(),
+            Span::raw(format::bytes(p.heap_bytes)).bold(),
             Span::raw(format!(
                 "  = arenas {} + raw {} + extensions {} + syscalls {}",
-                units::bytes(h.arena_bytes),
-                units::bytes(h.raw_bytes),
-                units::bytes(h.extension_bytes),
-                units::bytes(h.syscall_bytes)
+                format::bytes(h.arena_bytes),
+                format::bytes(h.raw_bytes),
+                format::bytes(h.extension_bytes),
+                format::bytes(h.syscall_bytes)
             )),
         ]),
         Line::from(vec![
             label("RSS"),
-            Span::raw(units::bytes(p.rss_bytes)),
+            Span::raw(format::bytes(p.rss_bytes)),
             Span::raw("   growth "),
-            Span::raw(units::rate_per_minute(p.growth_bytes_per_second)).bold(),
+            Span::raw(format::rate_per_minute(p.growth_bytes_per_second)).bold(),
             Span::raw("   "),
             verdict,
         ]),
@@ -292,16 +293,16 @@ fn render_heap_chart(frame: &mut Frame, area: Rect, p: &ProcessInfo) {
         .fg(ACCENT)
         .data(&points);
     let chart = Chart::new(vec![dataset])
-        .block(Block::bordered().title(format!(" Heap history (last {}) ", units::duration(span))))
+        .block(Block::bordered().title(format!(" Heap history (last {}) ", format::duration(span))))
         .x_axis(
             Axis::default()
                 .bounds([-span, 0.0])
-                .labels([format!("-{}", units::duration(span)), "now".to_string()]),
+                .labels([format!("-{}", format::duration(span)), "now".to_string()]),
         )
         .y_axis(
             Axis::default()
                 .bounds([low, high])
-                .labels([units::bytes(low as u64), units::bytes(high as u64)]),
+                .labels([format::bytes(low as u64), format::bytes(high as u64)]),
         );
     frame.render_widget(chart, area);
 }
@@ -345,7 +346,7 @@ fn render_sites(frame: &mut Frame, area: Rect, pid: u32, state: &Sites) {
                 "No Python stacks for this process: the {} recorded so far was allocated with \
                  no Python frame running. If this stays so, its interpreter has no stack \
                  support here (`pymem agent` logs why).",
-                units::bytes(live)
+                format::bytes(live)
             ))
         }
         (Some(list), _) => {
@@ -364,7 +365,7 @@ fn sites_title(sites: Option<&[Site]>) -> String {
             format!(
                 " Top allocation sites · {} {lines}, {} live ",
                 list.len(),
-                units::bytes(live)
+                format::bytes(live)
             )
         }
         _ => " Top allocation sites ".to_string(),
@@ -399,10 +400,10 @@ fn sites_table(list: &[Site], width: u16) -> Table<'static> {
     .bold();
     let rows = list.iter().map(|site| {
         Row::new([
-            Cell::from(aligned(units::bytes(site.bytes), true)).bold(),
-            Cell::from(aligned(units::bytes(site.allocated_bytes), true)),
-            Cell::from(units::truncate(&site.function, usize::from(function_width))),
-            Cell::from(units::truncate_start(
+            Cell::from(aligned(format::bytes(site.bytes), true)).bold(),
+            Cell::from(aligned(format::bytes(site.allocated_bytes), true)),
+            Cell::from(text::truncate(&site.function, usize::from(function_width))),
+            Cell::from(text::truncate_start(
                 &sites::location(&site.file, site.line),
                 usize::from(location_width),
             )),
@@ -444,17 +445,24 @@ fn help_line(app: &App) -> Line<'static> {
 
 #[cfg(test)]
 mod tests {
-    use crossterm::event::{KeyCode, KeyEvent};
-    use ratatui::{Terminal, backend::TestBackend};
+    use crossterm::event::KeyCode;
+    use ratatui::{Terminal, backend::TestBackend, buffer::Buffer};
 
     use super::*;
-    use crate::top::app::tests::{app_with_samples, sample_processes, sample_sites, site};
+    use crate::top::app::tests::{
+        app_with_samples, press, sample_processes, sample_sites, site, type_text,
+    };
+
+    /// `app` drawn on a `width` x `height` terminal.
+    fn rendered(app: &App, width: u16, height: u16) -> Buffer {
+        let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
+        terminal.draw(|frame| render(frame, app)).unwrap();
+        terminal.backend().buffer().clone()
+    }
 
     /// The rendered screen as text, one line per row.
     fn screen(app: &App, width: u16, height: u16) -> Vec<String> {
-        let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
-        terminal.draw(|frame| render(frame, app)).unwrap();
-        let buffer = terminal.backend().buffer();
+        let buffer = rendered(app, width, height);
         (0..height)
             .map(|y| {
                 (0..width)
@@ -464,15 +472,17 @@ mod tests {
             .collect()
     }
 
-    /// The foreground colour of one cell.
-    fn buffer_fg(app: &App, width: u16, height: u16, x: u16, y: u16) -> Color {
-        let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
-        terminal.draw(|frame| render(frame, app)).unwrap();
-        terminal.backend().buffer()[(x, y)].fg
+    /// Asserts that `shown` contains each of `expected`.
+    #[track_caller]
+    fn assert_shows(shown: &str, expected: &[&str]) {
+        for text in expected {
+            assert!(shown.contains(text), "{text:?} missing:\n{shown}");
+        }
     }
 
-    fn press(app: &mut App, code: KeyCode) {
-        app.on_key(KeyEvent::from(code));
+    /// The foreground colour of one cell.
+    fn buffer_fg(app: &App, width: u16, height: u16, x: u16, y: u16) -> Color {
+        rendered(app, width, height)[(x, y)].fg
     }
 
     fn row_of(lines: &[String], needle: &str) -> usize {
@@ -492,33 +502,35 @@ mod tests {
         );
         assert!(lines[0].contains("3/3 processes"), "{text}");
         assert!(lines[0].contains("sort: growth ▼"), "{text}");
-        for header in [
-            "PID",
-            "COMMAND",
-            "PYTHON",
-            "HEAP",
-            "RSS",
-            "GROWTH ▼",
-            "HEAP HISTORY",
-            "LEAK",
-        ] {
-            assert!(lines[1].contains(header), "{header} missing:\n{text}");
-        }
+        assert_shows(
+            &lines[1],
+            &[
+                "PID",
+                "COMMAND",
+                "PYTHON",
+                "HEAP",
+                "RSS",
+                "GROWTH ▼",
+                "HEAP HISTORY",
+                "LEAK",
+            ],
+        );
         let worker = row_of(&lines, "worker.py");
         let batch = row_of(&lines, "batch.py");
         let server = row_of(&lines, "http.server");
         assert!(worker < batch && batch < server, "growth order:\n{text}");
         let worker_line = &lines[worker];
-        for cell in [
-            "300",
-            "3.11.7",
-            "80.0 MiB",
-            "120.0 MiB",
-            "+120.0 MiB/min",
-            "LEAK",
-        ] {
-            assert!(worker_line.contains(cell), "{cell} missing: {worker_line}");
-        }
+        assert_shows(
+            worker_line,
+            &[
+                "300",
+                "3.11.7",
+                "80.0 MiB",
+                "120.0 MiB",
+                "+120.0 MiB/min",
+                "LEAK",
+            ],
+        );
         assert!(
             worker_line.contains('█') && worker_line.contains('▁'),
             "sparkline: {worker_line}"
@@ -548,9 +560,7 @@ mod tests {
     fn selected_row_is_reversed_not_recoloured() {
         let mut app = app_with_samples();
         press(&mut app, KeyCode::Down);
-        let mut terminal = Terminal::new(TestBackend::new(140, 12)).unwrap();
-        terminal.draw(|frame| render(frame, &app)).unwrap();
-        let buffer = terminal.backend().buffer();
+        let buffer = rendered(&app, 140, 12);
         // Row 2 is the first process (after header line and table header).
         let style_at = |y: u16| buffer[(2, y)].style();
         assert!(style_at(3).add_modifier.contains(Modifier::REVERSED));
@@ -580,9 +590,7 @@ mod tests {
     fn filter_hides_other_processes_and_shows_in_the_header() {
         let mut app = app_with_samples();
         press(&mut app, KeyCode::Char('/'));
-        for c in "http".chars() {
-            press(&mut app, KeyCode::Char(c));
-        }
+        type_text(&mut app, "http");
         let lines = screen(&app, 140, 12);
         let text = lines.join("\n");
         assert!(lines[0].contains("filter: http"), "{text}");
@@ -596,9 +604,7 @@ mod tests {
             "help while typing:\n{text}"
         );
 
-        for c in "zzz".chars() {
-            press(&mut app, KeyCode::Char(c));
-        }
+        type_text(&mut app, "zzz");
         let text = screen(&app, 140, 12).join("\n");
         assert!(
             text.contains("No process matches the filter \"httpzzz\""),
@@ -611,15 +617,16 @@ mod tests {
         let lines = screen(&app_with_samples(), 80, 12);
         let help = lines[11].trim_end();
         assert!(help.ends_with("/ filter"), "cut at 80 columns: {help}");
-        for key in [
-            "q quit",
-            "↑↓ select",
-            "Enter details",
-            "s sort",
-            "h/g/r/p heap/growth/rss/pid",
-        ] {
-            assert!(help.contains(key), "{key} missing: {help}");
-        }
+        assert_shows(
+            help,
+            &[
+                "q quit",
+                "↑↓ select",
+                "Enter details",
+                "s sort",
+                "h/g/r/p heap/growth/rss/pid",
+            ],
+        );
     }
 
     /// The worker's detail view, after `sites` answered for it.
@@ -647,20 +654,21 @@ mod tests {
         let app = detail_with_sites(Ok(sample_sites()));
         let lines = screen(&app, 120, 30);
         let text = lines.join("\n");
-        for expected in [
-            "pid 300 · python3",
-            "python3 worker.py --queue jobs",
-            "3.11.7 (/usr/bin/python3.11)",
-            "80.0 MiB",
-            "+120.0 MiB/min",
-            "LEAK SUSPECTED",
-            "Heap history (last 10s)",
-            "-10s",
-            "now",
-            "Esc back",
-        ] {
-            assert!(text.contains(expected), "{expected:?} missing:\n{text}");
-        }
+        assert_shows(
+            &text,
+            &[
+                "pid 300 · python3",
+                "python3 worker.py --queue jobs",
+                "3.11.7 (/usr/bin/python3.11)",
+                "80.0 MiB",
+                "+120.0 MiB/min",
+                "LEAK SUSPECTED",
+                "Heap history (last 10s)",
+                "-10s",
+                "now",
+                "Esc back",
+            ],
+        );
         assert!(
             text.contains('⠀') || text.chars().any(|c| ('\u{2801}'..='\u{28ff}').contains(&c)),
             "braille line:\n{text}"

@@ -1,46 +1,4 @@
-//! Human formatting: byte sizes, growth rates, durations and text sparklines.
-
-const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-
-/// `512 B`, `1.5 KiB`, `120.3 MiB` (binary units, like RSS in ps/top).
-pub fn bytes(n: u64) -> String {
-    bytes_f64(n as f64)
-}
-
-fn bytes_f64(n: f64) -> String {
-    if n < 1024.0 {
-        return format!("{n:.0} B");
-    }
-    let mut value = n / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
-
-/// A growth rate per minute with an explicit sign: `+3.0 MiB/min`.
-/// Per minute because leaks are read over minutes, and per-second figures
-/// of slow leaks look like noise.
-pub fn rate_per_minute(bytes_per_second: f64) -> String {
-    let per_minute = bytes_per_second * 60.0;
-    if !per_minute.is_finite() || per_minute.abs() < 1.0 {
-        return "0 B/min".to_string();
-    }
-    let sign = if per_minute > 0.0 { '+' } else { '-' };
-    format!("{sign}{}/min", bytes_f64(per_minute.abs()))
-}
-
-/// `45s`, `3m 05s`, `2h 07m`.
-pub fn duration(seconds: f64) -> String {
-    let s = seconds.max(0.0).round() as u64;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m {:02}s", s / 60, s % 60),
-        _ => format!("{}h {:02}m", s / 3600, s % 3600 / 60),
-    }
-}
+//! Text for the terminal: sparklines, shortened commands and cut-off cells.
 
 const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
 
@@ -120,30 +78,6 @@ pub fn truncate_start(text: &str, width: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bytes_use_binary_units() {
-        assert_eq!(bytes(0), "0 B");
-        assert_eq!(bytes(1023), "1023 B");
-        assert_eq!(bytes(1536), "1.5 KiB");
-        assert_eq!(bytes(120 << 20), "120.0 MiB");
-        assert_eq!(bytes(3 << 30), "3.0 GiB");
-    }
-
-    #[test]
-    fn rates_are_signed_per_minute() {
-        assert_eq!(rate_per_minute(1024.0 * 1024.0 / 60.0), "+1.0 MiB/min");
-        assert_eq!(rate_per_minute(-2048.0 / 60.0), "-2.0 KiB/min");
-        assert_eq!(rate_per_minute(0.001), "0 B/min");
-        assert_eq!(rate_per_minute(f64::NAN), "0 B/min");
-    }
-
-    #[test]
-    fn durations_pick_two_units() {
-        assert_eq!(duration(45.2), "45s");
-        assert_eq!(duration(185.0), "3m 05s");
-        assert_eq!(duration(7620.0), "2h 07m");
-    }
 
     #[test]
     fn sparkline_scales_between_min_and_max_and_right_aligns() {

@@ -1,0 +1,207 @@
+//! A running `pymem agent`'s JSON API, as `pymem top` and the site commands
+//! (`pymem sites`, `pymem snapshot`) read it.
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow};
+use serde::{Deserialize, de::DeserializeOwned};
+use ureq::http::StatusCode;
+
+use crate::{model::ProcessInfo, sites::Site};
+
+/// The fields of `/api/v1/processes/{pid}` a site snapshot keeps; the rest
+/// of the process (and fields newer agents add) is ignored.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ProcessSummary {
+    pub pid: u32,
+    pub comm: String,
+    pub python_version: String,
+    pub heap_bytes: u64,
+}
+
+/// Who asks, which decides how long to wait and how failures read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A view that refreshes (`pymem top`): short timeouts, so that a hung
+    /// agent shows as an error in the header instead of freezing the
+    /// refresh, and errors short enough for that header.
+    View,
+    /// A one-shot command: a long timeout, as the first query of a process
+    /// symbolises all its stacks, and errors that name the agent and say
+    /// what to do.
+    Command,
+}
+
+/// A `pymem agent`'s JSON API.
+pub struct AgentClient {
+    base_url: String,
+    http: ureq::Agent,
+    caller: Caller,
+}
+
+impl AgentClient {
+    /// The agent at `agent` (URL, HOST:PORT or port), or at the default
+    /// address.
+    pub fn new(agent: Option<&str>, caller: Caller) -> Self {
+        let (connect, total) = match caller {
+            Caller::View => (1, 3),
+            Caller::Command => (2, 30),
+        };
+        let http = ureq::Agent::config_builder()
+            .timeout_connect(Some(Duration::from_secs(connect)))
+            .timeout_global(Some(Duration::from_secs(total)))
+            // Error statuses carry the agent's explanation in the body.
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Self {
+            base_url: agent.map_or_else(default_agent_url, normalize_agent_url),
+            http,
+            caller,
+        }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// Every process the agent observes.
+    pub fn processes(&self) -> Result<Vec<ProcessInfo>> {
+        self.get_json("/api/v1/processes", "processes")
+    }
+
+    pub fn process(&self, pid: u32) -> Result<ProcessSummary> {
+        self.get_json(&format!("/api/v1/processes/{pid}"), "the process")
+    }
+
+    /// The allocation sites of `pid`, heaviest live bytes first.
+    pub fn sites(&self, pid: u32) -> Result<Vec<Site>> {
+        self.get_json(&format!("/api/v1/processes/{pid}/sites"), "sites")
+    }
+
+    /// GET `path` as JSON; `what` names the answer in errors.
+    fn get_json<T: DeserializeOwned>(&self, path: &str, what: &str) -> Result<T> {
+        let url = format!("{}{path}", self.base_url);
+        let mut response = self
+            .http
+            .get(&url)
+            .call()
+            .map_err(|e| self.unreachable(&url, e))?;
+        let status = response.status();
+        if status.is_success() {
+            return response
+                .body_mut()
+                .read_json()
+                .with_context(|| match self.caller {
+                    Caller::View => format!("reading {what} from {url}"),
+                    Caller::Command => format!("reading GET {url}"),
+                });
+        }
+        let body = response.body_mut().read_to_string().unwrap_or_default();
+        Err(self.refused(path, &url, status, body.trim()))
+    }
+
+    /// Nothing answered at `url`.
+    fn unreachable(&self, url: &str, e: ureq::Error) -> anyhow::Error {
+        match self.caller {
+            Caller::View => anyhow!(e).context(format!("GET {url}")),
+            Caller::Command => anyhow!(
+                "no pymem agent answered at {}: {e}\n(start one with `sudo pymem agent`, or point --agent at one)",
+                self.base_url
+            ),
+        }
+    }
+
+    /// The agent answered `status`, explained by `reason` (its body).
+    fn refused(&self, path: &str, url: &str, status: StatusCode, reason: &str) -> anyhow::Error {
+        match (self.caller, status.as_u16(), reason) {
+            (Caller::View, ..) => anyhow!("GET {url}: {status}: {reason}"),
+            // axum's own 404 for an unknown route has no body.
+            (Caller::Command, 404, "") => anyhow!(
+                "the agent at {} does not serve {path} (an older pymem?)",
+                self.base_url
+            ),
+            // "pid N is not observed"
+            (Caller::Command, 404, reason) => {
+                anyhow!("{reason} by the agent at {}", self.base_url)
+            }
+            (Caller::Command, status, reason) => anyhow!("GET {url}: HTTP {status}: {reason}"),
+        }
+    }
+}
+
+/// The default agent address as a URL.
+pub fn default_agent_url() -> String {
+    format!("http://{}", crate::export::DEFAULT_LISTEN)
+}
+
+/// `http://host:port` from `http://host:port/`, `host:port` or a bare port.
+pub fn normalize_agent_url(agent: &str) -> String {
+    let agent = agent.trim().trim_end_matches('/');
+    if let Ok(port) = agent.parse::<u16>() {
+        return format!("http://127.0.0.1:{port}");
+    }
+    if agent.contains("://") {
+        agent.to_string()
+    } else {
+        format!("http://{agent}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    fn agent_urls_are_normalized() {
+        assert_eq!(
+            normalize_agent_url("http://10.0.0.1:9477/"),
+            "http://10.0.0.1:9477"
+        );
+        assert_eq!(
+            normalize_agent_url("localhost:9000"),
+            "http://localhost:9000"
+        );
+        assert_eq!(normalize_agent_url("9500"), "http://127.0.0.1:9500");
+        assert_eq!(default_agent_url(), "http://127.0.0.1:9477");
+        assert_eq!(
+            AgentClient::new(None, Caller::Command).base_url(),
+            "http://127.0.0.1:9477"
+        );
+    }
+
+    /// A port nothing listens on: bound, then released.
+    fn free_port() -> String {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+            .to_string()
+    }
+
+    #[test]
+    fn an_absent_agent_is_an_error_not_a_hang() {
+        let started = Instant::now();
+        let err = AgentClient::new(Some(&free_port()), Caller::View)
+            .processes()
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("/api/v1/processes"), "{err:#}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    #[test]
+    fn commands_name_the_absent_agent() {
+        let port = free_port();
+        let err = AgentClient::new(Some(&port), Caller::Command)
+            .sites(1)
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").starts_with(&format!(
+                "no pymem agent answered at http://127.0.0.1:{port}: "
+            )),
+            "{err:#}"
+        );
+    }
+}

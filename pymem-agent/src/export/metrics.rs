@@ -1,0 +1,307 @@
+//! Prometheus metrics: per-process series (labelled as `--labels` asks),
+//! the agent's own counters and the optional per-site series, rendered
+//! from a snapshot.
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use axum::{
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+};
+use prometheus::{
+    Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder, core::Collector,
+};
+
+use super::AppState;
+use crate::model::{ProcessInfo, Snapshot};
+
+/// Labels that identify a process on per-process series. `pid` and `comm`
+/// by default; dropping `pid` aggregates processes of one command.
+/// `namespace`, `pod` and `container` name a process's Kubernetes pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum ProcessLabel {
+    Pid,
+    Comm,
+    /// Also spelt as its label, `python_version`.
+    #[value(alias = "python_version")]
+    PythonVersion,
+    Namespace,
+    Pod,
+    Container,
+}
+
+impl ProcessLabel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pid => "pid",
+            Self::Comm => "comm",
+            Self::PythonVersion => "python_version",
+            Self::Namespace => "namespace",
+            Self::Pod => "pod",
+            Self::Container => "container",
+        }
+    }
+
+    fn value(self, p: &ProcessInfo) -> String {
+        match self {
+            Self::Pid => p.pid.to_string(),
+            Self::Comm => p.comm.clone(),
+            Self::PythonVersion => p.python_version.clone(),
+            // Empty for processes outside pods: see `labels_in_use`.
+            Self::Namespace => p.container_info.namespace.clone().unwrap_or_default(),
+            Self::Pod => p.container_info.pod.clone().unwrap_or_default(),
+            Self::Container => p.container_info.container.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// The selected labels that some process has a value for. A metric family
+/// has one set of label names (the prometheus crate enforces it), so a
+/// process outside pods gets `pod=""`, which Prometheus stores as no label
+/// at all; a label no process has (pod labels outside Kubernetes) is left
+/// out of the exposition altogether.
+fn labels_in_use(labels: &[ProcessLabel], processes: &[ProcessInfo]) -> Vec<ProcessLabel> {
+    labels
+        .iter()
+        .copied()
+        .filter(|label| processes.iter().any(|p| !label.value(p).is_empty()))
+        .collect()
+}
+
+pub const DEFAULT_LABELS: [ProcessLabel; 3] = [
+    ProcessLabel::Pid,
+    ProcessLabel::Comm,
+    ProcessLabel::PythonVersion,
+];
+
+pub(super) async fn exposition(State(state): State<AppState>) -> impl IntoResponse {
+    let snapshot = state.snapshot.read().expect("snapshot").clone();
+    match render_metrics(&snapshot, &state.labels) {
+        Ok(body) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+            body,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
+    }
+}
+
+/// Per-process values summed over the processes sharing one label set.
+#[derive(Default)]
+struct Aggregate {
+    heap: f64,
+    growth: f64,
+    rss: f64,
+    leak: f64,
+    syscall_accounting: f64,
+    probe_hits: u64,
+    allocated: BTreeMap<&'static str, u64>,
+    freed: BTreeMap<&'static str, u64>,
+}
+
+/// Renders the Prometheus text format from a snapshot.
+pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<String> {
+    let labels = &labels_in_use(labels, &snapshot.processes);
+    let registry = Registry::new();
+    let names: Vec<&str> = labels.iter().map(|l| l.name()).collect();
+    let mut with_source = names.clone();
+    with_source.push("source");
+
+    let gauge = |name: &str, help: &str| -> Result<GaugeVec> {
+        registered(&registry, GaugeVec::new(Opts::new(name, help), &names)?)
+    };
+    let heap = gauge(
+        "pymem_heap_bytes",
+        "Python heap: pymalloc arenas mapped + live blocks outside pymalloc + tracked extension buffers, since observation started",
+    )?;
+    let growth = gauge(
+        "pymem_heap_growth_bytes_per_second",
+        "Slope of pymem_heap_bytes over the trailing window",
+    )?;
+    let rss = gauge("pymem_rss_bytes", "Resident set size from procfs")?;
+    let leak = gauge(
+        "pymem_leak_suspected",
+        "1 when the heap grew steadily over the whole trailing window",
+    )?;
+    let syscall_accounting = gauge(
+        "pymem_syscall_accounting",
+        "1 when memory outside pymalloc is accounted from brk/mmap syscalls (start-up, or over the probe budget) instead of per-allocation probes",
+    )?;
+    let allocated = registered(
+        &registry,
+        IntCounterVec::new(
+            Opts::new(
+                "pymem_allocated_bytes_total",
+                "Bytes allocated since observation started, by source (arena, raw, extension, syscall)",
+            ),
+            &with_source,
+        )?,
+    )?;
+    let freed = registered(
+        &registry,
+        IntCounterVec::new(
+            Opts::new(
+                "pymem_freed_bytes_total",
+                "Bytes freed since observation started, by source",
+            ),
+            &with_source,
+        )?,
+    )?;
+    let probe_hits = registered(
+        &registry,
+        IntCounterVec::new(
+            Opts::new(
+                "pymem_probe_hits_total",
+                "Per-allocation probe hits since observation started, each ~1-10 µs of the observed process's time; bounded by --probe-budget",
+            ),
+            &names,
+        )?,
+    )?;
+
+    let mut groups: BTreeMap<Vec<String>, Aggregate> = BTreeMap::new();
+    for p in &snapshot.processes {
+        let key: Vec<String> = labels.iter().map(|l| l.value(p)).collect();
+        let agg = groups.entry(key).or_default();
+        agg.heap += p.heap_bytes as f64;
+        agg.growth += p.growth_bytes_per_second;
+        agg.rss += p.rss_bytes as f64;
+        agg.probe_hits += p.probe_hits_total;
+        agg.leak = agg.leak.max(f64::from(u8::from(p.leak_suspected)));
+        agg.syscall_accounting = agg.syscall_accounting.max(f64::from(u8::from(
+            p.accounting != crate::model::Accounting::Probes,
+        )));
+        for (source, bytes) in p.allocated_bytes_by_source.by_label() {
+            *agg.allocated.entry(source).or_default() += bytes;
+        }
+        for (source, bytes) in p.freed_bytes_by_source.by_label() {
+            *agg.freed.entry(source).or_default() += bytes;
+        }
+    }
+    for (key, agg) in &groups {
+        let values: Vec<&str> = key.iter().map(String::as_str).collect();
+        heap.with_label_values(&values).set(agg.heap);
+        growth.with_label_values(&values).set(agg.growth);
+        rss.with_label_values(&values).set(agg.rss);
+        leak.with_label_values(&values).set(agg.leak);
+        syscall_accounting
+            .with_label_values(&values)
+            .set(agg.syscall_accounting);
+        probe_hits.with_label_values(&values).inc_by(agg.probe_hits);
+        for (counters, totals) in [(&allocated, &agg.allocated), (&freed, &agg.freed)] {
+            for (source, bytes) in totals {
+                let mut with = values.clone();
+                with.push(source);
+                counters.with_label_values(&with).inc_by(*bytes);
+            }
+        }
+    }
+
+    let plain_gauge = |name: &str, help: &str, value: f64| -> Result<()> {
+        registered(&registry, prometheus::Gauge::new(name, help)?)?.set(value);
+        Ok(())
+    };
+    let plain_counter = |name: &str, help: &str, value: u64| -> Result<()> {
+        registered(&registry, prometheus::IntCounter::new(name, help)?)?.inc_by(value);
+        Ok(())
+    };
+    let agent = &snapshot.agent;
+    plain_gauge(
+        "pymem_python_processes",
+        "CPython processes observed",
+        snapshot.processes.len() as f64,
+    )?;
+    plain_counter(
+        "pymem_events_lost_total",
+        "Kernel events dropped because the ring buffer was full",
+        agent.events_lost_total,
+    )?;
+    plain_counter(
+        "pymem_live_map_full_total",
+        "Allocations not tracked because a kernel live-block map was full",
+        agent.live_map_full_total,
+    )?;
+    plain_counter(
+        "pymem_skipped_processes_total",
+        "Python-looking processes that could not be observed (see the agent log)",
+        agent.skipped_processes_total,
+    )?;
+    plain_counter(
+        "pymem_attach_errors_total",
+        "Failed probe attachments",
+        agent.attach_errors_total,
+    )?;
+    plain_counter(
+        "pymem_budget_switches_total",
+        "Processes moved to syscall accounting for exceeding the probe budget",
+        agent.budget_switches_total,
+    )?;
+    plain_gauge(
+        "pymem_attached_binaries",
+        "Interpreter binaries with arena probes attached",
+        agent.attached_binaries as f64,
+    )?;
+    plain_gauge(
+        "pymem_probe_links",
+        "uprobe attachments held by the agent",
+        agent.probe_links as f64,
+    )?;
+    registered(
+        &registry,
+        IntGaugeVec::new(
+            Opts::new("pymem_build_info", "Build information, always 1"),
+            &["version"],
+        )?,
+    )?
+    .with_label_values(&[env!("CARGO_PKG_VERSION")])
+    .set(1);
+    register_site_metrics(&registry, snapshot)?;
+
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&registry.gather(), &mut out)?;
+    Ok(String::from_utf8(out)?)
+}
+
+/// `collector`, registered in `registry`: a clone that shares its values
+/// (set before or after registering alike, as gathering reads them).
+fn registered<C: Collector + Clone + 'static>(registry: &Registry, collector: C) -> Result<C> {
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
+}
+
+/// `pymem_site_live_bytes` for the top sites the observer published (only
+/// with `pymem agent --site-metrics N`): one series per process and line.
+fn register_site_metrics(registry: &Registry, snapshot: &Snapshot) -> Result<()> {
+    if snapshot.top_sites.is_empty() {
+        return Ok(());
+    }
+    let gauge = IntGaugeVec::new(
+        Opts::new(
+            "pymem_site_live_bytes",
+            "Live bytes allocated at one Python line (estimated from stack samples), for each process's top allocation sites",
+        ),
+        &["pid", "comm", "python_version", "function", "file", "line"],
+    )?;
+    for process in &snapshot.processes {
+        let Some(sites) = snapshot.top_sites.get(&process.pid) else {
+            continue;
+        };
+        let pid = process.pid.to_string();
+        for site in sites {
+            let line = site.line.to_string();
+            gauge
+                .with_label_values(&[
+                    pid.as_str(),
+                    &process.comm,
+                    &process.python_version,
+                    &site.function,
+                    &site.file,
+                    &line,
+                ])
+                .set(i64::try_from(site.bytes).unwrap_or(i64::MAX));
+        }
+    }
+    registry.register(Box::new(gauge))?;
+    Ok(())
+}
