@@ -12,7 +12,10 @@ use pymem_agent::{
     cli, export,
     export::{DEFAULT_LISTEN, ProcessLabel},
     k8s, model,
-    observer::{Observer, ObserverConfig, config::ObserveArgs},
+    observer::{
+        Observer, ObserverConfig,
+        config::{self, ObserveArgs},
+    },
     top,
 };
 
@@ -67,7 +70,7 @@ struct AgentArgs {
     observe: ObserveArgs,
     /// Export `pymem_site_live_bytes` for each process's N heaviest
     /// allocation sites; 0 = off. Every site is a series: keep N small.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = config::SITE_METRICS)]
     site_metrics: usize,
 }
 

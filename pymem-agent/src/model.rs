@@ -9,7 +9,7 @@ use std::{
 use pymem_common::ProcStats;
 use serde::{Deserialize, Serialize};
 
-use crate::sites::Site;
+use crate::{observer::config, sites::Site};
 
 /// How a process's memory outside pymalloc is being measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -44,9 +44,9 @@ pub struct LeakPolicy {
 impl Default for LeakPolicy {
     fn default() -> Self {
         Self {
-            window: Duration::from_secs(60),
-            min_growth_bytes: 1024.0 * 1024.0,
-            min_fit: 0.8,
+            window: config::WINDOW.value,
+            min_growth_bytes: config::LEAK_MIN_GROWTH as f64,
+            min_fit: config::LEAK_MIN_FIT,
         }
     }
 }

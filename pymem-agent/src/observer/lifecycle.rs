@@ -1,0 +1,265 @@
+//! Process lifecycle: finding Python processes (scans, exec and fork
+//! events), observing them, attaching their per-allocation probes once past
+//! start-up, moving them to syscall accounting over budget, forgetting them.
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use log::{debug, info, warn};
+use procfs::Current as _;
+use pymem_common::ProcStats;
+
+use super::{Found, Observed, Observer, stacks::PendingCheck};
+use crate::{
+    discover::{self, PythonProcess, Skip},
+    k8s,
+    model::{Accounting, HeapHistory},
+    sites::SiteTracker,
+};
+
+impl Observer {
+    pub(super) fn over_budget(&mut self, pid: u32, hits: u64) {
+        let Some(observed) = self.observed.get_mut(&pid) else {
+            return;
+        };
+        if observed.accounting != Accounting::Probes {
+            return;
+        }
+        let arena_size = observed.process.binary.interpreter.version.arena_size();
+        match self.probes.switch_to_syscalls(pid, arena_size) {
+            Ok(()) => {
+                observed.accounting = Accounting::Syscalls;
+                self.info.budget_switches_total += 1;
+                info!(
+                    "pid {pid} ({}): over its allocation-probe budget ({} hits/s, burst {}) after {hits} hits; now accounting memory outside pymalloc by brk/mmap syscalls",
+                    observed.process.comm,
+                    self.config.hit_budget_per_sec,
+                    self.config.hit_budget_burst
+                );
+            }
+            Err(e) => warn!("pid {pid}: switching to syscall accounting failed: {e:#}"),
+        }
+    }
+
+    pub(super) fn forget(&mut self, pid: u32) {
+        if self.observed.remove(&pid).is_some() {
+            self.probes.forget_process(pid);
+            self.exits_since_sweep += 1;
+            debug!("pid {pid} exited");
+        }
+    }
+
+    /// Inspects one process off the loop. Right after exec the loader may
+    /// not have mapped libpython yet: retry for up to ~1 s.
+    pub(super) fn spawn_inspect(&self, pid: u32, after_exec: bool) {
+        let discoverer = self.discoverer.clone();
+        let tx = self.found_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            if !after_exec && !discover::is_process(pid) {
+                return; // a new thread, not a new process
+            }
+            // The dynamic loader maps libpython within milliseconds, or
+            // seconds on a starved machine.
+            let delays_ms = [0u64, 10, 20, 40, 80, 150, 250, 400, 500, 1000, 1000, 1500];
+            let mut last = Skip::Gone;
+            for delay in delays_ms {
+                std::thread::sleep(Duration::from_millis(delay));
+                match discoverer.inspect(pid) {
+                    Ok(process) => {
+                        let _ = tx.send(Found::Python {
+                            process: Box::new(process),
+                            forked: !after_exec,
+                        });
+                        return;
+                    }
+                    Err(Skip::NotYetMapped) => last = Skip::NotYetMapped,
+                    Err(skip) => {
+                        last = skip;
+                        break;
+                    }
+                }
+            }
+            let _ = tx.send(Found::Skipped(pid, last));
+        });
+    }
+
+    /// Scans /proc for processes not yet known.
+    pub(super) fn spawn_scan(&self) {
+        let known: HashSet<u32> = self
+            .observed
+            .keys()
+            .chain(self.skipped.iter())
+            .copied()
+            .collect();
+        let discoverer = self.discoverer.clone();
+        let tx = self.found_tx.clone();
+        let me = std::process::id();
+        tokio::task::spawn_blocking(move || {
+            let pids: HashSet<u32> = discover::all_pids().into_iter().collect();
+            for &pid in &pids {
+                if pid == me || known.contains(&pid) {
+                    continue;
+                }
+                let found = match discoverer.inspect(pid) {
+                    Ok(process) => Found::Python {
+                        process: Box::new(process),
+                        forked: false,
+                    },
+                    Err(skip) => Found::Skipped(pid, skip),
+                };
+                if tx.send(found).is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(Found::ScanDone(pids));
+        });
+    }
+
+    pub(super) fn on_skipped(&mut self, pid: u32, skip: Skip) {
+        match &skip {
+            Skip::Unsupported(reason) => {
+                self.info.skipped_processes_total += 1;
+                info!("pid {pid}: not observed: {reason}");
+            }
+            Skip::NotPython(reason) => debug!("pid {pid}: not Python: {reason}"),
+            Skip::NotYetMapped => debug!(
+                "pid {pid}: links libpython but has not mapped it yet; the next scan looks again"
+            ),
+            Skip::Gone => debug!("pid {pid}: exited before it could be inspected"),
+        }
+        if !matches!(skip, Skip::Gone | Skip::NotYetMapped) {
+            self.skipped.insert(pid);
+        }
+    }
+
+    pub(super) fn on_scan_done(&mut self, pids: &HashSet<u32>) {
+        self.skipped.retain(|pid| pids.contains(pid));
+        // The scan's pid list is older than processes observed since (exec
+        // events): ask procfs, not the list.
+        let gone: Vec<u32> = self
+            .observed
+            .keys()
+            .filter(|pid| !pids.contains(pid) && !discover::is_process(**pid))
+            .copied()
+            .collect();
+        for pid in gone {
+            self.forget(pid);
+        }
+    }
+
+    pub(super) fn observe(&mut self, process: PythonProcess, forked: bool) {
+        let pid = process.pid;
+        if self.observed.contains_key(&pid) {
+            return;
+        }
+        let interp = &process.binary.interpreter;
+        if interp.free_threaded {
+            self.skipped.insert(pid);
+            self.info.skipped_processes_total += 1;
+            info!(
+                "pid {pid} ({}): free-threaded Python {} uses mimalloc, not pymalloc arenas; not supported yet",
+                process.comm, interp.version
+            );
+            return;
+        }
+        if let Err(e) = self.probes.ensure_binary(&process.binary) {
+            // The binary is opened through this process's /proc entry,
+            // which vanishes when the process exits (zombies included):
+            // then nothing is wrong with the binary, the next process of it
+            // simply tries again.
+            if !discover::is_running(pid) {
+                debug!("pid {pid} exited while its binary was attached: {e:#}");
+                return;
+            }
+            if self.failed_binaries.insert(process.binary.id) {
+                warn!("{e:#}; processes running it are not observed");
+            }
+            self.info.attach_errors_total += 1;
+            self.skipped.insert(pid);
+            return;
+        }
+        if let Err(e) = self.probes.track(pid, interp.version.arena_size()) {
+            self.attach_failed(pid, &process.comm, e);
+            return;
+        }
+        info!(
+            "observing pid {pid} ({}) Python {} from {}",
+            process.comm, interp.version, process.binary.display_path
+        );
+        let now = Instant::now();
+        self.spawn_stack_check(&process, now, now);
+        // A forked child has no imports ahead of it, and it inherits its
+        // parent's breakpoints, which cost it a trap each, uncounted, until
+        // its own probes are attached: attach them at once.
+        let probes_due = if forked {
+            now
+        } else {
+            let age = process_age(pid).unwrap_or(Duration::MAX);
+            now + self.config.probe_delay.saturating_sub(age)
+        };
+        self.observed.insert(
+            pid,
+            Observed {
+                attribution: k8s::Attribution::of_process(pid),
+                process,
+                since: now,
+                probes_due: Some(probes_due),
+                history: HeapHistory::default(),
+                accounting: Accounting::Startup,
+                stats: ProcStats::default(),
+                last_hits: 0,
+                hits_per_second: 0.0,
+                last_sample: now,
+                rss_bytes: 0,
+                sites: SiteTracker::default(),
+                symbolizer: None,
+                stack_check: Some(PendingCheck::first(now)),
+                frames: HashMap::new(),
+                arena_size_mismatch: false,
+            },
+        );
+    }
+
+    fn attach_failed(&mut self, pid: u32, comm: &str, e: anyhow::Error) {
+        if discover::is_process(pid) {
+            self.info.attach_errors_total += 1;
+            warn!("pid {pid} ({comm}): attaching failed: {e:#}");
+        } else {
+            debug!("pid {pid} exited during attach: {e:#}");
+        }
+    }
+
+    /// Attaches per-allocation probes to processes past their start-up.
+    pub(super) fn attach_due(&mut self, now: Instant) {
+        let due: Vec<u32> = self
+            .observed
+            .iter()
+            .filter(|(_, o)| o.probes_due.is_some_and(|at| at <= now))
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in due {
+            let observed = self.observed.get_mut(&pid).expect("due pid is observed");
+            observed.probes_due = None;
+            let binary = observed.process.binary.clone();
+            match self.probes.attach_process(pid, &binary) {
+                Ok(()) => observed.accounting = Accounting::Probes,
+                Err(e) => {
+                    let comm = observed.process.comm.clone();
+                    self.attach_failed(pid, &comm, e);
+                }
+            }
+        }
+    }
+}
+
+/// Time since the process started, from its start time in procfs.
+fn process_age(pid: u32) -> Option<Duration> {
+    let stat = procfs::process::Process::new(pid as i32)
+        .ok()?
+        .stat()
+        .ok()?;
+    let started = stat.starttime as f64 / procfs::ticks_per_second() as f64;
+    let uptime = procfs::Uptime::current().ok()?.uptime;
+    Some(Duration::from_secs_f64((uptime - started).max(0.0)))
+}

@@ -1,0 +1,129 @@
+//! The periodic sample: kernel counters and /proc into each process's
+//! model, published as a `Snapshot`; and the sweep of what exited processes
+//! left in the kernel maps.
+use std::{collections::HashSet, time::Instant};
+
+use log::warn;
+
+use super::{Observed, Observer};
+use crate::{
+    discover::{BinaryId, arena_check},
+    model::{HeapBreakdown, LeakPolicy, ProcessInfo, Snapshot, SourceTotals},
+};
+
+impl Observer {
+    pub(super) fn sample(&mut self) {
+        let now = Instant::now();
+        self.attach_due(now);
+        self.retry_stack_checks(now);
+        let page_size = procfs::page_size();
+        let retain = self.config.history.as_secs_f64();
+        let mut processes = Vec::with_capacity(self.observed.len());
+        let mut gone = Vec::new();
+        for (&pid, observed) in self.observed.iter_mut() {
+            let Ok(statm) = procfs::process::Process::new(pid as i32).and_then(|p| p.statm())
+            else {
+                gone.push(pid);
+                continue;
+            };
+            observed.rss_bytes = statm.resident * page_size;
+            observed.attribution.resolve(self.pods.as_ref());
+            let stats = self.probes.process_stats(pid).unwrap_or_default();
+            let dt = now.duration_since(observed.last_sample).as_secs_f64();
+            if dt > 0.0 {
+                observed.hits_per_second =
+                    stats.probe_hits.saturating_sub(observed.last_hits) as f64 / dt;
+            }
+            observed.last_hits = stats.probe_hits;
+            observed.last_sample = now;
+            observed.stats = stats;
+            check_arena_size(pid, observed);
+            let heap = HeapBreakdown::from_stats(&stats);
+            let t = now.duration_since(observed.since).as_secs_f64();
+            observed.history.push(t, heap.total(), retain);
+            processes.push(process_info(observed, heap, t, &self.config.policy));
+        }
+        for pid in gone {
+            self.forget(pid);
+        }
+        processes.sort_by_key(|p| p.pid);
+        self.info.events_lost_total = self.probes.events_lost();
+        self.info.live_map_full_total = self.probes.live_map_full();
+        self.info.attached_binaries = self.probes.attached_binaries();
+        self.info.probe_links = self.probes.probe_links();
+        let snapshot = Snapshot {
+            processes,
+            agent: self.info.clone(),
+            top_sites: self.top_sites(),
+        };
+        *self.snapshot.write().expect("snapshot lock") = snapshot;
+    }
+
+    pub(super) fn sweep(&mut self) {
+        if self.exits_since_sweep == 0 {
+            return;
+        }
+        self.exits_since_sweep = 0;
+        let alive: HashSet<u32> = self.observed.keys().copied().collect();
+        self.probes.sweep(|pid| alive.contains(&pid));
+        let binaries: HashSet<BinaryId> = self
+            .observed
+            .values()
+            .map(|o| o.process.binary.id)
+            .collect();
+        self.probes.retain_binaries(|id| binaries.contains(id));
+        self.discoverer.retain(|id| binaries.contains(id));
+    }
+}
+
+fn process_info(o: &Observed, heap: HeapBreakdown, t: f64, policy: &LeakPolicy) -> ProcessInfo {
+    let trend = o.history.trend(policy.window.as_secs_f64());
+    let allocated = SourceTotals::allocated(&o.stats);
+    let freed = SourceTotals::freed(&o.stats);
+    ProcessInfo {
+        pid: o.process.pid,
+        ns_pid: o.process.ns_pid,
+        comm: o.process.comm.clone(),
+        cmdline: o.process.cmdline.clone(),
+        python_version: o.process.binary.interpreter.version.to_string(),
+        binary: o.process.binary.display_path.clone(),
+        heap_bytes: heap.total(),
+        heap,
+        growth_bytes_per_second: trend.slope,
+        rss_bytes: o.rss_bytes,
+        leak_suspected: trend.is_leak(policy),
+        allocated_bytes_total: allocated.total(),
+        freed_bytes_total: freed.total(),
+        allocated_bytes_by_source: allocated,
+        freed_bytes_by_source: freed,
+        accounting: o.accounting,
+        probe_hits_per_second: o.hits_per_second,
+        probe_hits_total: o.stats.probe_hits,
+        observed_seconds: t,
+        heap_history: o
+            .history
+            .points()
+            .map(|(at, bytes)| (t - at, bytes as u64))
+            .collect(),
+        container_info: o.attribution.info(),
+        arena_size_mismatch: o.arena_size_mismatch,
+    }
+}
+
+/// Marks a process whose arenas are not the size its version implies, and
+/// says so once: its heap would otherwise be silently wrong.
+fn check_arena_size(pid: u32, observed: &mut Observed) {
+    if observed.arena_size_mismatch {
+        return;
+    }
+    let expected = observed.process.binary.interpreter.version.arena_size();
+    if let Some(mismatch) = arena_check::arena_size_mismatch(&observed.stats, expected) {
+        observed.arena_size_mismatch = true;
+        warn!(
+            "pid {pid} ({}): arena size mismatch: {mismatch}; Python {} from {} does not use the arena size of its version, so its heap misses pymalloc arenas (arena_size_mismatch in the API)",
+            observed.process.comm,
+            observed.process.binary.interpreter.version,
+            observed.process.binary.display_path
+        );
+    }
+}
