@@ -115,7 +115,7 @@ fn links_libpython(elf: &ElfFile64<'_, object::Endianness>) -> bool {
         return false;
     };
     dynamic.iter().any(|entry| {
-        entry.tag32(endian) == Some(object::elf::DT_NEEDED)
+        entry.tag(endian) == object::elf::DT_NEEDED
             && entry
                 .string(endian, strings)
                 .is_ok_and(|name| name.starts_with(b"libpython3"))
