@@ -12,8 +12,7 @@ use std::{collections::HashSet, fs::File, os::unix::fs::FileExt as _};
 
 use pymem_common::NO_OFFSET;
 
-use super::stacks::ProcessLayout;
-use crate::discover::elf::PyVersion;
+use super::{PyVersion, layout::ProcessLayout};
 
 /// Offsets the check reads beyond the kernel's layout (x86-64, GIL builds;
 /// read from the pyenv builds' DWARF with gdb).
@@ -225,7 +224,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        cpython::stacks::layout_for,
+        cpython::{layout::layout_for, testing},
         discover::{Binary, Discoverer},
     };
 
@@ -277,36 +276,10 @@ mod tests {
         }
     }
 
-    fn interpreters_3_8_to_3_11() -> Vec<std::path::PathBuf> {
-        let home = std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default());
-        let mut found: Vec<_> = std::fs::read_dir(home.join(".pyenv/versions"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|dir| {
-                let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-                ["3.8.", "3.9.", "3.10.", "3.11."]
-                    .iter()
-                    .any(|p| name.starts_with(p))
-                    && !name.ends_with('t')
-            })
-            .map(|dir| dir.join("bin/python3"))
-            .collect();
-        found.push("/usr/bin/python3.11".into());
-        found.retain(|p| p.exists());
-        found
-    }
-
     /// Ground truth: each real interpreter's own memory fits its layout.
     #[test]
     fn every_3_8_to_3_11_interpreter_fits_its_layout() {
-        let pythons = interpreters_3_8_to_3_11();
-        if pythons.is_empty() {
-            eprintln!("SKIP: no Python 3.8-3.11 here");
-            return;
-        }
-        for python in pythons {
+        for python in testing::interpreters_3_8_to_3_11_or_skip() {
             let sleeper = Sleeper::start(&python);
             let minor = sleeper.binary.interpreter.version.minor;
             let verdict = sleeper.check_as(minor);
@@ -323,12 +296,7 @@ mod tests {
     /// process's memory must refute them.
     #[test]
     fn a_neighbouring_versions_layout_is_refuted() {
-        let pythons = interpreters_3_8_to_3_11();
-        if pythons.is_empty() {
-            eprintln!("SKIP: no Python 3.8-3.11 here");
-            return;
-        }
-        for python in pythons {
+        for python in testing::interpreters_3_8_to_3_11_or_skip() {
             let sleeper = Sleeper::start(&python);
             let minor = sleeper.binary.interpreter.version.minor;
             // 3.9 and 3.10 share a layout: compare across real differences.

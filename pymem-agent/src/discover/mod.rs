@@ -1,6 +1,5 @@
 //! Finding CPython processes: procfs for the processes, ELF analysis for the
 //! interpreter binary each one runs (cached per binary inode).
-pub mod arena_check;
 pub mod elf;
 
 use std::{

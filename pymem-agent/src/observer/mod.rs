@@ -19,10 +19,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     bpf::{KernelConfig, Probes, events::EventStream},
     cpython::{
+        self, Frame, Symbolizer, arena,
         layout_check::{self, Verdict},
-        stacks::{self, Frame, Symbolizer},
     },
-    discover::{self, BinaryId, Discoverer, PythonProcess, Skip, arena_check},
+    discover::{self, BinaryId, Discoverer, PythonProcess, Skip},
     k8s::{self, PodCache},
     model::{
         Accounting, AgentInfo, HeapBreakdown, HeapHistory, LeakPolicy, ProcessInfo, Snapshot,
@@ -482,7 +482,7 @@ impl Observer {
     /// once per binary where stacks are not supported.
     fn enable_stacks(&mut self, process: &PythonProcess) -> StackSetup {
         let pid = process.pid;
-        let layout = stacks::layout_for(pid, &process.binary, self.config.sample_bytes);
+        let layout = cpython::layout_for(pid, &process.binary, self.config.sample_bytes);
         if let Ok(layout) = &layout {
             match layout_check::check(pid, process.binary.interpreter.version, layout) {
                 Verdict::Verified(what) => debug!("pid {pid}: stack layout verified: {what}"),
@@ -768,7 +768,7 @@ fn check_arena_size(pid: u32, observed: &mut Observed) {
         return;
     }
     let expected = observed.process.binary.interpreter.version.arena_size();
-    if let Some(mismatch) = arena_check::arena_size_mismatch(&observed.stats, expected) {
+    if let Some(mismatch) = arena::arena_size_mismatch(&observed.stats, expected) {
         observed.arena_size_mismatch = true;
         warn!(
             "pid {pid} ({}): arena size mismatch: {mismatch}; Python {} from {} does not use the arena size of its version, so its heap misses pymalloc arenas (arena_size_mismatch in the API)",

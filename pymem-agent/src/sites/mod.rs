@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cpython::stacks::Frame;
+use crate::cpython::Frame;
 
 /// Bytes attributed to one captured stack.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
