@@ -22,6 +22,7 @@ pub mod debug_offsets;
 pub mod layout;
 pub mod layout_check;
 pub mod linetable;
+pub mod memory;
 pub mod offsets;
 pub mod symbolize;
 #[cfg(test)]

@@ -1,13 +1,14 @@
 //! Turning captured frames into function, file and line by reading code
 //! objects out of the process.
-use std::{collections::HashMap, fs::File, os::unix::fs::FileExt as _};
+use std::collections::HashMap;
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result};
 use pymem_common::PyFrame;
 use serde::{Deserialize, Serialize};
 
 use super::{
     linetable,
+    memory::ProcessMemory,
     offsets::{CodeOffsets, LineFormat},
 };
 
@@ -40,15 +41,14 @@ struct CodeInfo {
 
 /// Reads code objects out of one process, cached by address.
 pub struct Symbolizer {
-    mem: File,
+    mem: ProcessMemory,
     layout: CodeOffsets,
     code: HashMap<u64, Option<CodeInfo>>,
 }
 
 impl Symbolizer {
     pub fn new(pid: u32, layout: CodeOffsets) -> Result<Self> {
-        let mem = File::open(format!("/proc/{pid}/mem"))
-            .with_context(|| format!("opening /proc/{pid}/mem"))?;
+        let mem = ProcessMemory::open(pid).with_context(|| format!("opening /proc/{pid}/mem"))?;
         Ok(Self {
             mem,
             layout,
@@ -110,28 +110,16 @@ impl Symbolizer {
     }
 }
 
-fn read_bytes(mem: &File, addr: u64, len: usize) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    mem.read_exact_at(&mut buf, addr)
-        .with_context(|| format!("reading {len} bytes at {addr:#x}"))?;
-    Ok(buf)
-}
+/// Longest `str` read (function and file names).
+const MAX_STR_LEN: usize = 4096;
+/// Largest `bytes` read (line tables).
+const MAX_BYTES_LEN: usize = 1 << 20;
 
-fn read_u64(mem: &File, addr: u64) -> Result<u64> {
-    Ok(u64::from_le_bytes(
-        read_bytes(mem, addr, 8)?.try_into().expect("8 bytes"),
-    ))
-}
-
-fn read_code(mem: &File, layout: &CodeOffsets, code: u64) -> Result<CodeInfo> {
-    let filename = read_u64(mem, code + layout.filename)?;
-    let name = read_u64(mem, code + layout.name)?;
-    let first_line = i64::from(i32::from_le_bytes(
-        read_bytes(mem, code + layout.first_line, 4)?
-            .try_into()
-            .expect("4 bytes"),
-    ));
-    let table = read_u64(mem, code + layout.line_table)?;
+fn read_code(mem: &ProcessMemory, layout: &CodeOffsets, code: u64) -> Result<CodeInfo> {
+    let filename = mem.u64(code + layout.filename)?;
+    let name = mem.u64(code + layout.name)?;
+    let first_line = i64::from(mem.i32(code + layout.first_line)?);
+    let table = mem.u64(code + layout.line_table)?;
     Ok(CodeInfo {
         function: read_str(mem, layout, name)?,
         file: read_str(mem, layout, filename)?,
@@ -141,25 +129,19 @@ fn read_code(mem: &File, layout: &CodeOffsets, code: u64) -> Result<CodeInfo> {
 }
 
 /// A compact `str`: length at +16, ASCII payload after the header.
-fn read_str(mem: &File, layout: &CodeOffsets, addr: u64) -> Result<String> {
-    let length = read_u64(mem, addr + 16)?;
-    if length > 4096 {
-        return Err(anyhow!("implausible str length {length}"));
-    }
-    let state = read_bytes(mem, addr + 32, 1)?[0];
+fn read_str(mem: &ProcessMemory, layout: &CodeOffsets, addr: u64) -> Result<String> {
+    let length = mem.length(addr + 16, MAX_STR_LEN)?;
+    let state = mem.u8(addr + 32)?;
     let ascii = state & 0x40 != 0;
     if !ascii {
         return Ok("<non-ascii>".into());
     }
-    let bytes = read_bytes(mem, addr + layout.ascii_data, length as usize)?;
+    let bytes = mem.bytes(addr + layout.ascii_data, length)?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// A `bytes` object: size at +16, payload at +32.
-fn read_bytes_object(mem: &File, addr: u64) -> Result<Vec<u8>> {
-    let size = read_u64(mem, addr + 16)?;
-    if size > 1 << 20 {
-        return Err(anyhow!("implausible bytes size {size}"));
-    }
-    read_bytes(mem, addr + 32, size as usize)
+fn read_bytes_object(mem: &ProcessMemory, addr: u64) -> Result<Vec<u8>> {
+    let size = mem.length(addr + 16, MAX_BYTES_LEN)?;
+    Ok(mem.bytes(addr + 32, size)?)
 }
