@@ -1,10 +1,10 @@
 //! One process's stack layout: its version's offsets placed at the address
 //! its interpreter is loaded at, for the kernel walk and the symbolizer.
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Result, anyhow};
 use pymem_common::PyLayout;
 
 use super::offsets::{CodeOffsets, offsets_for};
-use crate::discover::Binary;
+use crate::discover::{self, Binary};
 
 /// What the agent needs to symbolise one process's frames.
 #[derive(Clone, Copy, Debug)]
@@ -43,20 +43,12 @@ pub fn layout_for(pid: u32, binary: &Binary, sample_period: u64) -> Result<Proce
 
 /// Where the binary's first segment is mapped, minus its link address.
 fn load_bias(pid: u32, binary: &Binary) -> Result<u64> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .with_context(|| format!("reading maps of {pid}"))?;
-    for line in maps.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() < 6 {
-            continue;
-        }
-        let inode: u64 = fields[4].parse().unwrap_or(0);
-        let offset = u64::from_str_radix(fields[2], 16).unwrap_or(1);
-        if inode == binary.id.ino && offset == 0 {
-            let start = u64::from_str_radix(fields[0].split('-').next().unwrap_or(""), 16)?;
-            let link = binary.interpreter.first_load_vaddr & !0xfff;
-            return Ok(start.wrapping_sub(link));
-        }
+    let first = discover::maps(pid)?
+        .into_iter()
+        .find(|map| map.inode == binary.id.ino && map.offset == 0);
+    if let Some(map) = first {
+        let link = binary.interpreter.first_load_vaddr & !0xfff;
+        return Ok(map.address.0.wrapping_sub(link));
     }
     Err(anyhow!("{} is not mapped in {pid}", binary.display_path))
 }
