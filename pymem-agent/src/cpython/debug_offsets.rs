@@ -136,11 +136,7 @@ fn debug_offsets_layout(version: PyVersion) -> Option<DebugOffsetsLayout> {
 /// at the wrong positions).
 fn stack_debug_offsets(version: PyVersion, bytes: &[u8]) -> Option<StackDebugOffsets> {
     let at = debug_offsets_layout(version)?;
-    let word = |pos: usize| {
-        bytes
-            .get(pos..pos + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-    };
+    let word = |pos: usize| word_at(bytes, pos);
     let within = |pos: usize, size: usize| {
         let (value, size) = (word(pos)?, word(size)?);
         (value < size).then_some(value)
@@ -168,6 +164,13 @@ fn stack_debug_offsets(version: PyVersion, bytes: &[u8]) -> Option<StackDebugOff
     })
 }
 
+/// The little-endian `uint64_t` at `pos`.
+fn word_at(bytes: &[u8], pos: usize) -> Option<u64> {
+    bytes
+        .get(pos..pos + 8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+}
+
 /// Bytes of `_Py_DebugOffsets` read: the largest known layout, up to the
 /// unicode object's offsets.
 const DEBUG_OFFSETS_READ: u64 = 648;
@@ -182,9 +185,8 @@ pub fn read_debug_offsets(image: &impl BinaryImage) -> Option<DebugOffsets> {
     if &bytes[..8] != DEBUG_OFFSETS_COOKIE {
         return None;
     }
-    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-    let version = PyVersion::from_hex(word(8) as u32);
-    let free_threaded = word(16) != 0;
+    let version = PyVersion::from_hex(word_at(bytes, 8)? as u32);
+    let free_threaded = word_at(bytes, 16)? != 0;
     let stack = image
         .bytes_at(runtime, DEBUG_OFFSETS_READ)
         .filter(|_| !free_threaded)

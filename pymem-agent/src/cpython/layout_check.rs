@@ -216,7 +216,7 @@ fn check_frames(
 mod tests {
     use std::{
         io::{BufRead as _, BufReader},
-        path::Path,
+        path::{Path, PathBuf},
         process::{Child, Command, Stdio},
         sync::Arc,
     };
@@ -275,14 +275,26 @@ mod tests {
         }
     }
 
+    /// The verdict on each 3.8–3.11 interpreter's memory under the layout of
+    /// `as_minor(its own minor)`: (python, that minor, verdict).
+    fn verdicts(as_minor: impl Fn(u8) -> u8) -> Vec<(PathBuf, u8, Verdict)> {
+        let pythons = testing::interpreters_3_8_to_3_11_or_skip();
+        pythons
+            .into_iter()
+            .map(|python| {
+                let sleeper = Sleeper::start(&python);
+                let minor = as_minor(sleeper.binary.interpreter.version.minor);
+                let verdict = sleeper.check_as(minor);
+                eprintln!("{} as 3.{minor}: {verdict:?}", python.display());
+                (python, minor, verdict)
+            })
+            .collect()
+    }
+
     /// Ground truth: each real interpreter's own memory fits its layout.
     #[test]
     fn every_3_8_to_3_11_interpreter_fits_its_layout() {
-        for python in testing::interpreters_3_8_to_3_11_or_skip() {
-            let sleeper = Sleeper::start(&python);
-            let minor = sleeper.binary.interpreter.version.minor;
-            let verdict = sleeper.check_as(minor);
-            eprintln!("{}: {verdict:?}", python.display());
+        for (python, _, verdict) in verdicts(|own| own) {
             assert!(
                 matches!(verdict, Verdict::Verified(_)),
                 "{}: {verdict:?}",
@@ -295,13 +307,8 @@ mod tests {
     /// process's memory must refute them.
     #[test]
     fn a_neighbouring_versions_layout_is_refuted() {
-        for python in testing::interpreters_3_8_to_3_11_or_skip() {
-            let sleeper = Sleeper::start(&python);
-            let minor = sleeper.binary.interpreter.version.minor;
-            // 3.9 and 3.10 share a layout: compare across real differences.
-            let wrong = if minor == 11 { 10 } else { 11 };
-            let verdict = sleeper.check_as(wrong);
-            eprintln!("{} as 3.{wrong}: {verdict:?}", python.display());
+        // 3.9 and 3.10 share a layout: compare across real differences.
+        for (python, wrong, verdict) in verdicts(|own| if own == 11 { 10 } else { 11 }) {
             assert!(
                 matches!(verdict, Verdict::Wrong(_)),
                 "{} checked as 3.{wrong}: {verdict:?}",

@@ -68,15 +68,19 @@ impl ProcessMemory {
         })
     }
 
-    fn exact<const N: usize>(&self, addr: u64) -> Result<[u8; N], ReadError> {
-        let mut buf = [0u8; N];
+    fn fill(&self, buf: &mut [u8], addr: u64) -> Result<(), ReadError> {
         self.mem
-            .read_exact_at(&mut buf, addr)
+            .read_exact_at(buf, addr)
             .map_err(|cause| ReadError::Unreadable {
                 addr,
-                len: N,
+                len: buf.len(),
                 cause,
-            })?;
+            })
+    }
+
+    fn exact<const N: usize>(&self, addr: u64) -> Result<[u8; N], ReadError> {
+        let mut buf = [0u8; N];
+        self.fill(&mut buf, addr)?;
         Ok(buf)
     }
 
@@ -102,9 +106,7 @@ impl ProcessMemory {
     pub fn bytes(&self, addr: u64, len: usize) -> Result<Vec<u8>, ReadError> {
         let len = bounded(addr, len as u64, MAX_READ)?;
         let mut buf = vec![0u8; len];
-        self.mem
-            .read_exact_at(&mut buf, addr)
-            .map_err(|cause| ReadError::Unreadable { addr, len, cause })?;
+        self.fill(&mut buf, addr)?;
         Ok(buf)
     }
 

@@ -3,20 +3,22 @@
 //! keep what a stack walk reads, the check of those offsets against a live
 //! process, line tables and code-object symbolisation.
 //!
-//! Porting to a new CPython version (say 3.15) touches this folder only:
+//! Porting to a new CPython version (say 3.15) touches this folder:
 //! - `offsets.rs`: the version's row in the offset table (thread state,
-//!   frame, code object);
+//!   frame, code object), and its test's `future` version;
 //! - `debug_offsets.rs`: where the fields sit inside that version's
 //!   `_Py_DebugOffsets` (`debug_offsets_layout`), and `DEBUG_OFFSETS_READ` if
 //!   the table grew;
-//! - `linetable.rs` and `symbolize.rs` if the line table or frame format
-//!   changes (`LineFormat`);
-//! - `arena.rs`/`version.rs` if pymalloc's arena size changes;
-//! - `layout_check.rs` only for versions whose offsets come from the table
-//!   alone (before 3.13).
+//! - `symbolize.rs` and `linetable.rs` if the code object, `str` header or
+//!   line table format changes (`LineFormat`);
+//! - `version.rs` if pymalloc's arena size changes (`PyVersion::arena_size`);
+//! - `testing.rs` to have the tests find an interpreter of that version.
 //!
-//! Outside this folder, only pymem-ebpf's stack walk, and only if the shape of
-//! the walk changes (a new indirection or tag in `PyLayout`, pymem-common).
+//! `layout_check.rs` only checks the versions without `_Py_DebugOffsets`
+//! (3.8–3.11). Outside this folder, only pymem-ebpf's stack walk
+//! (`pystack.rs`) and pymem-common's `PyLayout` it reads, and only if the
+//! shape of the walk changes (another indirection, tag or frame owner kind):
+//! new offsets alone need no kernel change.
 pub mod arena;
 pub mod debug_offsets;
 pub mod layout;

@@ -109,6 +109,21 @@ fn offsets(version: PyVersion) -> Option<VersionOffsets> {
         frame_instr,
         code: old_code(format),
     };
+    // 3.12+ keep the current thread state in TLS; the GIL's last holder
+    // is the thread that allocates (allocation needs the GIL). This is the
+    // walk of 3.13 and later; 3.12 differs in its thread state.
+    let gil_holder_walk = |runtime_tstate_chain, frame_owner, code_adaptive| VersionOffsets {
+        runtime_tstate_chain,
+        tstate_deref: [16, 8],
+        frame_owner,
+        first_shim_owner: 3,
+        tstate_frame: 72,
+        cframe_frame: NO_OFFSET,
+        frame_code: 0,
+        frame_back: 8,
+        frame_instr: 56,
+        code: new_code(code_adaptive),
+    };
     match (version.major, version.minor) {
         (3, 8) => Some(frame_object(1368, LineFormat::Lnotab, 104)),
         (3, 9) => Some(frame_object(568, LineFormat::Lnotab, 104)),
@@ -133,46 +148,16 @@ fn offsets(version: PyVersion) -> Option<VersionOffsets> {
                 format: LineFormat::Locations,
             },
         }),
-        // 3.12+ keep the current thread state in TLS; the GIL's last holder
-        // is the thread that allocates (allocation needs the GIL).
         (3, 12) => Some(VersionOffsets {
-            runtime_tstate_chain: 40,
             tstate_deref: [384, 8],
-            frame_owner: 70,
-            first_shim_owner: 3,
             tstate_frame: 56,
             cframe_frame: 0,
-            frame_code: 0,
-            frame_back: 8,
-            frame_instr: 56,
-            code: new_code(192),
+            ..gil_holder_walk(40, 70, 192)
         }),
-        (3, 13) => Some(VersionOffsets {
-            runtime_tstate_chain: 632,
-            tstate_deref: [16, 8],
-            frame_owner: 70,
-            first_shim_owner: 3,
-            tstate_frame: 72,
-            cframe_frame: NO_OFFSET,
-            frame_code: 0,
-            frame_back: 8,
-            frame_instr: 56,
-            code: new_code(200),
-        }),
+        (3, 13) => Some(gil_holder_walk(632, 70, 200)),
         // f_executable is a tagged `_PyStackRef` (low bit): masked by the
         // kernel walk and the symbolizer.
-        (3, 14) => Some(VersionOffsets {
-            runtime_tstate_chain: 808,
-            tstate_deref: [16, 8],
-            frame_owner: 74,
-            first_shim_owner: 3,
-            tstate_frame: 72,
-            cframe_frame: NO_OFFSET,
-            frame_code: 0,
-            frame_back: 8,
-            frame_instr: 56,
-            code: new_code(208),
-        }),
+        (3, 14) => Some(gil_holder_walk(808, 74, 208)),
         _ => None,
     }
 }
