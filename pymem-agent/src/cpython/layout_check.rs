@@ -8,12 +8,11 @@
 //!   when set, is one of those thread states;
 //! - each thread's current frame, through the kernel's offsets, holds an
 //!   object whose type is named `code`.
-use std::{collections::HashSet, fs::File, os::unix::fs::FileExt as _};
+use std::collections::HashSet;
 
 use pymem_common::NO_OFFSET;
 
-use super::stacks::ProcessLayout;
-use crate::discover::elf::PyVersion;
+use super::{PyVersion, layout::ProcessLayout, memory::ProcessMemory};
 
 /// Offsets the check reads beyond the kernel's layout (x86-64, GIL builds;
 /// read from the pyenv builds' DWARF with gdb).
@@ -74,11 +73,10 @@ pub fn check(pid: u32, version: PyVersion, layout: &ProcessLayout) -> Verdict {
     let Some(shape) = shape(version) else {
         return Verdict::Unchecked;
     };
-    let mem = match File::open(format!("/proc/{pid}/mem")) {
-        Ok(mem) => mem,
+    let memory = match ProcessMemory::open(pid) {
+        Ok(memory) => memory,
         Err(e) => return Verdict::NotYet(format!("cannot open /proc/{pid}/mem: {e}")),
     };
-    let memory = Memory(mem);
     let runtime = layout.kernel.tstate_ptr_addr - shape.runtime_tstate_current;
     // The process runs while it is read: a frame popped between two reads
     // can look wrong once. A wrong layout looks wrong every time.
@@ -100,29 +98,25 @@ pub fn check(pid: u32, version: PyVersion, layout: &ProcessLayout) -> Verdict {
 /// Reads that must all look wrong before a layout is called wrong.
 const WRONG_ATTEMPTS: usize = 3;
 
-struct Memory(File);
-
-impl Memory {
+/// Reads that name what they read, for the verdict.
+trait Named {
     /// A pointer-sized word, or a `Wrong` verdict naming what was read.
-    fn word(&self, addr: u64, what: &str) -> Result<u64, Verdict> {
-        let mut buf = [0u8; 8];
-        self.0
-            .read_exact_at(&mut buf, addr)
-            .map_err(|e| Verdict::Wrong(format!("{what} at {addr:#x} is unreadable: {e}")))?;
-        Ok(u64::from_le_bytes(buf))
-    }
+    fn word(&self, addr: u64, what: &str) -> Result<u64, Verdict>;
+}
 
-    /// The NUL-terminated string at `addr` (at most 32 bytes).
-    fn c_string(&self, addr: u64) -> Option<String> {
-        let mut buf = [0u8; 32];
-        let read = self.0.read_at(&mut buf, addr).ok()?;
-        let end = buf[..read].iter().position(|&b| b == 0)?;
-        Some(String::from_utf8_lossy(&buf[..end]).into_owned())
+impl Named for ProcessMemory {
+    fn word(&self, addr: u64, what: &str) -> Result<u64, Verdict> {
+        self.u64(addr).map_err(|e| {
+            Verdict::Wrong(format!("{what} at {addr:#x} is unreadable: {}", e.reason()))
+        })
     }
 }
 
+/// Bytes of a type name (`tp_name`) read: room for `code` and its NUL.
+const TYPE_NAME_MAX: usize = 32;
+
 fn check_runtime(
-    memory: &Memory,
+    memory: &ProcessMemory,
     runtime: u64,
     shape: &Shape,
     layout: &ProcessLayout,
@@ -161,7 +155,11 @@ fn check_runtime(
 }
 
 /// The main interpreter's thread states, each checked to point back to it.
-fn thread_states(memory: &Memory, interp: u64, shape: &Shape) -> Result<HashSet<u64>, Verdict> {
+fn thread_states(
+    memory: &ProcessMemory,
+    interp: u64,
+    shape: &Shape,
+) -> Result<HashSet<u64>, Verdict> {
     let mut seen = HashSet::new();
     let mut tstate = memory.word(interp + shape.interp_threads_head, "threads.head")?;
     while tstate != 0 {
@@ -184,7 +182,7 @@ fn thread_states(memory: &Memory, interp: u64, shape: &Shape) -> Result<HashSet<
 /// Follows each thread's current frame with the kernel's offsets; every
 /// frame found must hold a code object. Returns how many were checked.
 fn check_frames(
-    memory: &Memory,
+    memory: &ProcessMemory,
     threads: &HashSet<u64>,
     layout: &ProcessLayout,
 ) -> Result<usize, Verdict> {
@@ -203,7 +201,7 @@ fn check_frames(
             .word(code + OB_TYPE, "the code's type")
             .ok()
             .and_then(|tp| memory.word(tp + TP_NAME, "tp_name").ok())
-            .and_then(|name| memory.c_string(name));
+            .and_then(|name| memory.c_string(name, TYPE_NAME_MAX).ok());
         if type_name.as_deref() != Some("code") {
             return Err(Verdict::Wrong(format!(
                 "the current frame of thread state {tstate:#x} holds a {type_name:?}, not a code object"
@@ -218,14 +216,14 @@ fn check_frames(
 mod tests {
     use std::{
         io::{BufRead as _, BufReader},
-        path::Path,
+        path::{Path, PathBuf},
         process::{Child, Command, Stdio},
         sync::Arc,
     };
 
     use super::*;
     use crate::{
-        cpython::stacks::layout_for,
+        cpython::{layout::layout_for, testing},
         discover::{Binary, Discoverer},
     };
 
@@ -277,40 +275,26 @@ mod tests {
         }
     }
 
-    fn interpreters_3_8_to_3_11() -> Vec<std::path::PathBuf> {
-        let home = std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default());
-        let mut found: Vec<_> = std::fs::read_dir(home.join(".pyenv/versions"))
+    /// The verdict on each 3.8–3.11 interpreter's memory under the layout of
+    /// `as_minor(its own minor)`: (python, that minor, verdict).
+    fn verdicts(as_minor: impl Fn(u8) -> u8) -> Vec<(PathBuf, u8, Verdict)> {
+        let pythons = testing::interpreters_3_8_to_3_11_or_skip();
+        pythons
             .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|dir| {
-                let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-                ["3.8.", "3.9.", "3.10.", "3.11."]
-                    .iter()
-                    .any(|p| name.starts_with(p))
-                    && !name.ends_with('t')
+            .map(|python| {
+                let sleeper = Sleeper::start(&python);
+                let minor = as_minor(sleeper.binary.interpreter.version.minor);
+                let verdict = sleeper.check_as(minor);
+                eprintln!("{} as 3.{minor}: {verdict:?}", python.display());
+                (python, minor, verdict)
             })
-            .map(|dir| dir.join("bin/python3"))
-            .collect();
-        found.push("/usr/bin/python3.11".into());
-        found.retain(|p| p.exists());
-        found
+            .collect()
     }
 
     /// Ground truth: each real interpreter's own memory fits its layout.
     #[test]
     fn every_3_8_to_3_11_interpreter_fits_its_layout() {
-        let pythons = interpreters_3_8_to_3_11();
-        if pythons.is_empty() {
-            eprintln!("SKIP: no Python 3.8-3.11 here");
-            return;
-        }
-        for python in pythons {
-            let sleeper = Sleeper::start(&python);
-            let minor = sleeper.binary.interpreter.version.minor;
-            let verdict = sleeper.check_as(minor);
-            eprintln!("{}: {verdict:?}", python.display());
+        for (python, _, verdict) in verdicts(|own| own) {
             assert!(
                 matches!(verdict, Verdict::Verified(_)),
                 "{}: {verdict:?}",
@@ -323,18 +307,8 @@ mod tests {
     /// process's memory must refute them.
     #[test]
     fn a_neighbouring_versions_layout_is_refuted() {
-        let pythons = interpreters_3_8_to_3_11();
-        if pythons.is_empty() {
-            eprintln!("SKIP: no Python 3.8-3.11 here");
-            return;
-        }
-        for python in pythons {
-            let sleeper = Sleeper::start(&python);
-            let minor = sleeper.binary.interpreter.version.minor;
-            // 3.9 and 3.10 share a layout: compare across real differences.
-            let wrong = if minor == 11 { 10 } else { 11 };
-            let verdict = sleeper.check_as(wrong);
-            eprintln!("{} as 3.{wrong}: {verdict:?}", python.display());
+        // 3.9 and 3.10 share a layout: compare across real differences.
+        for (python, wrong, verdict) in verdicts(|own| if own == 11 { 10 } else { 11 }) {
             assert!(
                 matches!(verdict, Verdict::Wrong(_)),
                 "{} checked as 3.{wrong}: {verdict:?}",

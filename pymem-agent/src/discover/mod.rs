@@ -1,6 +1,5 @@
 //! Finding CPython processes: procfs for the processes, ELF analysis for the
 //! interpreter binary each one runs (cached per binary inode).
-pub mod arena_check;
 pub mod elf;
 
 use std::{
@@ -10,7 +9,8 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
+use procfs::process::{MMapPath, MemoryMaps, Process};
 
 pub use elf::Interpreter;
 
@@ -79,7 +79,8 @@ impl Discoverer {
             // Kernel threads have no exe.
             Err(e) => return Err(Skip::NotPython(format!("no executable: {e}"))),
         };
-        let maps = std::fs::read_to_string(proc_dir.join("maps")).map_err(|_| Skip::Gone)?;
+        let process = Process::new(pid as i32).map_err(|_| Skip::Gone)?;
+        let maps = process.maps().map_err(|_| Skip::Gone)?;
         let comm = std::fs::read_to_string(proc_dir.join("comm")).unwrap_or_default();
         // Every mapped libpython, then the executable: a process may map a
         // file that only looks like libpython (a copy, a truncated file).
@@ -123,9 +124,7 @@ impl Discoverer {
                 Skip::NotPython(reason)
             });
         };
-        let status = procfs::process::Process::new(pid as i32)
-            .and_then(|p| p.status())
-            .map_err(|_| Skip::Gone)?;
+        let status = process.status().map_err(|_| Skip::Gone)?;
         let ns_pid = status
             .nspid
             .as_ref()
@@ -183,19 +182,26 @@ impl Discoverer {
     }
 }
 
-/// Every numeric entry of /proc.
+/// Every process in /proc.
 pub fn all_pids() -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+    procfs::process::all_processes()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|process| process.pid as u32)
         .collect()
+}
+
+/// The memory mappings of `pid`.
+pub fn maps(pid: u32) -> Result<MemoryMaps> {
+    Process::new(pid as i32)
+        .and_then(|process| process.maps())
+        .with_context(|| format!("reading maps of {pid}"))
 }
 
 /// True while `pid` exists and is neither a zombie nor dead.
 pub fn is_running(pid: u32) -> bool {
-    procfs::process::Process::new(pid as i32)
+    Process::new(pid as i32)
         .and_then(|p| p.stat())
         .map(|stat| !matches!(stat.state, 'Z' | 'X' | 'x'))
         .unwrap_or(false)
@@ -203,7 +209,7 @@ pub fn is_running(pid: u32) -> bool {
 
 /// True when `pid` is a thread-group leader (a process, not a thread).
 pub fn is_process(pid: u32) -> bool {
-    procfs::process::Process::new(pid as i32)
+    Process::new(pid as i32)
         .and_then(|p| p.status())
         .map(|s| s.tgid == pid as i32)
         .unwrap_or(false)
@@ -216,20 +222,18 @@ fn base_name(path: &str) -> &str {
 
 /// Every distinct `libpython3.X[t].so` file in a maps file, first mapping
 /// of each: (`start-end` range for map_files, path).
-fn find_libpythons(maps: &str) -> Vec<(String, String)> {
+fn find_libpythons(maps: &MemoryMaps) -> Vec<(String, String)> {
     let mut seen = std::collections::HashSet::new();
-    maps.lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let range = fields.next()?;
-            let _perms = fields.next()?;
-            let _offset = fields.next()?;
-            let _dev = fields.next()?;
-            let _inode = fields.next()?;
-            let path = fields.collect::<Vec<_>>().join(" ");
+    maps.iter()
+        .filter_map(|map| {
+            let MMapPath::Path(path) = &map.pathname else {
+                return None;
+            };
+            let path = path.display().to_string();
             let name = base_name(&path);
+            let (start, end) = map.address;
             (name.starts_with("libpython3") && name.contains(".so") && seen.insert(path.clone()))
-                .then(|| (range.to_string(), path))
+                .then(|| (format!("{start:x}-{end:x}"), path))
         })
         .collect()
 }
@@ -237,19 +241,10 @@ fn find_libpythons(maps: &str) -> Vec<(String, String)> {
 /// Reads the current program break of a process (end of `[heap]`), or its
 /// start when it has no heap yet.
 pub fn current_brk(pid: u32) -> Result<u64> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .with_context(|| format!("reading maps of {pid}"))?;
-    for line in maps.lines() {
-        if line.ends_with("[heap]") {
-            let range = line.split_whitespace().next().unwrap_or_default();
-            let end = range
-                .split('-')
-                .nth(1)
-                .ok_or_else(|| anyhow!("bad maps line"))?;
-            return Ok(u64::from_str_radix(end, 16)?);
-        }
+    if let Some(heap) = maps(pid)?.iter().find(|m| m.pathname == MMapPath::Heap) {
+        return Ok(heap.address.1);
     }
-    let stat = procfs::process::Process::new(pid as i32)?.stat()?;
+    let stat = Process::new(pid as i32)?.stat()?;
     match stat.start_brk {
         Some(start) => Ok(start),
         None => bail!("no heap and no start_brk for {pid}"),
@@ -258,21 +253,43 @@ pub fn current_brk(pid: u32) -> Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    use procfs::FromBufRead as _;
+
     use super::*;
 
     #[test]
     fn finds_libpython_in_maps() {
+        let find =
+            |text: &str| find_libpythons(&MemoryMaps::from_buf_read(text.as_bytes()).unwrap());
         let maps = "\
 55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 123 /root/.pyenv/versions/3.11.7/bin/python3.11
 7f1c2a000000-7f1c2a100000 r--p 00000000 fe:01 456 /root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0
 7f1c2a100000-7f1c2a300000 r-xp 00100000 fe:01 456 /root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0
 ";
-        let found = find_libpythons(maps);
+        let found = find(maps);
         assert_eq!(found.len(), 1, "one entry per file: {found:?}");
         let (range, path) = &found[0];
         assert_eq!(range, "7f1c2a000000-7f1c2a100000");
         assert!(path.ends_with("libpython3.11.so.1.0"));
-        assert!(find_libpythons("7f-8f r-xp 0 0:0 1 /usr/lib/libc.so.6\n").is_empty());
+        assert!(find("7f-8f r-xp 0 0:0 1 /usr/lib/libc.so.6\n").is_empty());
+    }
+
+    /// This test process, as procfs shows it.
+    #[test]
+    fn lists_and_reads_this_process() {
+        let pid = std::process::id();
+        assert!(all_pids().contains(&pid));
+        assert!(is_process(pid) && is_running(pid));
+        let brk = current_brk(pid).unwrap();
+        let heap = maps(pid)
+            .unwrap()
+            .into_iter()
+            .find(|m| m.pathname == MMapPath::Heap);
+        if let Some(heap) = heap {
+            // The heap may grow meanwhile, never below its start.
+            assert!(brk > heap.address.0, "{brk:#x}");
+        }
+        assert!(brk > 0);
     }
 
     /// A plain program (not this test binary: other tests map libpython

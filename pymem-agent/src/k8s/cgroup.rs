@@ -18,6 +18,8 @@
 //! container may see `/../../kubepods-…`: only the components matter here.
 use std::fmt;
 
+use procfs::{FromBufRead as _, ProcessCGroups};
+
 /// A container runtime, as named in its cgroup paths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Runtime {
@@ -52,26 +54,26 @@ pub struct ContainerRef {
 /// `None` for a process outside containers. The cgroup v2 line is preferred;
 /// on v1 (and hybrid) hosts every controller's line names the same path.
 pub fn parse(text: &str) -> Option<ContainerRef> {
-    let paths: Vec<(&str, &str)> = text.lines().filter_map(hierarchy_and_path).collect();
-    let unified = paths.iter().filter(|(hierarchy, _)| *hierarchy == "0");
-    let legacy = paths.iter().filter(|(hierarchy, _)| *hierarchy != "0");
+    in_cgroups(&ProcessCGroups::from_buf_read(text.as_bytes()).ok()?)
+}
+
+/// Reads `/proc/PID/cgroup`; `None` outside containers or when the process
+/// is gone.
+pub fn of_process(pid: u32) -> Option<ContainerRef> {
+    in_cgroups(
+        &procfs::process::Process::new(pid as i32)
+            .ok()?
+            .cgroups()
+            .ok()?,
+    )
+}
+
+fn in_cgroups(cgroups: &ProcessCGroups) -> Option<ContainerRef> {
+    let unified = cgroups.0.iter().filter(|cgroup| cgroup.hierarchy == 0);
+    let legacy = cgroups.0.iter().filter(|cgroup| cgroup.hierarchy != 0);
     unified
         .chain(legacy)
-        .find_map(|(_, path)| container_in_path(path))
-}
-
-/// Reads and parses `/proc/PID/cgroup`; `None` outside containers or when
-/// the process is gone.
-pub fn of_process(pid: u32) -> Option<ContainerRef> {
-    parse(&std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)
-}
-
-/// `"4:memory:/kubepods/…"` -> `("4", "/kubepods/…")`.
-fn hierarchy_and_path(line: &str) -> Option<(&str, &str)> {
-    let mut fields = line.splitn(3, ':');
-    let hierarchy = fields.next()?;
-    let _controllers = fields.next()?;
-    Some((hierarchy, fields.next()?))
+        .find_map(|cgroup| container_in_path(&cgroup.pathname))
 }
 
 /// The innermost container named in one cgroup path (innermost, so that a

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use self::config::ObserverConfig;
 use crate::{
     bpf::{Probes, events::EventStream},
-    cpython::stacks::{Frame, Symbolizer},
+    cpython::{Frame, Symbolizer},
     discover::{BinaryId, Discoverer, PythonProcess, Skip},
     k8s::{self, PodCache},
     model::{Accounting, AgentInfo, HeapHistory, Snapshot},

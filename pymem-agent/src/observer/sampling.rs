@@ -7,7 +7,8 @@ use log::warn;
 
 use super::{Observed, Observer};
 use crate::{
-    discover::{BinaryId, arena_check},
+    cpython::arena,
+    discover::BinaryId,
     model::{HeapBreakdown, LeakPolicy, ProcessInfo, Snapshot, SourceTotals},
 };
 
@@ -117,7 +118,7 @@ fn check_arena_size(pid: u32, observed: &mut Observed) {
         return;
     }
     let expected = observed.process.binary.interpreter.version.arena_size();
-    if let Some(mismatch) = arena_check::arena_size_mismatch(&observed.stats, expected) {
+    if let Some(mismatch) = arena::arena_size_mismatch(&observed.stats, expected) {
         observed.arena_size_mismatch = true;
         warn!(
             "pid {pid} ({}): arena size mismatch: {mismatch}; Python {} from {} does not use the arena size of its version, so its heap misses pymalloc arenas (arena_size_mismatch in the API)",

@@ -13,8 +13,8 @@ use super::{Found, Observed, Observer};
 use crate::{
     bpf::Probes,
     cpython::{
+        self, Frame, ProcessLayout, Symbolizer,
         layout_check::{self, Verdict},
-        stacks::{self, Frame, ProcessLayout, Symbolizer},
     },
     discover::{BinaryId, PythonProcess},
     sites::{self, Site},
@@ -80,7 +80,7 @@ impl Observer {
         let sample_bytes = self.config.sample_bytes;
         let tx = self.found_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let layout = stacks::layout_for(pid, &binary, sample_bytes).map(|layout| {
+            let layout = cpython::layout_for(pid, &binary, sample_bytes).map(|layout| {
                 let verdict = layout_check::check(pid, binary.interpreter.version, &layout);
                 (layout, verdict)
             });

@@ -4,7 +4,7 @@
 use anyhow::{Result, bail};
 use inferno::flamegraph::{self, Options, Palette, color::BasicPalette};
 
-use crate::{cpython::stacks::Frame, sites::Site};
+use crate::{cpython::Frame, sites::Site};
 
 /// Renders the SVG; an error when no site holds live bytes (an empty
 /// graph would only say "no input").

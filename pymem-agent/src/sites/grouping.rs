@@ -5,7 +5,7 @@ use std::{borrow::Cow, collections::HashMap};
 use serde::{Deserialize, Serialize};
 
 use super::StackBytes;
-use crate::cpython::stacks::Frame;
+use crate::cpython::Frame;
 
 /// One line of Python that allocated memory, innermost frame of its
 /// stacks; `stack` is the heaviest full stack through it.

@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result};
 use flate2::{Compression, write::GzEncoder};
 use prost::Message as _;
 
-use crate::{cpython::stacks::Frame, sites::Site};
+use crate::{cpython::Frame, sites::Site};
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Profile {

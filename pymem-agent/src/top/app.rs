@@ -350,7 +350,7 @@ pub mod tests {
             line,
             bytes: live,
             allocated_bytes: allocated,
-            stack: vec![crate::cpython::stacks::Frame {
+            stack: vec![crate::cpython::Frame {
                 function: function.into(),
                 file: file.into(),
                 line,

@@ -1,4 +1,4 @@
-//! Checking discovery's arena size at run time. The arena probes keep only
+//! Checking the version's arena size at run time. The arena probes keep only
 //! mappings of the size derived from the version (256 KiB up to 3.9, 1 MiB
 //! since); the kernel side also counts anonymous private read-write mappings
 //! through the interpreter's `mmap` that look like arenas (powers of two of
