@@ -221,13 +221,141 @@ pub struct PendingMmap {
     pub len: u64,
 }
 
-/// Index of the drop counters in the `COUNTERS` per-CPU array.
+/// Names of the maps and programs in the eBPF object, as the agent looks
+/// them up. The kernel side's statics carry the same identifiers (aya-ebpf
+/// names a map after its static); the agent's tests check every name here
+/// against the built object.
+pub mod names {
+    pub mod map {
+        pub const EVENTS: &str = "EVENTS";
+        pub const COUNTERS: &str = "COUNTERS";
+        pub const PROC_STATS: &str = "PROC_STATS";
+        pub const TRACKED: &str = "TRACKED";
+        pub const ARENAS: &str = "ARENAS";
+        pub const RAW_LIVE: &str = "RAW_LIVE";
+        pub const EXT_LIVE: &str = "EXT_LIVE";
+        pub const SYS_LIVE: &str = "SYS_LIVE";
+        pub const PENDING_ARENA: &str = "PENDING_ARENA";
+        pub const PENDING_RAW: &str = "PENDING_RAW";
+        pub const PENDING_MMAP: &str = "PENDING_MMAP";
+        pub const BUDGET: &str = "BUDGET";
+        pub const SYSCALL_MODE: &str = "SYSCALL_MODE";
+        pub const PY_LAYOUT: &str = "PY_LAYOUT";
+        pub const STACKS: &str = "STACKS";
+        pub const SAMPLER: &str = "SAMPLER";
+        /// Every map above.
+        pub const ALL: [&str; 16] = [
+            EVENTS,
+            COUNTERS,
+            PROC_STATS,
+            TRACKED,
+            ARENAS,
+            RAW_LIVE,
+            EXT_LIVE,
+            SYS_LIVE,
+            PENDING_ARENA,
+            PENDING_RAW,
+            PENDING_MMAP,
+            BUDGET,
+            SYSCALL_MODE,
+            PY_LAYOUT,
+            STACKS,
+            SAMPLER,
+        ];
+    }
+
+    pub mod program {
+        pub const ARENA_MMAP: &str = "arena_mmap";
+        pub const ARENA_MMAP_RET: &str = "arena_mmap_ret";
+        pub const ARENA_MUNMAP: &str = "arena_munmap";
+        /// The entry of every per-process hook, told apart by the cookie.
+        pub const BUDGETED_ENTRY: &str = "budgeted_entry";
+        /// The return of malloc/calloc/realloc.
+        pub const RAW_ALLOC_RET: &str = "raw_alloc_ret";
+        pub const PROCESS_EXEC: &str = "process_exec";
+        pub const PROCESS_EXIT: &str = "process_exit";
+        pub const PROCESS_FORK: &str = "process_fork";
+        pub const SYS_EXIT_BRK: &str = "sys_exit_brk";
+        pub const SYS_ENTER_MMAP: &str = "sys_enter_mmap";
+        pub const SYS_EXIT_MMAP: &str = "sys_exit_mmap";
+        pub const SYS_ENTER_MUNMAP: &str = "sys_enter_munmap";
+        /// Every program above.
+        pub const ALL: [&str; 12] = [
+            ARENA_MMAP,
+            ARENA_MMAP_RET,
+            ARENA_MUNMAP,
+            BUDGETED_ENTRY,
+            RAW_ALLOC_RET,
+            PROCESS_EXEC,
+            PROCESS_EXIT,
+            PROCESS_FORK,
+            SYS_EXIT_BRK,
+            SYS_ENTER_MMAP,
+            SYS_EXIT_MMAP,
+            SYS_ENTER_MUNMAP,
+        ];
+    }
+
+    /// Load-time globals of the kernel side.
+    pub mod global {
+        pub const HIT_BUDGET_PER_SEC: &str = "HIT_BUDGET_PER_SEC";
+        pub const HIT_BUDGET_BURST: &str = "HIT_BUDGET_BURST";
+        pub const FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+    }
+}
+
+/// Index of the drop and error counters in the `COUNTERS` per-CPU array.
 pub mod counter {
+    use super::names::map;
+
     /// Ring-buffer records lost because the buffer was full.
     pub const EVENTS_LOST: u32 = 0;
-    /// Live-block map insertions that failed (map full).
+    /// Live-block map insertions that failed (map full), of all four maps;
+    /// each is also counted under its own map below.
     pub const LIVE_MAP_FULL: u32 = 1;
-    pub const LEN: u32 = 2;
+    /// Failed insertions into one map made by the kernel side.
+    pub const PROC_STATS: u32 = 2;
+    pub const PENDING_ARENA: u32 = 3;
+    pub const PENDING_RAW: u32 = 4;
+    pub const PENDING_MMAP: u32 = 5;
+    pub const STACKS: u32 = 6;
+    pub const BUDGET: u32 = 7;
+    pub const SAMPLER: u32 = 8;
+    pub const ARENAS: u32 = 9;
+    pub const RAW_LIVE: u32 = 10;
+    pub const EXT_LIVE: u32 = 11;
+    pub const SYS_LIVE: u32 = 12;
+    pub const LEN: u32 = 13;
+
+    /// The counters of failures per map, with the map's name: a full ring
+    /// buffer is `EVENTS_LOST`.
+    pub const MAP_ERRORS: [(u32, &str); 12] = [
+        (EVENTS_LOST, map::EVENTS),
+        (PROC_STATS, map::PROC_STATS),
+        (PENDING_ARENA, map::PENDING_ARENA),
+        (PENDING_RAW, map::PENDING_RAW),
+        (PENDING_MMAP, map::PENDING_MMAP),
+        (STACKS, map::STACKS),
+        (BUDGET, map::BUDGET),
+        (SAMPLER, map::SAMPLER),
+        (ARENAS, map::ARENAS),
+        (RAW_LIVE, map::RAW_LIVE),
+        (EXT_LIVE, map::EXT_LIVE),
+        (SYS_LIVE, map::SYS_LIVE),
+    ];
+
+    /// The map a counter counts failures of ("" for `LIVE_MAP_FULL`, which
+    /// sums four).
+    pub const fn name(index: u32) -> &'static str {
+        let mut i = 0;
+        while i < MAP_ERRORS.len() {
+            if MAP_ERRORS[i].0 == index {
+                return MAP_ERRORS[i].1;
+            }
+            i += 1;
+        }
+        ""
+    }
 }
 
 /// Attach cookies of the per-process entry probes: which function of the
