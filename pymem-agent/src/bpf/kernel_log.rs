@@ -13,7 +13,7 @@ use aya::Ebpf;
 use log::debug;
 
 /// How long the thread sleeps between checks of `stop`.
-const POLL_MS: i32 = 200;
+const POLL_MS: i32 = 100;
 
 pub(super) struct KernelLog {
     stop: Arc<AtomicBool>,

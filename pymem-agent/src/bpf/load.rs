@@ -231,6 +231,7 @@ mod tests {
             .expect("loading the programs");
             let errors = probes.kernel_errors();
             assert_eq!(errors.len(), counter::MAP_ERRORS.len());
+            assert!(probes._kernel_log.is_some(), "no kernel log forwarding");
             probes.shutdown();
         }
         if multi_uprobe_kernel() {

@@ -149,3 +149,38 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Entries of processes neither alive at the request nor tracked since
+    /// are deleted; a process tracked after the request keeps its own.
+    #[test]
+    fn dead_are_those_neither_alive_nor_tracked() {
+        let shared = Shared::default();
+        shared.lock().tracked.extend([1, 2]);
+        let alive: HashSet<u32> = [1].into();
+        shared.lock().tracked.insert(3);
+        let dead = shared.dead(&alive, [1, 2, 3, 4, 4].into_iter());
+        assert_eq!(dead, HashSet::from([4]));
+    }
+
+    /// Requests made while none has started are coalesced into one, the
+    /// latest.
+    #[test]
+    fn requests_coalesce_into_the_latest() {
+        let shared = Arc::new(Shared::default());
+        let sweeper = Sweeper {
+            shared: Arc::clone(&shared),
+            thread: None,
+        };
+        sweeper.tracked(1);
+        sweeper.tracked(2);
+        sweeper.request(|pid| pid == 1);
+        sweeper.request(|pid| pid == 2);
+        assert_eq!(shared.next_request(), Some(HashSet::from([2])));
+        shared.stop.store(true, Ordering::Relaxed);
+        assert_eq!(shared.next_request(), None);
+    }
+}
