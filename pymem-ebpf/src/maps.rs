@@ -115,7 +115,7 @@ pub fn map_error<const ERROR: u32>() {
     // aya-log-ebpf does not read the context.
     debug!(
         &(),
-        "insertion into {} failed (map full?)",
+        "no room in {} (insertion or reserve failed)",
         const { counter::name(ERROR) }
     );
 }

@@ -61,6 +61,14 @@ impl Probes {
     /// Loads and verifies all programs and attaches the tracepoints. Returns
     /// the event ring buffer separately: it is read by its own task.
     pub fn load(config: KernelConfig) -> Result<(Self, RingBuf<MapData>)> {
+        Self::load_with(config, |_| {})
+    }
+
+    /// `load`, with `adjust` changing the loader's settings (tests).
+    fn load_with(
+        config: KernelConfig,
+        adjust: impl FnOnce(&mut EbpfLoader<'_>),
+    ) -> Result<(Self, RingBuf<MapData>)> {
         if EBPF_OBJECT.is_empty() {
             return Err(anyhow!(
                 "this pymem was built with AYA_BUILD_SKIP: it has no eBPF programs"
@@ -69,11 +77,14 @@ impl Probes {
         raise_memlock_limit();
         tracefs::ensure_tracefs()?;
         let fork_offset = tracefs::fork_child_pid_offset().unwrap_or(20);
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(global::HIT_BUDGET_PER_SEC, &config.hit_budget_per_sec, true)
             .override_global(global::HIT_BUDGET_BURST, &config.hit_budget_burst, true)
             .override_global(global::FORK_CHILD_PID_OFFSET, &fork_offset, true)
-            .map_max_entries(map::EVENTS, config.ring_buffer_bytes)
+            .map_max_entries(map::EVENTS, config.ring_buffer_bytes);
+        adjust(&mut loader);
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF programs (are you root, with BPF and uprobes enabled?)")?;
         // Before anything takes maps out of `ebpf`: the multi-uprobe
@@ -242,6 +253,43 @@ mod tests {
             multi::MultiPrograms::load(EBPF_OBJECT, &ebpf, entry, ret)
                 .expect("verifying the multi-uprobe programs");
         }
+    }
+
+    /// A full PROC_STATS is counted under its name: this process takes the
+    /// only entry, a tracked child then fails to get one.
+    #[test]
+    fn a_full_map_is_counted_by_name() {
+        if EBPF_OBJECT.is_empty() {
+            return; // AYA_BUILD_SKIP
+        }
+        let config = KernelConfig {
+            hit_budget_per_sec: 0,
+            hit_budget_burst: 0,
+            ring_buffer_bytes: 1 << 16,
+            perf_uprobes: true,
+        };
+        let (mut probes, _events) = Probes::load_with(config, |loader| {
+            loader.map_max_entries(map::PROC_STATS, 1);
+        })
+        .expect("loading the programs");
+        // Any anonymous mapping of this process while it is accounted by
+        // syscalls takes the entry.
+        probes.track(std::process::id(), 0).expect("tracking");
+        let block = std::hint::black_box(vec![1u8; 16 << 20]);
+        drop(block);
+        assert!(probes.process_stats(std::process::id()).is_some());
+        let mut child = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "sleep 0.3; exec dd if=/dev/zero of=/dev/null bs=16M count=1 status=none",
+            ])
+            .spawn()
+            .expect("spawning sh");
+        probes.track(child.id(), 0).expect("tracking the child");
+        assert!(child.wait().expect("waiting").success());
+        let errors: std::collections::HashMap<_, _> = probes.kernel_errors().into_iter().collect();
+        assert!(errors[map::PROC_STATS] > 0, "{errors:?}");
+        probes.shutdown();
     }
 
     /// Linux 6.6 or later.
