@@ -226,81 +226,62 @@ pub struct PendingMmap {
 /// names a map after its static); the agent's tests check every name here
 /// against the built object.
 pub mod names {
+    /// Defines each name as a constant, and `ALL`, every one of them.
+    macro_rules! names {
+        ($($(#[$doc:meta])* $name:ident = $value:literal,)*) => {
+            $($(#[$doc])* pub const $name: &str = $value;)*
+            /// Every name of this module.
+            pub const ALL: &[&str] = &[$($name),*];
+        };
+    }
+
     pub mod map {
-        pub const EVENTS: &str = "EVENTS";
-        pub const COUNTERS: &str = "COUNTERS";
-        pub const PROC_STATS: &str = "PROC_STATS";
-        pub const TRACKED: &str = "TRACKED";
-        pub const ARENAS: &str = "ARENAS";
-        pub const RAW_LIVE: &str = "RAW_LIVE";
-        pub const EXT_LIVE: &str = "EXT_LIVE";
-        pub const SYS_LIVE: &str = "SYS_LIVE";
-        pub const PENDING_ARENA: &str = "PENDING_ARENA";
-        pub const PENDING_RAW: &str = "PENDING_RAW";
-        pub const PENDING_MMAP: &str = "PENDING_MMAP";
-        pub const BUDGET: &str = "BUDGET";
-        pub const SYSCALL_MODE: &str = "SYSCALL_MODE";
-        pub const PY_LAYOUT: &str = "PY_LAYOUT";
-        pub const STACKS: &str = "STACKS";
-        pub const SAMPLER: &str = "SAMPLER";
-        /// Every map above.
-        pub const ALL: [&str; 16] = [
-            EVENTS,
-            COUNTERS,
-            PROC_STATS,
-            TRACKED,
-            ARENAS,
-            RAW_LIVE,
-            EXT_LIVE,
-            SYS_LIVE,
-            PENDING_ARENA,
-            PENDING_RAW,
-            PENDING_MMAP,
-            BUDGET,
-            SYSCALL_MODE,
-            PY_LAYOUT,
-            STACKS,
-            SAMPLER,
-        ];
+        names! {
+            EVENTS = "EVENTS",
+            COUNTERS = "COUNTERS",
+            PROC_STATS = "PROC_STATS",
+            TRACKED = "TRACKED",
+            ARENAS = "ARENAS",
+            RAW_LIVE = "RAW_LIVE",
+            EXT_LIVE = "EXT_LIVE",
+            SYS_LIVE = "SYS_LIVE",
+            PENDING_ARENA = "PENDING_ARENA",
+            PENDING_RAW = "PENDING_RAW",
+            PENDING_MMAP = "PENDING_MMAP",
+            BUDGET = "BUDGET",
+            SYSCALL_MODE = "SYSCALL_MODE",
+            PY_LAYOUT = "PY_LAYOUT",
+            STACKS = "STACKS",
+            SAMPLER = "SAMPLER",
+        }
     }
 
     pub mod program {
-        pub const ARENA_MMAP: &str = "arena_mmap";
-        pub const ARENA_MMAP_RET: &str = "arena_mmap_ret";
-        pub const ARENA_MUNMAP: &str = "arena_munmap";
-        /// The entry of every per-process hook, told apart by the cookie.
-        pub const BUDGETED_ENTRY: &str = "budgeted_entry";
-        /// The return of malloc/calloc/realloc.
-        pub const RAW_ALLOC_RET: &str = "raw_alloc_ret";
-        pub const PROCESS_EXEC: &str = "process_exec";
-        pub const PROCESS_EXIT: &str = "process_exit";
-        pub const PROCESS_FORK: &str = "process_fork";
-        pub const SYS_EXIT_BRK: &str = "sys_exit_brk";
-        pub const SYS_ENTER_MMAP: &str = "sys_enter_mmap";
-        pub const SYS_EXIT_MMAP: &str = "sys_exit_mmap";
-        pub const SYS_ENTER_MUNMAP: &str = "sys_enter_munmap";
-        /// Every program above.
-        pub const ALL: [&str; 12] = [
-            ARENA_MMAP,
-            ARENA_MMAP_RET,
-            ARENA_MUNMAP,
-            BUDGETED_ENTRY,
-            RAW_ALLOC_RET,
-            PROCESS_EXEC,
-            PROCESS_EXIT,
-            PROCESS_FORK,
-            SYS_EXIT_BRK,
-            SYS_ENTER_MMAP,
-            SYS_EXIT_MMAP,
-            SYS_ENTER_MUNMAP,
-        ];
+        names! {
+            ARENA_MMAP = "arena_mmap",
+            ARENA_MMAP_RET = "arena_mmap_ret",
+            ARENA_MUNMAP = "arena_munmap",
+            /// The entry of every per-process hook, told apart by the cookie.
+            BUDGETED_ENTRY = "budgeted_entry",
+            /// The return of malloc/calloc/realloc.
+            RAW_ALLOC_RET = "raw_alloc_ret",
+            PROCESS_EXEC = "process_exec",
+            PROCESS_EXIT = "process_exit",
+            PROCESS_FORK = "process_fork",
+            SYS_EXIT_BRK = "sys_exit_brk",
+            SYS_ENTER_MMAP = "sys_enter_mmap",
+            SYS_EXIT_MMAP = "sys_exit_mmap",
+            SYS_ENTER_MUNMAP = "sys_enter_munmap",
+        }
     }
 
     /// Load-time globals of the kernel side.
     pub mod global {
-        pub const HIT_BUDGET_PER_SEC: &str = "HIT_BUDGET_PER_SEC";
-        pub const HIT_BUDGET_BURST: &str = "HIT_BUDGET_BURST";
-        pub const FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+        names! {
+            HIT_BUDGET_PER_SEC = "HIT_BUDGET_PER_SEC",
+            HIT_BUDGET_BURST = "HIT_BUDGET_BURST",
+            FORK_CHILD_PID_OFFSET = "FORK_CHILD_PID_OFFSET",
+        }
     }
 }
 

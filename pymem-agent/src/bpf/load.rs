@@ -179,12 +179,14 @@ mod tests {
         }
         let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("parsing the eBPF object");
         let missing: Vec<&str> = names::map::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .filter(|name| !obj.maps.contains_key(*name))
             .collect();
         assert!(missing.is_empty(), "maps not in the object: {missing:?}");
         let missing: Vec<&str> = names::program::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .filter(|name| !obj.programs.contains_key(*name))
             .collect();
         assert!(
@@ -201,11 +203,7 @@ mod tests {
             "programs without a name constant: {unnamed:?}"
         );
         let file = object::File::parse(EBPF_OBJECT).expect("parsing the eBPF object");
-        for global in [
-            names::global::HIT_BUDGET_PER_SEC,
-            names::global::HIT_BUDGET_BURST,
-            names::global::FORK_CHILD_PID_OFFSET,
-        ] {
+        for &global in names::global::ALL {
             assert!(
                 file.symbols().any(|symbol| symbol.name() == Ok(global)),
                 "global {global} not in the object"
