@@ -221,13 +221,122 @@ pub struct PendingMmap {
     pub len: u64,
 }
 
-/// Index of the drop counters in the `COUNTERS` per-CPU array.
+/// Names of the maps and programs in the eBPF object, as the agent looks
+/// them up. The kernel side's statics carry the same identifiers (aya-ebpf
+/// names a map after its static); the agent's tests check every name here
+/// against the built object.
+pub mod names {
+    /// Defines each name as a constant, and `ALL`, every one of them.
+    macro_rules! names {
+        ($($(#[$doc:meta])* $name:ident = $value:literal,)*) => {
+            $($(#[$doc])* pub const $name: &str = $value;)*
+            /// Every name of this module.
+            pub const ALL: &[&str] = &[$($name),*];
+        };
+    }
+
+    pub mod map {
+        names! {
+            EVENTS = "EVENTS",
+            COUNTERS = "COUNTERS",
+            PROC_STATS = "PROC_STATS",
+            TRACKED = "TRACKED",
+            ARENAS = "ARENAS",
+            RAW_LIVE = "RAW_LIVE",
+            EXT_LIVE = "EXT_LIVE",
+            SYS_LIVE = "SYS_LIVE",
+            PENDING_ARENA = "PENDING_ARENA",
+            PENDING_RAW = "PENDING_RAW",
+            PENDING_MMAP = "PENDING_MMAP",
+            BUDGET = "BUDGET",
+            SYSCALL_MODE = "SYSCALL_MODE",
+            PY_LAYOUT = "PY_LAYOUT",
+            STACKS = "STACKS",
+            SAMPLER = "SAMPLER",
+        }
+    }
+
+    pub mod program {
+        names! {
+            ARENA_MMAP = "arena_mmap",
+            ARENA_MMAP_RET = "arena_mmap_ret",
+            ARENA_MUNMAP = "arena_munmap",
+            /// The entry of every per-process hook, told apart by the cookie.
+            BUDGETED_ENTRY = "budgeted_entry",
+            /// The return of malloc/calloc/realloc.
+            RAW_ALLOC_RET = "raw_alloc_ret",
+            PROCESS_EXEC = "process_exec",
+            PROCESS_EXIT = "process_exit",
+            PROCESS_FORK = "process_fork",
+            SYS_EXIT_BRK = "sys_exit_brk",
+            SYS_ENTER_MMAP = "sys_enter_mmap",
+            SYS_EXIT_MMAP = "sys_exit_mmap",
+            SYS_ENTER_MUNMAP = "sys_enter_munmap",
+        }
+    }
+
+    /// Load-time globals of the kernel side.
+    pub mod global {
+        names! {
+            HIT_BUDGET_PER_SEC = "HIT_BUDGET_PER_SEC",
+            HIT_BUDGET_BURST = "HIT_BUDGET_BURST",
+            FORK_CHILD_PID_OFFSET = "FORK_CHILD_PID_OFFSET",
+        }
+    }
+}
+
+/// Index of the drop and error counters in the `COUNTERS` per-CPU array.
 pub mod counter {
+    use super::names::map;
+
     /// Ring-buffer records lost because the buffer was full.
     pub const EVENTS_LOST: u32 = 0;
-    /// Live-block map insertions that failed (map full).
+    /// Live-block map insertions that failed (map full), of all four maps;
+    /// each is also counted under its own map below.
     pub const LIVE_MAP_FULL: u32 = 1;
-    pub const LEN: u32 = 2;
+    /// Failed insertions into one map made by the kernel side.
+    pub const PROC_STATS: u32 = 2;
+    pub const PENDING_ARENA: u32 = 3;
+    pub const PENDING_RAW: u32 = 4;
+    pub const PENDING_MMAP: u32 = 5;
+    pub const STACKS: u32 = 6;
+    pub const BUDGET: u32 = 7;
+    pub const SAMPLER: u32 = 8;
+    pub const ARENAS: u32 = 9;
+    pub const RAW_LIVE: u32 = 10;
+    pub const EXT_LIVE: u32 = 11;
+    pub const SYS_LIVE: u32 = 12;
+    pub const LEN: u32 = 13;
+
+    /// The counters of failures per map, with the map's name: a full ring
+    /// buffer is `EVENTS_LOST`.
+    pub const MAP_ERRORS: [(u32, &str); 12] = [
+        (EVENTS_LOST, map::EVENTS),
+        (PROC_STATS, map::PROC_STATS),
+        (PENDING_ARENA, map::PENDING_ARENA),
+        (PENDING_RAW, map::PENDING_RAW),
+        (PENDING_MMAP, map::PENDING_MMAP),
+        (STACKS, map::STACKS),
+        (BUDGET, map::BUDGET),
+        (SAMPLER, map::SAMPLER),
+        (ARENAS, map::ARENAS),
+        (RAW_LIVE, map::RAW_LIVE),
+        (EXT_LIVE, map::EXT_LIVE),
+        (SYS_LIVE, map::SYS_LIVE),
+    ];
+
+    /// The map a counter counts failures of ("" for `LIVE_MAP_FULL`, which
+    /// sums four).
+    pub const fn name(index: u32) -> &'static str {
+        let mut i = 0;
+        while i < MAP_ERRORS.len() {
+            if MAP_ERRORS[i].0 == index {
+                return MAP_ERRORS[i].1;
+            }
+            i += 1;
+        }
+        ""
+    }
 }
 
 /// Attach cookies of the per-process entry probes: which function of the

@@ -5,6 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
+use aya_log_ebpf::debug;
 use pymem_common::{
     BlockKey, BudgetState, Event, PendingCall, PendingMmap, ProcStats, SAMPLED_BIT,
     SyscallModeState, counter, event_kind,
@@ -30,7 +31,7 @@ static FORK_CHILD_PID_OFFSET: u64 = 20;
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
-/// Drop counters, see `pymem_common::counter`.
+/// Drop and error counters, see `pymem_common::counter`.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
 
@@ -43,16 +44,36 @@ pub static PROC_STATS: PerCpuHashMap<u32, ProcStats> =
 pub static TRACKED: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
 
 #[map]
-pub static ARENAS: HashMap<BlockKey, u64> = HashMap::with_max_entries(1 << 18, BPF_F_NO_PREALLOC);
+static ARENAS: HashMap<BlockKey, u64> = HashMap::with_max_entries(1 << 18, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static RAW_LIVE: HashMap<BlockKey, u64> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+static RAW_LIVE: HashMap<BlockKey, u64> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static EXT_LIVE: HashMap<BlockKey, u64> = HashMap::with_max_entries(1 << 18, BPF_F_NO_PREALLOC);
+static EXT_LIVE: HashMap<BlockKey, u64> = HashMap::with_max_entries(1 << 18, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static SYS_LIVE: HashMap<BlockKey, u64> = HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+static SYS_LIVE: HashMap<BlockKey, u64> = HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+
+/// The live-block maps as the helpers below take them.
+pub mod live {
+    use pymem_common::counter;
+
+    use super::Live;
+
+    pub const ARENAS: Live<{ counter::ARENAS }> = Live {
+        map: &super::ARENAS,
+    };
+    pub const RAW: Live<{ counter::RAW_LIVE }> = Live {
+        map: &super::RAW_LIVE,
+    };
+    pub const EXT: Live<{ counter::EXT_LIVE }> = Live {
+        map: &super::EXT_LIVE,
+    };
+    pub const SYS: Live<{ counter::SYS_LIVE }> = Live {
+        map: &super::SYS_LIVE,
+    };
+}
 
 #[map]
 pub static PENDING_ARENA: LruHashMap<u64, PendingCall> = LruHashMap::with_max_entries(16384, 0);
@@ -78,10 +99,25 @@ pub fn current_ids() -> (u64, u32, u32) {
 }
 
 #[inline(always)]
-pub fn bump_counter(index: u32) {
+fn bump_counter(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
         unsafe { *slot += 1 };
     }
+}
+
+/// Counts a failed insertion into a map (`ERROR` in `counter`) and logs it.
+/// Only for error paths: a log record costs a ring-buffer write. (A const
+/// parameter: the name must be a constant, the verifier cannot follow a
+/// pointer read from a table.)
+#[inline(always)]
+pub fn map_error<const ERROR: u32>() {
+    bump_counter(ERROR);
+    // aya-log-ebpf does not read the context.
+    debug!(
+        &(),
+        "no room in {} (insertion or reserve failed)",
+        const { counter::name(ERROR) }
+    );
 }
 
 /// Sends one event; a full ring buffer is counted, never silent.
@@ -101,7 +137,7 @@ pub fn emit(kind: u32, tgid: u32, tid: u32, addr: u64, size: u64, stack_id: u64)
             });
             entry.submit(0);
         }
-        None => bump_counter(counter::EVENTS_LOST),
+        None => map_error::<{ counter::EVENTS_LOST }>(),
     }
 }
 
@@ -111,32 +147,77 @@ pub fn stats(tgid: u32) -> Option<&'static mut ProcStats> {
     if let Some(ptr) = PROC_STATS.get_ptr_mut(tgid) {
         return Some(unsafe { &mut *ptr });
     }
-    let _ = PROC_STATS.insert(tgid, ProcStats::default(), 0);
+    if PROC_STATS.insert(tgid, ProcStats::default(), 0).is_err() {
+        map_error::<{ counter::PROC_STATS }>();
+    }
     PROC_STATS.get_ptr_mut(tgid).map(|ptr| unsafe { &mut *ptr })
+}
+
+/// A live-block map with the index of its error counter.
+#[derive(Clone, Copy)]
+pub struct Live<const ERROR: u32> {
+    pub map: &'static HashMap<BlockKey, u64>,
 }
 
 /// Remembers a live block; returns false (and counts it) when the map is full.
 #[inline(always)]
-pub fn remember(map: &HashMap<BlockKey, u64>, tgid: u32, addr: u64, size: u64) -> bool {
+pub fn remember<const ERROR: u32>(live: Live<ERROR>, tgid: u32, addr: u64, size: u64) -> bool {
     let key = BlockKey {
         tgid,
         _pad: 0,
         addr,
     };
-    if map.insert(key, size, 0).is_ok() {
+    if live.map.insert(key, size, 0).is_ok() {
         true
     } else {
         bump_counter(counter::LIVE_MAP_FULL);
+        map_error::<ERROR>();
         false
     }
+}
+
+/// Counts an allocation as `count` says when its block was remembered, as
+/// untracked when its live map was full.
+#[inline(always)]
+pub fn count_alloc(stats: &mut ProcStats, remembered: bool, count: impl FnOnce(&mut ProcStats)) {
+    if remembered {
+        count(stats);
+    } else {
+        stats.untracked_allocs += 1;
+    }
+}
+
+/// Remembers a call until its return (or the syscall's exit); a failed
+/// insertion is counted under `ERROR` and fails the probe.
+#[inline(always)]
+pub fn begin_call<const ERROR: u32, V>(
+    map: &LruHashMap<u64, V>,
+    pid_tgid: u64,
+    call: V,
+) -> Result<u32, u32> {
+    match map.insert(pid_tgid, call, 0) {
+        Ok(()) => Ok(0),
+        Err(_) => {
+            map_error::<ERROR>();
+            Err(1)
+        }
+    }
+}
+
+/// Takes the call this thread began, if any.
+#[inline(always)]
+pub fn end_call<V: Copy>(map: &LruHashMap<u64, V>, pid_tgid: u64) -> Option<V> {
+    let call = unsafe { map.get(pid_tgid) }.copied()?;
+    let _ = map.remove(pid_tgid);
+    Some(call)
 }
 
 /// Remembers a live block outside pymalloc, sampling it for its stack:
 /// sampled blocks carry SAMPLED_BIT and are reported to the agent. Returns
 /// false when the map is full.
 #[inline(always)]
-pub fn remember_sampled(
-    map: &HashMap<BlockKey, u64>,
+pub fn remember_sampled<const ERROR: u32>(
+    live: Live<ERROR>,
     tgid: u32,
     tid: u32,
     addr: u64,
@@ -146,17 +227,22 @@ pub fn remember_sampled(
         Some(weight) => {
             let stack_id = crate::pystack::capture(tgid);
             emit(event_kind::BLOCK_SAMPLE, tgid, tid, addr, weight, stack_id);
-            remember(map, tgid, addr, size | SAMPLED_BIT)
+            remember(live, tgid, addr, size | SAMPLED_BIT)
         }
-        None => remember(map, tgid, addr, size),
+        None => remember(live, tgid, addr, size),
     }
 }
 
 /// Forgets a block outside pymalloc and returns its size; a sampled
 /// block's free is reported to the agent.
 #[inline(always)]
-pub fn forget_sampled(map: &HashMap<BlockKey, u64>, tgid: u32, tid: u32, addr: u64) -> Option<u64> {
-    let size = forget(map, tgid, addr)?;
+pub fn forget_sampled<const ERROR: u32>(
+    live: Live<ERROR>,
+    tgid: u32,
+    tid: u32,
+    addr: u64,
+) -> Option<u64> {
+    let size = forget(live, tgid, addr)?;
     if size & SAMPLED_BIT != 0 {
         emit(event_kind::BLOCK_SAMPLE_FREE, tgid, tid, addr, 0, 0);
     }
@@ -165,14 +251,14 @@ pub fn forget_sampled(map: &HashMap<BlockKey, u64>, tgid: u32, tid: u32, addr: u
 
 /// Forgets a live block and returns its size, if it was known.
 #[inline(always)]
-pub fn forget(map: &HashMap<BlockKey, u64>, tgid: u32, addr: u64) -> Option<u64> {
+pub fn forget<const ERROR: u32>(live: Live<ERROR>, tgid: u32, addr: u64) -> Option<u64> {
     let key = BlockKey {
         tgid,
         _pad: 0,
         addr,
     };
-    let size = unsafe { map.get(key) }.copied()?;
-    map.remove(key).ok()?;
+    let size = unsafe { live.map.get(key) }.copied()?;
+    live.map.remove(key).ok()?;
     Some(size)
 }
 
@@ -197,7 +283,9 @@ pub fn charge(tgid: u32, tid: u32, stats: &mut ProcStats) {
                 last_ns: now,
                 notified: 0,
             };
-            let _ = BUDGET.insert(tgid, full, 0);
+            if BUDGET.insert(tgid, full, 0).is_err() {
+                map_error::<{ counter::BUDGET }>();
+            }
             match BUDGET.get_ptr_mut(tgid) {
                 Some(ptr) => unsafe { &mut *ptr },
                 None => return,

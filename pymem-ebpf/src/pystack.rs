@@ -7,7 +7,9 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray},
 };
-use pymem_common::{NO_OFFSET, PyFrame, PyLayout, PyStack};
+use pymem_common::{NO_OFFSET, PyFrame, PyLayout, PyStack, counter};
+
+use crate::maps::map_error;
 
 /// Per-process stack layout, written by the agent.
 #[map]
@@ -24,33 +26,22 @@ pub static SAMPLER: HashMap<u32, u64> = HashMap::with_max_entries(16384, BPF_F_N
 #[map]
 static SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
 
-/// Reads a user u64, or 0 when unreadable. Deliberately branch-free: the
-/// frame walk below must stay small for the verifier.
+/// Reads a user integer, or 0 when unreadable. Deliberately branch-free:
+/// the frame walk below must stay small for the verifier.
 #[inline(always)]
-fn read_u64_or_zero(addr: u64) -> u64 {
-    let mut value: u64 = 0;
+fn read_or_zero<T: Default>(addr: u64) -> T {
+    let mut value = T::default();
     unsafe {
         generated::bpf_probe_read_user(
-            (&mut value as *mut u64).cast(),
-            8,
+            (&mut value as *mut T).cast(),
+            size_of::<T>() as u32,
             addr as *const core::ffi::c_void,
         );
     }
     value
 }
 
-#[inline(always)]
-fn read_u8_or_zero(addr: u64) -> u8 {
-    let mut value: u8 = 0;
-    unsafe {
-        generated::bpf_probe_read_user(
-            (&mut value as *mut u8).cast(),
-            1,
-            addr as *const core::ffi::c_void,
-        );
-    }
-    value
-}
+const EEXIST: i32 = 17;
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -66,18 +57,18 @@ pub fn capture(tgid: u32) -> u64 {
         return 0;
     };
     let stack = unsafe { &mut *stack };
-    let mut tstate = read_u64_or_zero(layout.tstate_ptr_addr);
+    let mut tstate = read_or_zero::<u64>(layout.tstate_ptr_addr);
     for offset in layout.tstate_deref {
         if offset != NO_OFFSET && tstate != 0 {
-            tstate = read_u64_or_zero(tstate + offset);
+            tstate = read_or_zero::<u64>(tstate + offset);
         }
     }
     if tstate == 0 {
         return 0;
     }
-    let mut frame = read_u64_or_zero(tstate + layout.tstate_frame);
+    let mut frame = read_or_zero::<u64>(tstate + layout.tstate_frame);
     if layout.cframe_frame != NO_OFFSET && frame != 0 {
-        frame = read_u64_or_zero(frame + layout.cframe_frame);
+        frame = read_or_zero::<u64>(frame + layout.cframe_frame);
     }
     let mut hash = FNV_OFFSET;
     let mut len = 0;
@@ -85,16 +76,16 @@ pub fn capture(tgid: u32) -> u64 {
         if frame == 0 {
             break;
         }
-        let owner = read_u8_or_zero(frame + layout.frame_owner);
+        let owner = read_or_zero::<u8>(frame + layout.frame_owner);
         // Shim frames keep their slot with code 0 (branch-free skip).
         let real = u64::from(u64::from(owner) < layout.first_shim_owner);
         // 3.14's `_PyStackRef` tags the low bit; objects are 8-aligned.
-        let code = (read_u64_or_zero(frame + layout.frame_code) & !7) * real;
-        let instr = read_u64_or_zero(frame + layout.frame_instr) * real;
+        let code = (read_or_zero::<u64>(frame + layout.frame_code) & !7) * real;
+        let instr = read_or_zero::<u64>(frame + layout.frame_instr) * real;
         *slot = PyFrame { code, instr };
         hash = (hash ^ code).wrapping_mul(FNV_PRIME);
         hash = (hash ^ instr).wrapping_mul(FNV_PRIME);
-        frame = read_u64_or_zero(frame + layout.frame_back);
+        frame = read_or_zero::<u64>(frame + layout.frame_back);
         len = depth + 1;
     }
     if len == 0 {
@@ -103,7 +94,12 @@ pub fn capture(tgid: u32) -> u64 {
     stack.len = len as u64;
     // Zero is "no stack"; keep real ids away from it.
     let id = hash | 1;
-    let _ = STACKS.insert(id, &*stack, BPF_NOEXIST as u64);
+    // An existing id is the same stack seen again, not a failure.
+    if let Err(e) = STACKS.insert(id, &*stack, BPF_NOEXIST as u64)
+        && e != -EEXIST
+    {
+        map_error::<{ counter::STACKS }>();
+    }
     id
 }
 
@@ -123,7 +119,9 @@ pub fn sample_weight(tgid: u32, size: u64) -> Option<u64> {
     let left = match SAMPLER.get_ptr_mut(tgid) {
         Some(ptr) => unsafe { &mut *ptr },
         None => {
-            let _ = SAMPLER.insert(tgid, next_stride(period), 0);
+            if SAMPLER.insert(tgid, next_stride(period), 0).is_err() {
+                map_error::<{ counter::SAMPLER }>();
+            }
             return None;
         }
     };

@@ -8,9 +8,12 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use pymem_common::{PendingCall, event_kind};
+use pymem_common::{PendingCall, counter, event_kind};
 
-use crate::maps::{ARENAS, PENDING_ARENA, current_ids, emit, forget, remember, stats};
+use crate::maps::{
+    PENDING_ARENA, begin_call, count_alloc, current_ids, emit, end_call, forget, live, remember,
+    stats,
+};
 
 const PROT_READ_WRITE: u64 = 0x3;
 const MAP_PRIVATE_ANONYMOUS: u64 = 0x22;
@@ -43,10 +46,7 @@ fn try_arena_mmap(ctx: &ProbeContext) -> Result<u32, u32> {
         size: len,
         old_addr: 0,
     };
-    PENDING_ARENA
-        .insert(pid_tgid, pending, 0)
-        .map_err(|_| 1u32)?;
-    Ok(0)
+    begin_call::<{ counter::PENDING_ARENA }, _>(&PENDING_ARENA, pid_tgid, pending)
 }
 
 /// pymalloc arenas of every version are powers of two of at least 256 KiB;
@@ -68,22 +68,18 @@ pub fn arena_mmap_ret(ctx: RetProbeContext) -> u32 {
 
 fn try_arena_mmap_ret(ctx: &RetProbeContext) -> Result<u32, u32> {
     let (pid_tgid, tgid, tid) = current_ids();
-    let pending = unsafe { PENDING_ARENA.get(pid_tgid) }
-        .copied()
-        .ok_or(0u32)?;
-    let _ = PENDING_ARENA.remove(pid_tgid);
+    let pending = end_call(&PENDING_ARENA, pid_tgid).ok_or(0u32)?;
     let addr: u64 = ctx.ret();
     // MAP_FAILED is (void *)-1.
     if addr == u64::MAX || addr == 0 {
         return Ok(0);
     }
     let stats = stats(tgid).ok_or(1u32)?;
-    if remember(&ARENAS, tgid, addr, pending.size) {
+    let remembered = remember(live::ARENAS, tgid, addr, pending.size);
+    count_alloc(stats, remembered, |stats| {
         stats.arena_alloc_bytes += pending.size;
         stats.arena_allocs += 1;
-    } else {
-        stats.untracked_allocs += 1;
-    }
+    });
     emit(
         event_kind::ARENA_ALLOC,
         tgid,
@@ -106,7 +102,7 @@ fn try_arena_munmap(ctx: &ProbeContext) -> Result<u32, u32> {
     let (_, tgid, tid) = current_ids();
     let addr: u64 = ctx.arg(0).ok_or(1u32)?;
     // Only arenas seen being mapped count: earlier ones were never added.
-    let size = forget(&ARENAS, tgid, addr).ok_or(0u32)?;
+    let size = forget(live::ARENAS, tgid, addr).ok_or(0u32)?;
     let stats = stats(tgid).ok_or(1u32)?;
     stats.arena_free_bytes += size;
     stats.arena_frees += 1;

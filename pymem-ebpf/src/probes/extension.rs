@@ -4,7 +4,9 @@
 //! `budgeted::budgeted_entry`.
 use aya_ebpf::programs::ProbeContext;
 
-use crate::maps::{EXT_LIVE, charge, current_ids, forget_sampled, remember_sampled, stats};
+use crate::maps::{
+    charge, count_alloc, current_ids, forget_sampled, live, remember_sampled, stats,
+};
 
 pub(crate) fn try_ext_track(ctx: &ProbeContext) -> Result<u32, u32> {
     let (_, tgid, tid) = current_ids();
@@ -14,16 +16,15 @@ pub(crate) fn try_ext_track(ctx: &ProbeContext) -> Result<u32, u32> {
     let stats = stats(tgid).ok_or(1u32)?;
     charge(tgid, tid, stats);
     // Tracking a pointer again replaces its size, as tracemalloc does.
-    if let Some(old) = forget_sampled(&EXT_LIVE, tgid, tid, addr) {
+    if let Some(old) = forget_sampled(live::EXT, tgid, tid, addr) {
         stats.ext_free_bytes += old;
         stats.ext_frees += 1;
     }
-    if remember_sampled(&EXT_LIVE, tgid, tid, addr, size) {
+    let remembered = remember_sampled(live::EXT, tgid, tid, addr, size);
+    count_alloc(stats, remembered, |stats| {
         stats.ext_alloc_bytes += size;
         stats.ext_allocs += 1;
-    } else {
-        stats.untracked_allocs += 1;
-    }
+    });
     Ok(0)
 }
 
@@ -33,7 +34,7 @@ pub(crate) fn try_ext_untrack(ctx: &ProbeContext) -> Result<u32, u32> {
     let addr: u64 = ctx.arg(1).ok_or(1u32)?;
     let stats = stats(tgid).ok_or(1u32)?;
     charge(tgid, tid, stats);
-    let size = forget_sampled(&EXT_LIVE, tgid, tid, addr).ok_or(0u32)?;
+    let size = forget_sampled(live::EXT, tgid, tid, addr).ok_or(0u32)?;
     stats.ext_free_bytes += size;
     stats.ext_frees += 1;
     Ok(0)

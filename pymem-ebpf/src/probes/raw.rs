@@ -7,10 +7,11 @@ use aya_ebpf::{
     macros::uretprobe,
     programs::{ProbeContext, RetProbeContext},
 };
-use pymem_common::PendingCall;
+use pymem_common::{PendingCall, counter};
 
 use crate::maps::{
-    PENDING_RAW, RAW_LIVE, charge, current_ids, forget_sampled, remember_sampled, stats,
+    PENDING_RAW, begin_call, charge, count_alloc, current_ids, end_call, forget_sampled, live,
+    remember_sampled, stats,
 };
 
 #[inline(always)]
@@ -18,10 +19,8 @@ fn begin(size: u64, old_addr: u64) -> Result<u32, u32> {
     let (pid_tgid, tgid, tid) = current_ids();
     let stats = stats(tgid).ok_or(1u32)?;
     charge(tgid, tid, stats);
-    PENDING_RAW
-        .insert(pid_tgid, PendingCall { size, old_addr }, 0)
-        .map_err(|_| 1u32)?;
-    Ok(0)
+    let call = PendingCall { size, old_addr };
+    begin_call::<{ counter::PENDING_RAW }, _>(&PENDING_RAW, pid_tgid, call)
 }
 
 pub(crate) fn try_raw_malloc(ctx: &ProbeContext) -> Result<u32, u32> {
@@ -51,8 +50,7 @@ pub fn raw_alloc_ret(ctx: RetProbeContext) -> u32 {
 
 fn try_raw_alloc_ret(ctx: &RetProbeContext) -> Result<u32, u32> {
     let (pid_tgid, tgid, tid) = current_ids();
-    let pending = unsafe { PENDING_RAW.get(pid_tgid) }.copied().ok_or(0u32)?;
-    let _ = PENDING_RAW.remove(pid_tgid);
+    let pending = end_call(&PENDING_RAW, pid_tgid).ok_or(0u32)?;
     let stats = stats(tgid).ok_or(1u32)?;
     charge(tgid, tid, stats);
     let addr: u64 = ctx.ret();
@@ -61,17 +59,16 @@ fn try_raw_alloc_ret(ctx: &RetProbeContext) -> Result<u32, u32> {
         return Ok(0);
     }
     if pending.old_addr != 0
-        && let Some(old_size) = forget_sampled(&RAW_LIVE, tgid, tid, pending.old_addr)
+        && let Some(old_size) = forget_sampled(live::RAW, tgid, tid, pending.old_addr)
     {
         stats.raw_free_bytes += old_size;
         stats.raw_frees += 1;
     }
-    if remember_sampled(&RAW_LIVE, tgid, tid, addr, pending.size) {
+    let remembered = remember_sampled(live::RAW, tgid, tid, addr, pending.size);
+    count_alloc(stats, remembered, |stats| {
         stats.raw_alloc_bytes += pending.size;
         stats.raw_allocs += 1;
-    } else {
-        stats.untracked_allocs += 1;
-    }
+    });
     Ok(0)
 }
 
@@ -84,7 +81,7 @@ pub(crate) fn try_raw_free(ctx: &ProbeContext) -> Result<u32, u32> {
         return Ok(0);
     }
     // Blocks allocated before we attached are unknown and stay uncounted.
-    let size = forget_sampled(&RAW_LIVE, tgid, tid, addr).ok_or(0u32)?;
+    let size = forget_sampled(live::RAW, tgid, tid, addr).ok_or(0u32)?;
     stats.raw_free_bytes += size;
     stats.raw_frees += 1;
     Ok(0)

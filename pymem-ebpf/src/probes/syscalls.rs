@@ -9,11 +9,11 @@
 //! the heap is as often a churning one reusing nothing as a leaking one, so
 //! churn would be blamed.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use pymem_common::{PendingMmap, event_kind};
+use pymem_common::{PendingMmap, counter, event_kind};
 
 use crate::maps::{
-    PENDING_MMAP, SYS_LIVE, SYSCALL_MODE, current_ids, emit, forget_sampled, remember_sampled,
-    stats,
+    PENDING_MMAP, SYSCALL_MODE, begin_call, count_alloc, current_ids, emit, end_call,
+    forget_sampled, live, remember_sampled, stats,
 };
 
 // Field offsets of the syscall tracepoints (stable: after the 8-byte common
@@ -89,10 +89,7 @@ fn try_sys_enter_mmap(ctx: &TracePointContext) -> Result<u32, u32> {
     {
         return Ok(0);
     }
-    PENDING_MMAP
-        .insert(pid_tgid, PendingMmap { len }, 0)
-        .map_err(|_| 1u32)?;
-    Ok(0)
+    begin_call::<{ counter::PENDING_MMAP }, _>(&PENDING_MMAP, pid_tgid, PendingMmap { len })
 }
 
 #[tracepoint]
@@ -104,18 +101,16 @@ pub fn sys_exit_mmap(ctx: TracePointContext) -> u32 {
 
 fn try_sys_exit_mmap(ctx: &TracePointContext) -> Result<u32, u32> {
     let (pid_tgid, tgid, tid) = current_ids();
-    let pending = unsafe { PENDING_MMAP.get(pid_tgid) }.copied().ok_or(0u32)?;
-    let _ = PENDING_MMAP.remove(pid_tgid);
+    let pending = end_call(&PENDING_MMAP, pid_tgid).ok_or(0u32)?;
     let ret: i64 = unsafe { ctx.read_at(RET) }.map_err(|_| 1u32)?;
     if ret < 0 && ret > -4096 {
         return Ok(0);
     }
     let stats = stats(tgid).ok_or(1u32)?;
-    if remember_sampled(&SYS_LIVE, tgid, tid, ret as u64, pending.len) {
-        stats.sys_alloc_bytes += pending.len;
-    } else {
-        stats.untracked_allocs += 1;
-    }
+    let remembered = remember_sampled(live::SYS, tgid, tid, ret as u64, pending.len);
+    count_alloc(stats, remembered, |stats| {
+        stats.sys_alloc_bytes += pending.len
+    });
     Ok(0)
 }
 
@@ -133,7 +128,7 @@ fn try_sys_enter_munmap(ctx: &TracePointContext) -> Result<u32, u32> {
     }
     let addr: u64 = unsafe { ctx.read_at(ARG0) }.map_err(|_| 1u32)?;
     let _len: u64 = unsafe { ctx.read_at(ARG1) }.map_err(|_| 1u32)?;
-    let size = forget_sampled(&SYS_LIVE, tgid, tid, addr).ok_or(0u32)?;
+    let size = forget_sampled(live::SYS, tgid, tid, addr).ok_or(0u32)?;
     let stats = stats(tgid).ok_or(1u32)?;
     stats.sys_free_bytes += size;
     Ok(0)
