@@ -58,7 +58,10 @@ fn parse_version(name: &str) -> Option<(u8, u32, bool)> {
     let mut parts = name.strip_prefix("3.")?.split('.');
     let minor = parts.next()?.parse().ok()?;
     let patch = parts.next()?.parse().ok()?;
-    parts.next().is_none().then_some((minor, patch, free_threaded))
+    parts
+        .next()
+        .is_none()
+        .then_some((minor, patch, free_threaded))
 }
 
 /// Every CPython 3 under pyenv whose interpreter exists, oldest first.
@@ -128,8 +131,7 @@ fn is_free_threaded_name(name: &str) -> bool {
 /// system's bin directories, every pyenv build, every root filesystem.
 pub fn free_threaded() -> Vec<PathBuf> {
     let mut dirs = vec![PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")];
-    if let Some(Ok(versions)) = pyenv_root().map(|root| std::fs::read_dir(root.join("versions")))
-    {
+    if let Some(Ok(versions)) = pyenv_root().map(|root| std::fs::read_dir(root.join("versions"))) {
         dirs.extend(versions.flatten().map(|e| e.path().join("bin")));
     }
     if let Ok(suites) = std::fs::read_dir(rootfs_dir()) {

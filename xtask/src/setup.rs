@@ -43,7 +43,7 @@ const PIP_PACKAGES: &[(&str, &str)] = &[
 ];
 
 /// numpy for the other pyenv interpreters too: the interpreter matrix
-/// (pymem-agent/tests/matrix.rs) checks numpy buffers on every version.
+/// (pymem-agent/tests/integration/matrix.rs) checks numpy buffers on every version.
 const NUMPY_PYENV_MINORS: &[&str] = &["3.8", "3.9", "3.10", "3.12", "3.13"];
 
 enum Outcome {

@@ -1,5 +1,4 @@
 //! Test harness: the real `pymem` binary, real Python processes, real HTTP.
-#![allow(dead_code)]
 
 pub mod checks;
 pub mod interpreters;
@@ -14,6 +13,7 @@ use std::{
 };
 
 use serde_json::Value;
+pub use test_interpreters::pyenv;
 
 pub const WORKLOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/memwork.py");
 /// The allocation-site workload, with `# SITE: name` markers on its lines.
@@ -396,27 +396,7 @@ fn find_host_pid(ancestor: u32, ns_pid: u32) -> u32 {
     panic!("no descendant of {ancestor} with namespace pid {ns_pid}");
 }
 
-/// A pyenv interpreter `3.X`, if installed.
-pub fn pyenv(minor: &str) -> Option<PathBuf> {
-    let root = PathBuf::from(std::env::var("HOME").ok()?).join(".pyenv/versions");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(root)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{minor}.")) && !n.ends_with('t'))
-        })
-        .collect();
-    found.sort();
-    let dir = found.pop()?;
-    let python = dir.join("bin").join(format!("python{minor}"));
-    python.exists().then_some(python)
-}
-
 /// Skips (with a visible message) when an interpreter is truly absent.
-#[macro_export]
 macro_rules! require {
     ($opt:expr, $what:expr) => {
         match $opt {

@@ -1,4 +1,4 @@
-//! The core cases (tests/core.rs) as checks that report instead of
+//! The core cases (core.rs) as checks that report instead of
 //! panicking, so that one run over many interpreters records every result
 //! for the support table and then fails with all of them listed.
 use serde_json::{Value, json};

@@ -1,6 +1,5 @@
 //! Allocation sites against real Python processes: the exact source lines
 //! of known leaks, read from the workload's own source.
-mod common;
 
 use std::{
     io::{BufRead, BufReader, Write as _},
@@ -9,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Agent, Leaker, pyenv, site_line};
+use crate::common::{self, Agent, Leaker, pyenv, site_line};
 use serde_json::Value;
 
 fn find<'a>(sites: &'a [Value], function: &str) -> Option<(usize, &'a Value)> {

@@ -3,7 +3,6 @@
 //! process in a kubelet-style cgroup, and a real Prometheus scraping a real
 //! agent that observes a real leak, with every PromQL expression of the
 //! dashboard and of the alert rules evaluated against it.
-mod common;
 
 use std::{
     collections::BTreeMap,
@@ -14,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, Workload, free_port, pyenv};
+use crate::common::{Agent, Workload, free_port, pyenv};
 use serde_json::{Value, json};
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -974,7 +973,7 @@ fn prometheus_scraping_the_agent_answers_every_dashboard_and_alert_query() {
     agent.wait_for_probes(pid, Duration::from_secs(10));
     let prometheus = Prometheus::start(agent.port);
     // The leak runs while Prometheus scrapes; the agent's 10 s window
-    // (tests/common) makes pymem_leak_suspected 1 within ~15 s.
+    // (tests/integration/common) makes pymem_leak_suspected 1 within ~15 s.
     let leak = std::thread::spawn(move || {
         work.command("leak_small 60 3");
         work

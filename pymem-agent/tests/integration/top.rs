@@ -1,6 +1,5 @@
 //! `pymem top` end to end, as root: the real binary in a real terminal
 //! (tmux) and in `--once` mode, against real leaking Python processes.
-mod common;
 
 use std::{
     net::TcpStream,
@@ -9,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, pyenv, source_line};
+use crate::common::{Agent, pyenv, source_line};
 use serde_json::Value;
 
 const PYMEM: &str = env!("CARGO_BIN_EXE_pymem");

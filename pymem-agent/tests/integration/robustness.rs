@@ -1,6 +1,5 @@
 //! Bad input: the agent neither crashes nor stalls, says what happened,
 //! and still reports correct numbers afterwards.
-mod common;
 
 use std::{
     net::TcpListener,
@@ -10,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, Workload, assert_within, pyenv};
+use crate::common::{self, Agent, Workload, assert_within, pyenv};
 
 const OBSERVE_TIMEOUT: Duration = Duration::from_secs(15);
 

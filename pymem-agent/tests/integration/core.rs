@@ -1,10 +1,9 @@
 //! The core observer against real Python processes, as root: heap growth
 //! compared with what the interpreter itself reports.
-mod common;
 
 use std::{path::Path, time::Duration};
 
-use common::{Agent, Workload, assert_within, pyenv};
+use crate::common::{self, Agent, Workload, assert_within, pyenv};
 
 /// Discovery plus the harness's 2 s probe delay, on a loaded 2-core CI box.
 const OBSERVE_TIMEOUT: Duration = Duration::from_secs(15);

@@ -1,15 +1,14 @@
 //! What pymem infers about an interpreter from its binary (version, arena
 //! size, free-threading) is checked; a wrong inference is refused or
 //! reported with its reason, never turned into silent wrong numbers.
-mod common;
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
-use common::{
+use crate::common::{
     Agent, WORKLOAD, Workload,
     checks::Check,
     pyenv,
@@ -116,42 +115,13 @@ fn arena_like_mappings_of_another_size_are_reported() {
     assert_eq!(after["arena_size_mismatch"], true, "{after}");
 }
 
-/// Free-threaded interpreters installed anywhere the tests look.
-fn free_threaded_interpreters() -> Vec<PathBuf> {
-    let mut dirs = vec![PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")];
-    let home = PathBuf::from(std::env::var("HOME").unwrap_or_default());
-    if let Ok(versions) = std::fs::read_dir(home.join(".pyenv/versions")) {
-        dirs.extend(versions.flatten().map(|e| e.path().join("bin")));
-    }
-    let rootfs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/rootfs");
-    if let Ok(suites) = std::fs::read_dir(rootfs) {
-        dirs.extend(suites.flatten().map(|e| e.path().join("usr/bin")));
-    }
-    let is_free_threaded_name = |name: &str| {
-        name.strip_prefix("python3.")
-            .and_then(|rest| rest.strip_suffix('t'))
-            .is_some_and(|minor| minor.parse::<u8>().is_ok())
-    };
-    let mut found: Vec<PathBuf> = dirs
-        .iter()
-        .filter_map(|dir| std::fs::read_dir(dir).ok())
-        .flat_map(|entries| entries.flatten().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| is_free_threaded_name(&n.to_string_lossy()))
-        })
-        .collect();
-    found.sort();
-    found
-}
-
 /// Free-threaded builds (3.13t/3.14t) use mimalloc, not pymalloc arenas:
 /// the agent must refuse them by name with that reason. The result is
 /// recorded for the support table either way.
 #[test]
 fn free_threaded_interpreters_are_refused_by_name() {
     clear_group("free-threaded");
-    let found = free_threaded_interpreters();
+    let found = test_interpreters::free_threaded();
     let mut row = CaseResult {
         id: "3.13t-3.14t".into(),
         python: "3.13t / 3.14t".into(),

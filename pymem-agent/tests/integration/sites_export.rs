@@ -2,7 +2,6 @@
 //! process (tests/workloads/sites.py): `pymem sites`, `snapshot` and
 //! `diff`, the pprof profile read back by Google's protobuf runtime, the
 //! flame graph read by an XML parser, and the opt-in per-site metrics.
-mod common;
 
 use std::{
     collections::HashMap,
@@ -11,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Agent, Leaker, pyenv, site_line};
+use crate::common::{self, Agent, Leaker, pyenv, site_line};
 use serde_json::{Value, json};
 
 const WORKLOAD: &str = common::SITES_WORKLOAD;
