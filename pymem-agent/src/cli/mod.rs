@@ -1,9 +1,9 @@
 //! `pymem sites`, `pymem snapshot` and `pymem diff`: which Python lines hold
 //! a process's memory, read from a running agent or a saved snapshot.
 mod client;
-mod diff;
+pub mod diff;
 mod format;
-mod snapshot;
+pub mod snapshot;
 
 use std::{
     io::Write as _,

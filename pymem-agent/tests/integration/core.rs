@@ -3,6 +3,8 @@
 
 use std::{path::Path, time::Duration};
 
+use pymem_agent::model::{Accounting, ProcessInfo};
+
 use crate::common::{self, Agent, Workload, assert_within, pyenv};
 
 /// Discovery plus the harness's 2 s probe delay, on a loaded 2-core CI box.
@@ -19,10 +21,15 @@ fn small_object_leak(python: &Path) {
     let truth = (work.arena_bytes() - arenas_before) as f64;
     assert!(truth > 40e6, "workload leaked only {truth} bytes of arenas");
     assert_within(m.heap_growth(), truth, 0.10, "heap growth");
-    assert_within(m.source_growth("arena_bytes"), truth, 0.02, "arena growth");
-    assert_eq!(after["python_version"].as_str().unwrap(), work.version);
-    assert_eq!(after["leak_suspected"], true, "{after}");
-    let growth = after["growth_bytes_per_second"].as_f64().unwrap();
+    assert_within(
+        m.source_growth(|h| h.arena_bytes),
+        truth,
+        0.02,
+        "arena growth",
+    );
+    assert_eq!(after.python_version, work.version);
+    assert!(after.leak_suspected, "{after:?}");
+    let growth = after.growth_bytes_per_second;
     assert!(
         growth > 1e6,
         "growth rate {growth} B/s during a ~3 MB/s leak"
@@ -53,7 +60,7 @@ fn large_object_leak_matches_known_bytes() {
     let truth = m.result["bytes"].as_f64().unwrap();
     assert!(truth > 40e6, "{}", m.result);
     assert_within(m.heap_growth(), truth, 0.10, "heap growth");
-    assert_eq!(m.after["accounting"], "probes", "{}", m.after);
+    assert_eq!(m.after.accounting, Accounting::Probes, "{:?}", m.after);
 }
 
 /// The default probe burst (`--probe-burst`).
@@ -74,8 +81,8 @@ fn over_budget_process_moves_to_syscall_accounting_promptly() {
     let truth = m.result["bytes"].as_f64().unwrap();
     let blocks = m.result["objects"].as_f64().unwrap();
     assert!(blocks > 20_000.0, "{}", m.result);
-    assert_eq!(m.after["accounting"], "syscalls", "{}", m.after);
-    let hits = m.after["probe_hits_total"].as_f64().unwrap();
+    assert_eq!(m.after.accounting, Accounting::Syscalls, "{:?}", m.after);
+    let hits = m.after.probe_hits_total as f64;
     eprintln!("{hits} probe hits for {blocks} blocks");
     assert!(
         hits < 3.0 * PROBE_BURST,
@@ -101,8 +108,8 @@ fn perf_uprobe_fallback_counts_large_blocks() {
     let m = agent.measure(&mut work, "leak_bytes 12 300");
     let truth = m.result["bytes"].as_f64().unwrap();
     assert!(truth > 25e6, "{}", m.result);
-    assert_within(m.source_growth("raw_bytes"), truth, 0.10, "raw growth");
-    assert_eq!(m.after["accounting"], "probes", "{}", m.after);
+    assert_within(m.source_growth(|h| h.raw_bytes), truth, 0.10, "raw growth");
+    assert_eq!(m.after.accounting, Accounting::Probes, "{:?}", m.after);
     assert!(
         agent.log().contains("one perf-event uprobe per hook"),
         "{}",
@@ -130,7 +137,7 @@ fn numpy_leak_matches_nbytes() {
     assert!(truth > 40e6, "{}", m.result);
     assert_within(m.heap_growth(), truth, 0.10, "heap growth");
     assert_within(
-        m.source_growth("extension_bytes"),
+        m.source_growth(|h| h.extension_bytes),
         truth,
         0.05,
         "extension buffer growth",
@@ -148,16 +155,16 @@ fn churn_is_flat(python: &Path) {
     assert!(result["rounds"].as_u64().unwrap() > 10, "{result}");
     let delta = m.heap_growth();
     eprintln!(
-        "churn: heap delta {delta} bytes, accounting {}",
-        after["accounting"]
+        "churn: heap delta {delta} bytes, accounting {:?}",
+        after.accounting
     );
     assert!(
         delta.abs() < 4.0 * 1048576.0,
-        "heap moved {delta} bytes under churn: {after}"
+        "heap moved {delta} bytes under churn: {after:?}"
     );
-    assert_eq!(after["leak_suspected"], false, "{after}");
-    let allocated = after["allocated_bytes_total"].as_f64().unwrap();
-    assert!(allocated > 100e6, "churn allocations not seen: {after}");
+    assert!(!after.leak_suspected, "{after:?}");
+    let allocated = after.allocated_bytes_total as f64;
+    assert!(allocated > 100e6, "churn allocations not seen: {after:?}");
 }
 
 #[test]
@@ -225,7 +232,8 @@ fn metrics_expose_the_process_with_its_labels() {
     let blobs = leaked["objects"].as_f64().unwrap();
     assert!(blobs > 50.0, "{leaked}");
     assert!(raw >= blobs * 8225.0, "{raw_line} for {leaked}");
-    let api = agent.process(work.pid).unwrap();
+    // The API's field names, checked on its raw JSON: each one is there.
+    let api = agent.process_json(work.pid).unwrap();
     for field in [
         "pid",
         "comm",
@@ -240,10 +248,11 @@ fn metrics_expose_the_process_with_its_labels() {
     ] {
         assert!(!api[field].is_null(), "API object lacks {field}: {api}");
     }
-    assert!(api["cmdline"].as_str().unwrap().contains("memwork.py"));
+    let api: ProcessInfo = serde_json::from_value(api).unwrap();
+    assert!(api.cmdline.contains("memwork.py"));
     // RSS from procfs: at least the heap we counted.
-    let rss = api["rss_bytes"].as_f64().unwrap();
-    assert!(rss > 5e6, "{api}");
+    let rss = api.rss_bytes as f64;
+    assert!(rss > 5e6, "{api:?}");
 }
 
 /// A process that starts after the agent is observed within a second.
@@ -314,7 +323,7 @@ fn forked_child_is_observed_and_measured() {
         work.launcher_pid(),
         "the workload runs in the forked child"
     );
-    assert_eq!(child["pid"].as_u64().unwrap(), work.pid as u64);
+    assert_eq!(child.pid, work.pid);
     let m = agent.measure(&mut work, "leak_bytes 6 300");
     assert_within(
         m.heap_growth(),

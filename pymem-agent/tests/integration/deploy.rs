@@ -14,6 +14,7 @@ use std::{
 };
 
 use crate::common::{Agent, Workload, free_port, pyenv};
+use pymem_agent::model::{Accounting, ProcessInfo};
 use serde_json::{Value, json};
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -535,10 +536,13 @@ fn a_python_process_in_a_kubelet_cgroup_has_its_container_id_and_no_pod_without_
     let agent = Agent::start(&["--labels", POD_LABELS, "--kubernetes", "never"]);
     let process = agent.wait_for(work.pid, Duration::from_secs(10));
     assert_eq!(
-        process["container_id"],
-        cgroup.container_id.as_str(),
-        "{process}"
+        process.container_info.container_id.as_deref(),
+        Some(cgroup.container_id.as_str()),
+        "{process:?}"
     );
+    // Unknown fields are left out of the JSON, not written as null: checked
+    // on its raw shape.
+    let process = agent.process_json(work.pid).unwrap();
     for absent in ["namespace", "pod", "container"] {
         assert!(
             process.get(absent).is_none(),
@@ -661,20 +665,32 @@ fn a_python_process_in_a_pod_gets_namespace_pod_and_container_from_the_api() {
     let deadline = Instant::now() + Duration::from_secs(15);
     let process = loop {
         let p = agent.wait_for(work.pid, Duration::from_secs(10));
-        if p.get("container").is_some() || Instant::now() > deadline {
+        if p.container_info.container.is_some() || Instant::now() > deadline {
             break p;
         }
         std::thread::sleep(Duration::from_millis(100));
     };
+    let pod = &process.container_info;
     assert_eq!(
-        process["container_id"],
-        cgroup.container_id.as_str(),
-        "{process}"
+        pod.container_id.as_deref(),
+        Some(cgroup.container_id.as_str()),
+        "{process:?}"
     );
-    assert_eq!(process["namespace"], "shop", "{process}\n{}", agent.log());
-    assert_eq!(process["pod"], "web-7d9f8b6c5-x2x4q", "{process}");
-    assert_eq!(process["container"], "app", "{process}");
-    let host = agent.wait_for(host_work.pid, Duration::from_secs(10));
+    assert_eq!(
+        pod.namespace.as_deref(),
+        Some("shop"),
+        "{process:?}\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        pod.pod.as_deref(),
+        Some("web-7d9f8b6c5-x2x4q"),
+        "{process:?}"
+    );
+    assert_eq!(pod.container.as_deref(), Some("app"), "{process:?}");
+    agent.wait_for(host_work.pid, Duration::from_secs(10));
+    // Absent, not null, outside pods: checked on the raw JSON.
+    let host = agent.process_json(host_work.pid).unwrap();
     assert!(
         host.get("pod").is_none() && host.get("container_id").is_none(),
         "{host}"
@@ -749,8 +765,8 @@ fn the_daemonsets_capabilities_are_enough_for_the_agent() {
             .call()
             .ok()
             .and_then(|mut r| r.body_mut().read_to_string().ok());
-        if let Some(p) = answer.and_then(|text| serde_json::from_str::<Value>(&text).ok())
-            && p["accounting"] == "probes"
+        if let Some(p) = answer.and_then(|text| serde_json::from_str::<ProcessInfo>(&text).ok())
+            && p.accounting == Accounting::Probes
         {
             break Some(p);
         }
@@ -768,7 +784,7 @@ fn the_daemonsets_capabilities_are_enough_for_the_agent() {
             agent_log()
         )
     });
-    eprintln!("capabilities {bounding:?}: observed {}", observed["pid"]);
+    eprintln!("capabilities {bounding:?}: observed {}", observed.pid);
 }
 
 // ---------------------------------------------------------------------------

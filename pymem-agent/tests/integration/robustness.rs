@@ -83,7 +83,7 @@ fn truncated_libpython_mapping_does_not_hide_the_real_interpreter() {
     );
     let mut work = Workload::spawn_with(Command::new(python).arg("-u").arg("-c").arg(script));
     let p = agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
-    assert_eq!(p["binary"], "/usr/bin/python3.11", "{p}");
+    assert_eq!(p.binary, "/usr/bin/python3.11", "{p:?}");
     let m = agent.measure(&mut work, "leak_bytes 5 300");
     assert_within(
         m.heap_growth(),

@@ -9,39 +9,29 @@ use std::{
 };
 
 use crate::common::{self, Agent, Leaker, pyenv, site_line};
-use serde_json::Value;
+use pymem_agent::{model::Accounting, sites::Site};
 
-fn find<'a>(sites: &'a [Value], function: &str) -> Option<(usize, &'a Value)> {
+fn find<'a>(sites: &'a [Site], function: &str) -> Option<(usize, &'a Site)> {
     sites
         .iter()
         .enumerate()
-        .find(|(_, s)| s["function"] == function)
+        .find(|(_, s)| s.function == function)
 }
 
 fn leaking_lines_are_top_sites(python: &Path) {
     let agent = Agent::start(&[]);
     let leaker = Leaker::start(python, &agent, Duration::from_secs(8));
     let pid = leaker.pid;
-    let sites: Vec<Value> = serde_json::from_str(
-        &agent
-            .get(&format!("/api/v1/processes/{pid}/sites"))
-            .unwrap(),
-    )
-    .unwrap();
+    let sites = agent.sites(pid);
     // The workload stays within the default probe budget: every block
     // outside pymalloc was seen, not just those before a switch.
-    let accounting = agent.process(pid).unwrap()["accounting"].clone();
+    let accounting = agent.process(pid).unwrap().accounting;
     drop(leaker);
-    assert_eq!(accounting, "probes");
+    assert_eq!(accounting, Accounting::Probes);
     let top: Vec<String> = sites
         .iter()
         .take(5)
-        .map(|s| {
-            format!(
-                "{}:{} {} live={}",
-                s["file"], s["line"], s["function"], s["bytes"]
-            )
-        })
+        .map(|s| format!("{:?}:{} {:?} live={}", s.file, s.line, s.function, s.bytes))
         .collect();
     eprintln!("top sites: {top:#?}");
     for (function, marker) in [
@@ -51,22 +41,19 @@ fn leaking_lines_are_top_sites(python: &Path) {
         let (rank, site) = find(&sites, function)
             .unwrap_or_else(|| panic!("{function} not among sites: {top:#?}"));
         assert!(rank < 3, "{function} ranked {rank}: {top:#?}");
-        assert_eq!(site["line"].as_i64().unwrap(), site_line(marker), "{site}");
-        assert!(
-            site["file"].as_str().unwrap().ends_with("sites.py"),
-            "{site}"
-        );
-        assert!(site["bytes"].as_u64().unwrap() > 1 << 20, "{site}");
-        let stack = site["stack"].as_array().unwrap();
-        assert_eq!(stack[0]["function"], function);
-        assert!(stack.iter().any(|f| f["function"] == "main"), "{site}");
+        assert_eq!(site.line, site_line(marker), "{site:?}");
+        assert!(site.file.ends_with("sites.py"), "{site:?}");
+        assert!(site.bytes > 1 << 20, "{site:?}");
+        let stack = &site.stack;
+        assert_eq!(stack[0].function, function);
+        assert!(stack.iter().any(|f| f.function == "main"), "{site:?}");
     }
     // Churn allocates and frees: it may appear, but holds almost nothing
     // (at most the arena pymalloc keeps around, and one being filled).
     if let Some((rank, site)) = find(&sites, "<listcomp>").or_else(|| find(&sites, "churn_only")) {
         assert!(rank >= 2, "churn ranked {rank}: {top:#?}");
-        let live = site["bytes"].as_u64().unwrap();
-        assert!(live <= 2 << 20, "churn holds {live} bytes: {site}");
+        let live = site.bytes;
+        assert!(live <= 2 << 20, "churn holds {live} bytes: {site:?}");
     }
 }
 
@@ -155,7 +142,7 @@ fn large_blocks_keep_their_site_under_syscall_accounting() {
     stdout.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "spent");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while agent.process(pid).unwrap()["accounting"] != "syscalls" {
+    while agent.process(pid).unwrap().accounting != Accounting::Syscalls {
         assert!(
             std::time::Instant::now() < deadline,
             "still not under syscall accounting:\n{}",
@@ -168,25 +155,15 @@ fn large_blocks_keep_their_site_under_syscall_accounting() {
     stdout.read_line(&mut line).unwrap();
     let truth: f64 = line.trim().parse().unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    let sites: Vec<Value> = serde_json::from_str(
-        &agent
-            .get(&format!("/api/v1/processes/{pid}/sites"))
-            .unwrap(),
-    )
-    .unwrap();
+    let sites = agent.sites(pid);
     drop(stdin);
     let _ = child.wait();
     let (rank, site) = sites
         .iter()
         .enumerate()
-        .find(|(_, s)| s["line"].as_i64() == Some(big_line))
+        .find(|(_, s)| s.line == big_line)
         .unwrap_or_else(|| panic!("line {big_line} not among the sites: {sites:#?}"));
     assert_eq!(rank, 0, "{sites:#?}");
     // libc rounds each mapping up to whole pages (+1.6 % here).
-    common::assert_within(
-        site["bytes"].as_f64().unwrap(),
-        truth,
-        0.10,
-        "big blocks' site",
-    );
+    common::assert_within(site.bytes as f64, truth, 0.10, "big blocks' site");
 }

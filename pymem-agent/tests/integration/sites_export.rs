@@ -11,6 +11,10 @@ use std::{
 };
 
 use crate::common::{self, Agent, Leaker, pyenv, site_line};
+use pymem_agent::cli::{
+    diff::{SiteDiff, SnapshotDiff},
+    snapshot::SiteSnapshot,
+};
 use serde_json::{Value, json};
 
 const WORKLOAD: &str = common::SITES_WORKLOAD;
@@ -44,8 +48,8 @@ fn pymem_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn find<'a>(sites: &'a [Value], function: &str) -> Option<&'a Value> {
-    sites.iter().find(|s| s["function"] == function)
+fn find<'a>(sites: &'a [SiteDiff], function: &str) -> Option<&'a SiteDiff> {
+    sites.iter().find(|s| s.function == function)
 }
 
 fn path_str(path: &Path) -> &str {
@@ -94,7 +98,7 @@ fn diff_of_two_snapshots_shows_the_leaking_lines_growing() {
 
     let text = pymem_ok(&["diff", path_str(&a), path_str(&b)]);
     eprintln!("{text}");
-    let diff: Value = serde_json::from_str(&pymem_ok(&[
+    let diff: SnapshotDiff = serde_json::from_str(&pymem_ok(&[
         "diff",
         path_str(&a),
         path_str(&b),
@@ -103,17 +107,17 @@ fn diff_of_two_snapshots_shows_the_leaking_lines_growing() {
         "0",
     ]))
     .unwrap();
-    let sites = diff["sites"].as_array().unwrap();
+    let sites = &diff.sites;
     for (function, marker) in [
         ("leak_small_objects", "small"),
         ("leak_large_blobs", "large"),
     ] {
-        let site = find(sites, function).unwrap_or_else(|| panic!("{function} missing: {diff}"));
-        assert_eq!(site["line"].as_i64().unwrap(), site_line(marker), "{site}");
-        assert!(site["file"].as_str().unwrap().ends_with("sites.py"));
+        let site = find(sites, function).unwrap_or_else(|| panic!("{function} missing: {diff:?}"));
+        assert_eq!(site.line, site_line(marker), "{site:?}");
+        assert!(site.file.ends_with("sites.py"));
         // Every round (ten a second) leaks ~2 MiB of small objects and 160 KiB
         // of blobs.
-        assert!(site["size_diff"].as_i64().unwrap() > 1 << 20, "{site}");
+        assert!(site.size_diff > 1 << 20, "{site:?}");
         let location = format!("sites.py:{}: size=", site_line(marker));
         let line = text.lines().find(|l| l.contains(&location)).unwrap();
         assert!(line.contains("(+") && line.ends_with(function), "{line}");
@@ -121,28 +125,16 @@ fn diff_of_two_snapshots_shows_the_leaking_lines_growing() {
     // The two leaks are the biggest changes; the churning line does not
     // grow. (Its absolute size may be a few stale samples: blocks sampled
     // while the per-process probes were being attached, before `free` was.)
-    let top: Vec<&str> = sites[..2]
-        .iter()
-        .map(|s| s["function"].as_str().unwrap())
-        .collect();
+    let top: Vec<&str> = sites[..2].iter().map(|s| s.function.as_str()).collect();
     assert!(
         top.contains(&"leak_small_objects") && top.contains(&"leak_large_blobs"),
         "{top:?}"
     );
-    if let Some(churn) = sites
-        .iter()
-        .find(|s| s["line"].as_i64() == Some(site_line("churn")))
-    {
-        assert!(
-            churn["size_diff"].as_i64().unwrap().abs() < 1 << 20,
-            "{churn}"
-        );
+    if let Some(churn) = sites.iter().find(|s| s.line == site_line("churn")) {
+        assert!(churn.size_diff.abs() < 1 << 20, "{churn:?}");
     }
-    assert!(diff["size_diff"].as_i64().unwrap() > 2 << 20, "{diff}");
-    assert!(
-        (diff["seconds"].as_f64().unwrap() - 5.0).abs() < 2.0,
-        "{diff}"
-    );
+    assert!(diff.size_diff > 2 << 20, "{diff:?}");
+    assert!((diff.seconds - 5.0).abs() < 2.0, "{diff:?}");
     assert!(
         text.lines().last().unwrap().starts_with("Total: size="),
         "{text}"
@@ -270,7 +262,7 @@ fn pprof_profile_reads_back_as_the_snapshot_it_came_from() {
         path_str(&pprof_path),
     ]);
     let profile = read_pprof(&python, &pprof_path);
-    let snapshot: Value =
+    let snapshot: SiteSnapshot =
         serde_json::from_str(&std::fs::read_to_string(&snapshot_path).unwrap()).unwrap();
     assert_eq!(profile["first_string"], "");
     assert_eq!(
@@ -279,7 +271,7 @@ fn pprof_profile_reads_back_as_the_snapshot_it_came_from() {
     );
     assert_eq!(profile["default_sample_type"], "inuse_space");
     assert!(profile["comments"][0].as_str().unwrap().contains(&pid));
-    let taken_at = snapshot["taken_at"].as_f64().unwrap();
+    let taken_at = snapshot.taken_at;
     assert!((profile["time_nanos"].as_f64().unwrap() / 1e9 - taken_at).abs() < 1e-3);
 
     // One sample per site: its values, its stack leaf first.
@@ -289,22 +281,17 @@ fn pprof_profile_reads_back_as_the_snapshot_it_came_from() {
         .iter()
         .map(|s| (s["stack"][0].to_string(), s))
         .collect();
-    let sites = snapshot["sites"].as_array().unwrap();
-    for site in sites
-        .iter()
-        .filter(|s| s["allocated_bytes"].as_u64() > Some(0))
-    {
-        let leaf =
-            json!({"function": site["function"], "file": site["file"], "line": site["line"]});
+    for site in snapshot.sites.iter().filter(|s| s.allocated_bytes > 0) {
+        let leaf = json!({"function": site.function, "file": site.file, "line": site.line});
         let sample = samples
             .get(&leaf.to_string())
             .unwrap_or_else(|| panic!("no sample for {leaf}: {profile}"));
         assert_eq!(
             sample["value"],
-            json!([site["bytes"], site["allocated_bytes"]]),
+            json!([site.bytes, site.allocated_bytes]),
             "{leaf}"
         );
-        assert_eq!(sample["stack"], site["stack"], "{leaf}");
+        assert_eq!(sample["stack"], json!(site.stack), "{leaf}");
     }
     for (function, marker) in [
         ("leak_small_objects", "small"),

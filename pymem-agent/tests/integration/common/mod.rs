@@ -12,6 +12,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use pymem_agent::{
+    model::{Accounting, HeapBreakdown, ProcessInfo},
+    sites::Site,
+};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 pub use test_interpreters::pyenv;
 
@@ -150,18 +155,35 @@ impl Agent {
             .map_err(|e| e.to_string())
     }
 
-    pub fn processes(&self) -> Vec<Value> {
-        serde_json::from_str(&self.get("/api/v1/processes").unwrap()).unwrap()
+    /// GETs `path` and reads its JSON as a `T`.
+    pub fn get_json<T: DeserializeOwned>(&self, path: &str) -> T {
+        let body = self.get(path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}:\n{body}"))
     }
 
-    pub fn process(&self, pid: u32) -> Option<Value> {
-        self.processes()
+    pub fn processes(&self) -> Vec<ProcessInfo> {
+        self.get_json("/api/v1/processes")
+    }
+
+    pub fn process(&self, pid: u32) -> Option<ProcessInfo> {
+        self.processes().into_iter().find(|p| p.pid == pid)
+    }
+
+    /// The process as the API's JSON, for the checks of its shape (which
+    /// fields are there at all); `process` for its values.
+    pub fn process_json(&self, pid: u32) -> Option<Value> {
+        self.get_json::<Vec<Value>>("/api/v1/processes")
             .into_iter()
-            .find(|p| p["pid"].as_u64() == Some(pid as u64))
+            .find(|p| p["pid"].as_u64() == Some(u64::from(pid)))
+    }
+
+    /// The allocation sites of `pid`, heaviest first.
+    pub fn sites(&self, pid: u32) -> Vec<Site> {
+        self.get_json(&format!("/api/v1/processes/{pid}/sites"))
     }
 
     /// Waits until `pid` is observed.
-    pub fn wait_for(&self, pid: u32, timeout: Duration) -> Value {
+    pub fn wait_for(&self, pid: u32, timeout: Duration) -> ProcessInfo {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(p) = self.process(pid) {
@@ -175,15 +197,15 @@ impl Agent {
     }
 
     /// Waits until `pid` has its per-allocation probes (start-up over).
-    pub fn wait_for_probes(&self, pid: u32, timeout: Duration) -> Value {
+    pub fn wait_for_probes(&self, pid: u32, timeout: Duration) -> ProcessInfo {
         let deadline = Instant::now() + timeout;
         loop {
             let p = self.wait_for(pid, timeout);
-            if p["accounting"] == "probes" {
+            if p.accounting == Accounting::Probes {
                 return p;
             }
             if Instant::now() > deadline {
-                panic!("pid {pid} never got its probes: {p}\n{}", self.log());
+                panic!("pid {pid} never got its probes: {p:?}\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -191,7 +213,7 @@ impl Agent {
 
     /// The process after the agent has sampled a quiet period, so its
     /// numbers reflect everything the workload did before.
-    pub fn settled(&self, pid: u32) -> Value {
+    pub fn settled(&self, pid: u32) -> ProcessInfo {
         std::thread::sleep(Duration::from_millis(1200));
         self.process(pid)
             .unwrap_or_else(|| panic!("pid {pid} not observed:\n{}", self.log()))
@@ -255,10 +277,10 @@ impl Drop for Agent {
 
 /// The agent's view of a process around one workload command.
 pub struct Measured {
-    pub before: Value,
+    pub before: ProcessInfo,
     /// What the workload answered (its own ground truth).
     pub result: Value,
-    pub after: Value,
+    pub after: ProcessInfo,
 }
 
 impl Measured {
@@ -266,9 +288,9 @@ impl Measured {
         heap(&self.after) - heap(&self.before)
     }
 
-    /// Growth of one `heap` source, e.g. `arena_bytes`.
-    pub fn source_growth(&self, source: &str) -> f64 {
-        self.after["heap"][source].as_f64().unwrap() - self.before["heap"][source].as_f64().unwrap()
+    /// Growth of one `heap` source, e.g. `|heap| heap.arena_bytes`.
+    pub fn source_growth(&self, source: impl Fn(&HeapBreakdown) -> u64) -> f64 {
+        source(&self.after.heap) as f64 - source(&self.before.heap) as f64
     }
 }
 
@@ -424,6 +446,6 @@ pub fn assert_within(measured: f64, truth: f64, tolerance: f64, what: &str) {
     );
 }
 
-pub fn heap(p: &Value) -> f64 {
-    p["heap_bytes"].as_f64().unwrap()
+pub fn heap(p: &ProcessInfo) -> f64 {
+    p.heap_bytes as f64
 }
