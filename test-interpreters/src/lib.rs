@@ -11,6 +11,12 @@ use std::{
 /// uprobes on the allocator miss inlined fast paths.
 pub const DEBIAN_PYTHON_3_11: &str = "/usr/bin/python3.11";
 
+/// [`DEBIAN_PYTHON_3_11`], if installed.
+pub fn debian_python_3_11() -> Option<PathBuf> {
+    let python = PathBuf::from(DEBIAN_PYTHON_3_11);
+    python.is_file().then_some(python)
+}
+
 /// One CPython 3 installed under pyenv, e.g. `3.11.7` or `3.13.0t`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pyenv {

@@ -5,16 +5,14 @@ use std::{path::Path, time::Duration};
 
 use pymem_agent::model::{Accounting, ProcessInfo};
 
-use crate::common::{self, Agent, Workload, assert_within, pyenv};
-
-/// Discovery plus the harness's 2 s probe delay, on a loaded 2-core CI box.
-const OBSERVE_TIMEOUT: Duration = Duration::from_secs(15);
+use crate::common::{
+    self, Agent, OBSERVE_TIMEOUT, Workload, assert_within, debian_python_3_11, pyenv,
+};
 
 /// Small objects only (pymalloc): heap growth vs `sys._debugmallocstats()`.
 fn small_object_leak(python: &Path) {
     let agent = Agent::start(&[]);
-    let mut work = Workload::spawn(python);
-    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    let mut work = agent.workload_with_probes(python);
     let arenas_before = work.arena_bytes();
     let m = agent.measure(&mut work, "leak_small 20 3");
     let after = &m.after;
@@ -36,26 +34,17 @@ fn small_object_leak(python: &Path) {
     );
 }
 
-#[test]
-fn small_object_leak_pyenv_311_shared_libpython() {
-    let python = require!(pyenv("3.11"), "pyenv 3.11");
-    small_object_leak(&python);
-}
-
-#[test]
-fn small_object_leak_debian_static_stripped_pgo_311() {
-    let python = Path::new("/usr/bin/python3.11");
-    require!(python.exists().then_some(()), "/usr/bin/python3.11");
-    small_object_leak(python);
-}
+test_each_interpreter!(small_object_leak {
+    small_object_leak_pyenv_311_shared_libpython => pyenv("3.11"), "pyenv 3.11";
+    small_object_leak_debian_static_stripped_pgo_311 => debian_python_3_11(), "/usr/bin/python3.11";
+});
 
 /// 8 KiB `bytes` objects leave pymalloc: growth vs their exact sizes.
 #[test]
 fn large_object_leak_matches_known_bytes() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
     let agent = Agent::start(&[]);
-    let mut work = Workload::spawn(&python);
-    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    let mut work = agent.workload_with_probes(&python);
     let m = agent.measure(&mut work, "leak_bytes 20 300");
     let truth = m.result["bytes"].as_f64().unwrap();
     assert!(truth > 40e6, "{}", m.result);
@@ -75,8 +64,7 @@ const PROBE_BURST: f64 = 500.0;
 fn over_budget_process_moves_to_syscall_accounting_promptly() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
     let agent = Agent::start(&[]);
-    let mut work = Workload::spawn(&python);
-    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    let mut work = agent.workload_with_probes(&python);
     let m = agent.measure(&mut work, "leak_bytes 6 5000");
     let truth = m.result["bytes"].as_f64().unwrap();
     let blocks = m.result["objects"].as_f64().unwrap();
@@ -103,8 +91,7 @@ fn over_budget_process_moves_to_syscall_accounting_promptly() {
 fn perf_uprobe_fallback_counts_large_blocks() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
     let agent = Agent::start(&["--perf-uprobes"]);
-    let mut work = Workload::spawn(&python);
-    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    let mut work = agent.workload_with_probes(&python);
     let m = agent.measure(&mut work, "leak_bytes 12 300");
     let truth = m.result["bytes"].as_f64().unwrap();
     assert!(truth > 25e6, "{}", m.result);
@@ -147,8 +134,7 @@ fn numpy_leak_matches_nbytes() {
 /// Heavy churn, no net growth: the heap stays flat and no leak is flagged.
 fn churn_is_flat(python: &Path) {
     let agent = Agent::start(&[]);
-    let mut work = Workload::spawn(python);
-    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    let mut work = agent.workload_with_probes(python);
     work.command("churn 2"); // reach steady state first
     let m = agent.measure(&mut work, "churn 20");
     let (result, after) = (&m.result, &m.after);
@@ -167,26 +153,17 @@ fn churn_is_flat(python: &Path) {
     assert!(allocated > 100e6, "churn allocations not seen: {after:?}");
 }
 
-#[test]
-fn churn_is_flat_and_not_a_leak_pyenv_311() {
-    let python = require!(pyenv("3.11"), "pyenv 3.11");
-    churn_is_flat(&python);
-}
-
-#[test]
-fn churn_is_flat_and_not_a_leak_debian_static_311() {
-    let python = Path::new("/usr/bin/python3.11");
-    require!(python.exists().then_some(()), "/usr/bin/python3.11");
-    churn_is_flat(python);
-}
+test_each_interpreter!(churn_is_flat {
+    churn_is_flat_and_not_a_leak_pyenv_311 => pyenv("3.11"), "pyenv 3.11";
+    churn_is_flat_and_not_a_leak_debian_static_311 => debian_python_3_11(), "/usr/bin/python3.11";
+});
 
 /// Every series the dashboards rely on, labelled for our process.
 #[test]
 fn metrics_expose_the_process_with_its_labels() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
     let agent = Agent::start(&[]);
-    let mut work = Workload::spawn(&python);
-    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    let mut work = agent.workload_with_probes(&python);
     let leaked = work.command("leak_bytes 1 100");
     agent.settled(work.pid);
     let metrics = agent.metrics();
@@ -324,11 +301,7 @@ fn forked_child_is_observed_and_measured() {
         "the workload runs in the forked child"
     );
     assert_eq!(child.pid, work.pid);
-    let m = agent.measure(&mut work, "leak_bytes 6 300");
-    assert_within(
-        m.heap_growth(),
-        m.result["bytes"].as_f64().unwrap(),
-        0.10,
-        "forked child's heap growth",
-    );
+    agent
+        .measure(&mut work, "leak_bytes 6 300")
+        .assert_heap_grew_by_the_leak("forked child's heap growth");
 }

@@ -11,7 +11,7 @@ use std::{
 use crate::common::{
     Agent, WORKLOAD, Workload,
     checks::Check,
-    pyenv,
+    debian_python_3_11, pyenv,
     support::{CaseResult, clear_group},
 };
 
@@ -34,11 +34,10 @@ fn wait_for_log_line(agent: &Agent, words: &[&str], timeout: Duration) -> Option
 /// the name 3.10. The agent refuses to guess and names every source.
 #[test]
 fn interpreter_named_for_another_version_is_refused() {
-    let debian = Path::new("/usr/bin/python3.11");
-    require!(debian.exists().then_some(()), "/usr/bin/python3.11");
+    let debian = require!(debian_python_3_11(), "/usr/bin/python3.11");
     let dir = tempfile::tempdir().unwrap();
     let renamed = dir.path().join("python3.10");
-    std::fs::copy(debian, &renamed).unwrap();
+    std::fs::copy(&debian, &renamed).unwrap();
     let agent = Agent::start(&[]);
     let work = Workload::spawn_with(Command::new(&renamed).arg("-u").arg(WORKLOAD));
     let pid = work.pid.to_string();

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use crate::common::{self, Agent, Leaker, pyenv, site_line};
+use crate::common::{self, Agent, LEAKS, Leaker, debian_python_3_11, pyenv, site_line};
 use pymem_agent::{model::Accounting, sites::Site};
 
 fn find<'a>(sites: &'a [Site], function: &str) -> Option<(usize, &'a Site)> {
@@ -34,10 +34,7 @@ fn leaking_lines_are_top_sites(python: &Path) {
         .map(|s| format!("{:?}:{} {:?} live={}", s.file, s.line, s.function, s.bytes))
         .collect();
     eprintln!("top sites: {top:#?}");
-    for (function, marker) in [
-        ("leak_small_objects", "small"),
-        ("leak_large_blobs", "large"),
-    ] {
+    for (function, marker) in LEAKS {
         let (rank, site) = find(&sites, function)
             .unwrap_or_else(|| panic!("{function} not among sites: {top:#?}"));
         assert!(rank < 3, "{function} ranked {rank}: {top:#?}");
@@ -57,48 +54,15 @@ fn leaking_lines_are_top_sites(python: &Path) {
     }
 }
 
-#[test]
-fn leaking_lines_are_top_sites_pyenv_311() {
-    let python = require!(pyenv("3.11"), "pyenv 3.11");
-    leaking_lines_are_top_sites(&python);
-}
-
-#[test]
-fn leaking_lines_are_top_sites_debian_static_311() {
-    let python = Path::new("/usr/bin/python3.11");
-    require!(python.exists().then_some(()), "/usr/bin/python3.11");
-    leaking_lines_are_top_sites(python);
-}
-
-#[test]
-fn leaking_lines_are_top_sites_pyenv_313() {
-    let python = require!(pyenv("3.13"), "pyenv 3.13");
-    leaking_lines_are_top_sites(&python);
-}
-
-#[test]
-fn leaking_lines_are_top_sites_pyenv_312() {
-    let python = require!(pyenv("3.12"), "pyenv 3.12");
-    leaking_lines_are_top_sites(&python);
-}
-
-#[test]
-fn leaking_lines_are_top_sites_pyenv_310() {
-    let python = require!(pyenv("3.10"), "pyenv 3.10");
-    leaking_lines_are_top_sites(&python);
-}
-
-#[test]
-fn leaking_lines_are_top_sites_pyenv_39() {
-    let python = require!(pyenv("3.9"), "pyenv 3.9");
-    leaking_lines_are_top_sites(&python);
-}
-
-#[test]
-fn leaking_lines_are_top_sites_pyenv_38() {
-    let python = require!(pyenv("3.8"), "pyenv 3.8");
-    leaking_lines_are_top_sites(&python);
-}
+test_each_interpreter!(leaking_lines_are_top_sites {
+    leaking_lines_are_top_sites_pyenv_311 => pyenv("3.11"), "pyenv 3.11";
+    leaking_lines_are_top_sites_debian_static_311 => debian_python_3_11(), "/usr/bin/python3.11";
+    leaking_lines_are_top_sites_pyenv_313 => pyenv("3.13"), "pyenv 3.13";
+    leaking_lines_are_top_sites_pyenv_312 => pyenv("3.12"), "pyenv 3.12";
+    leaking_lines_are_top_sites_pyenv_310 => pyenv("3.10"), "pyenv 3.10";
+    leaking_lines_are_top_sites_pyenv_39 => pyenv("3.9"), "pyenv 3.9";
+    leaking_lines_are_top_sites_pyenv_38 => pyenv("3.8"), "pyenv 3.8";
+});
 
 /// A process over its probe budget is accounted by syscalls; libc maps each
 /// block of 128 KiB or more on its own, and those keep their line.

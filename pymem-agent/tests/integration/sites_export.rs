@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use crate::common::{self, Agent, Leaker, pyenv, site_line};
+use crate::common::{
+    self, Agent, LEAKS, Leaker, pip_install_unless_importable, pyenv, site_line, stdout_of,
+};
 use pymem_agent::cli::{
     diff::{SiteDiff, SnapshotDiff},
     snapshot::SiteSnapshot,
@@ -22,30 +24,36 @@ const WORKLOAD: &str = common::SITES_WORKLOAD;
 const SETTLE: Duration = Duration::from_secs(3);
 const PROFILE_PROTO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pprof");
 
-/// An agent for sites.py, with the default probe budget (the workload
-/// stays within it).
-fn agent_for_leaker(extra: &[&str]) -> Agent {
-    Agent::start(extra)
+/// An agent with `extra` arguments and the default probe budget (sites.py
+/// stays within it), and sites.py leaking under it for `SETTLE`.
+fn start_leaking(python: &Path, extra: &[&str]) -> (Agent, Leaker) {
+    let agent = Agent::start(extra);
+    let leaker = Leaker::start(python, &agent, SETTLE);
+    (agent, leaker)
+}
+
+fn pymem_command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pymem"));
+    command.args(args).env("RUST_BACKTRACE", "0");
+    command
 }
 
 fn pymem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pymem"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("running pymem")
+    pymem_command(args).output().expect("running pymem")
 }
 
 /// Runs pymem, which must succeed; returns its stdout.
 fn pymem_ok(args: &[&str]) -> String {
-    let out = pymem(args);
-    assert!(
-        out.status.success(),
-        "pymem {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    stdout_of(&mut pymem_command(args))
+}
+
+/// Runs `pymem <command> <pid> --agent <agent's URL> <rest>`, which must
+/// succeed; returns its stdout.
+fn pymem_with_agent(agent: &Agent, command: &str, pid: u32, rest: &[&str]) -> String {
+    let (pid, url) = (pid.to_string(), agent.url(""));
+    let mut args = vec![command, &pid, "--agent", &url];
+    args.extend_from_slice(rest);
+    pymem_ok(&args)
 }
 
 fn find<'a>(sites: &'a [SiteDiff], function: &str) -> Option<&'a SiteDiff> {
@@ -75,14 +83,11 @@ fn python_json(python: &Path, script: &str, args: &[&str]) -> Value {
 #[test]
 fn diff_of_two_snapshots_shows_the_leaking_lines_growing() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
-    let agent = agent_for_leaker(&[]);
-    let leaker = Leaker::start(&python, &agent, SETTLE);
+    let (agent, leaker) = start_leaking(&python, &[]);
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
-    let url = agent.url("");
-    let pid = leaker.pid.to_string();
 
-    let table = pymem_ok(&["sites", &pid, "--agent", &url, "--limit", "5"]);
+    let table = pymem_with_agent(&agent, "sites", leaker.pid, &["--limit", "5"]);
     eprintln!("{table}");
     let small = format!("sites.py:{}", site_line("small"));
     assert!(
@@ -92,9 +97,9 @@ fn diff_of_two_snapshots_shows_the_leaking_lines_growing() {
         "{table}"
     );
 
-    pymem_ok(&["snapshot", &pid, "--agent", &url, "-o", path_str(&a)]);
+    pymem_with_agent(&agent, "snapshot", leaker.pid, &["-o", path_str(&a)]);
     std::thread::sleep(Duration::from_secs(5));
-    pymem_ok(&["snapshot", &pid, "--agent", &url, "-o", path_str(&b)]);
+    pymem_with_agent(&agent, "snapshot", leaker.pid, &["-o", path_str(&b)]);
 
     let text = pymem_ok(&["diff", path_str(&a), path_str(&b)]);
     eprintln!("{text}");
@@ -108,10 +113,7 @@ fn diff_of_two_snapshots_shows_the_leaking_lines_growing() {
     ]))
     .unwrap();
     let sites = &diff.sites;
-    for (function, marker) in [
-        ("leak_small_objects", "small"),
-        ("leak_large_blobs", "large"),
-    ] {
+    for (function, marker) in LEAKS {
         let site = find(sites, function).unwrap_or_else(|| panic!("{function} missing: {diff:?}"));
         assert_eq!(site.line, site_line(marker), "{site:?}");
         assert!(site.file.ends_with("sites.py"));
@@ -209,26 +211,11 @@ print(json.dumps({
 /// The 3.11 interpreter with protobuf and grpcio-tools installed.
 fn python_with_protobuf() -> Option<PathBuf> {
     let python = pyenv("3.11")?;
-    let has = |python: &Path| {
-        Command::new(python)
-            .args(["-c", "import google.protobuf, grpc_tools"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has(&python) {
-        let status = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "protobuf",
-                "grpcio-tools",
-            ])
-            .status()
-            .unwrap();
-        assert!(status.success(), "pip install protobuf grpcio-tools failed");
-    }
+    pip_install_unless_importable(
+        &python,
+        "google.protobuf, grpc_tools",
+        &["protobuf", "grpcio-tools"],
+    );
     Some(python)
 }
 
@@ -239,20 +226,17 @@ fn read_pprof(python: &Path, path: &Path) -> Value {
 #[test]
 fn pprof_profile_reads_back_as_the_snapshot_it_came_from() {
     let python = require!(python_with_protobuf(), "pyenv 3.11");
-    let agent = agent_for_leaker(&[]);
-    let leaker = Leaker::start(&python, &agent, SETTLE);
+    let (agent, leaker) = start_leaking(&python, &[]);
     let dir = tempfile::tempdir().unwrap();
     let snapshot_path = dir.path().join("snapshot.json");
     let pprof_path = dir.path().join("sites.pb.gz");
     let pid = leaker.pid.to_string();
-    pymem_ok(&[
+    pymem_with_agent(
+        &agent,
         "snapshot",
-        &pid,
-        "--agent",
-        &agent.url(""),
-        "-o",
-        path_str(&snapshot_path),
-    ]);
+        leaker.pid,
+        &["-o", path_str(&snapshot_path)],
+    );
 
     // Offline from the snapshot: the same moment on both sides.
     pymem_ok(&[
@@ -293,10 +277,7 @@ fn pprof_profile_reads_back_as_the_snapshot_it_came_from() {
         );
         assert_eq!(sample["stack"], json!(site.stack), "{leaf}");
     }
-    for (function, marker) in [
-        ("leak_small_objects", "small"),
-        ("leak_large_blobs", "large"),
-    ] {
+    for (function, marker) in LEAKS {
         let sample = samples
             .values()
             .find(|s| s["stack"][0]["function"] == function)
@@ -328,10 +309,7 @@ fn pprof_profile_reads_back_as_the_snapshot_it_came_from() {
                 "{top}{}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            for (function, marker) in [
-                ("leak_small_objects", "small"),
-                ("leak_large_blobs", "large"),
-            ] {
+            for (function, marker) in LEAKS {
                 let row = format!("{function} {WORKLOAD}:{}", site_line(marker));
                 assert!(top.contains(&row), "{row} not in:\n{top}");
             }
@@ -375,19 +353,16 @@ fn svg_titles(python: &Path, svg: &Path) -> Vec<String> {
 #[test]
 fn flame_graph_is_well_formed_svg_naming_the_leaks() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
-    let agent = agent_for_leaker(&[]);
-    let leaker = Leaker::start(&python, &agent, SETTLE);
+    let (agent, leaker) = start_leaking(&python, &[]);
     let dir = tempfile::tempdir().unwrap();
     let from_cli = dir.path().join("cli.svg");
     let pid = leaker.pid.to_string();
-    pymem_ok(&[
+    pymem_with_agent(
+        &agent,
         "sites",
-        &pid,
-        "--agent",
-        &agent.url(""),
-        "--flamegraph",
-        path_str(&from_cli),
-    ]);
+        leaker.pid,
+        &["--flamegraph", path_str(&from_cli)],
+    );
 
     let mut response = ureq::get(&agent.url(&format!("/api/v1/processes/{pid}/flamegraph.svg")))
         .call()
@@ -398,10 +373,7 @@ fn flame_graph_is_well_formed_svg_naming_the_leaks() {
 
     for svg in [&from_cli, &from_api] {
         let titles = svg_titles(&python, svg);
-        for (function, marker) in [
-            ("leak_small_objects", "small"),
-            ("leak_large_blobs", "large"),
-        ] {
+        for (function, marker) in LEAKS {
             let frame = format!("{function} ({WORKLOAD}:{})", site_line(marker));
             assert!(
                 titles.iter().any(|t| t.starts_with(&frame)),
@@ -422,8 +394,7 @@ fn flame_graph_is_well_formed_svg_naming_the_leaks() {
 #[test]
 fn site_metrics_expose_the_top_sites_when_asked() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
-    let agent = agent_for_leaker(&["--site-metrics", "2"]);
-    let leaker = Leaker::start(&python, &agent, SETTLE);
+    let (agent, leaker) = start_leaking(&python, &["--site-metrics", "2"]);
     let metrics = agent.metrics();
     let pid_label = format!("pid=\"{}\"", leaker.pid);
     let series: Vec<&str> = metrics
@@ -432,10 +403,7 @@ fn site_metrics_expose_the_top_sites_when_asked() {
         .collect();
     eprintln!("{series:#?}");
     assert_eq!(series.len(), 2, "top 2 only: {series:#?}");
-    for (function, marker) in [
-        ("leak_small_objects", "small"),
-        ("leak_large_blobs", "large"),
-    ] {
+    for (function, marker) in LEAKS {
         let series = series
             .iter()
             .find(|l| l.contains(&format!("function=\"{function}\"")))

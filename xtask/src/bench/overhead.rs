@@ -59,14 +59,15 @@ fn interpreters() -> Vec<Interpreter> {
         }),
         None => eprintln!("warning: no pyenv 3.11 under ~/.pyenv/versions; skipping it"),
     }
-    let debian = PathBuf::from(test_interpreters::DEBIAN_PYTHON_3_11);
-    if debian.is_file() {
-        found.push(Interpreter {
+    match test_interpreters::debian_python_3_11() {
+        Some(path) => found.push(Interpreter {
             label: "Debian python3.11 (static, PGO)",
-            path: debian,
-        });
-    } else {
-        eprintln!("warning: no {}; skipping it", debian.display());
+            path,
+        }),
+        None => eprintln!(
+            "warning: no {}; skipping it",
+            test_interpreters::DEBIAN_PYTHON_3_11
+        ),
     }
     found
 }

@@ -18,11 +18,21 @@ use pymem_agent::{
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-pub use test_interpreters::pyenv;
+pub use test_interpreters::{debian_python_3_11, pyenv};
 
 pub const WORKLOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/memwork.py");
 /// The allocation-site workload, with `# SITE: name` markers on its lines.
 pub const SITES_WORKLOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/sites.py");
+
+/// Discovery plus the harness's 2 s probe delay, on a loaded 2-core CI box.
+pub const OBSERVE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The leaking functions of the sites workload, with their `# SITE:`
+/// markers.
+pub const LEAKS: [(&str, &str); 2] = [
+    ("leak_small_objects", "small"),
+    ("leak_large_blobs", "large"),
+];
 
 /// The 1-based number of the first line of `file` that satisfies `is_it`:
 /// tests take expected source lines from the workloads themselves.
@@ -62,7 +72,7 @@ impl Leaker {
             .read_line(&mut ready)
             .unwrap();
         let pid = child.id();
-        agent.wait_for_probes(pid, Duration::from_secs(15));
+        agent.wait_for_probes(pid, OBSERVE_TIMEOUT);
         std::thread::sleep(settle);
         Leaker { child, pid }
     }
@@ -211,6 +221,14 @@ impl Agent {
         }
     }
 
+    /// Starts memwork.py with `python` and waits until the agent has its
+    /// probes.
+    pub fn workload_with_probes(&self, python: &Path) -> Workload {
+        let work = Workload::spawn(python);
+        self.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+        work
+    }
+
     /// The process after the agent has sampled a quiet period, so its
     /// numbers reflect everything the workload did before.
     pub fn settled(&self, pid: u32) -> ProcessInfo {
@@ -286,6 +304,16 @@ pub struct Measured {
 impl Measured {
     pub fn heap_growth(&self) -> f64 {
         heap(&self.after) - heap(&self.before)
+    }
+
+    /// The bytes the workload's command says it leaked.
+    pub fn leaked_bytes(&self) -> f64 {
+        self.result["bytes"].as_f64().unwrap()
+    }
+
+    /// The heap grew by what the command leaked, within 10 %.
+    pub fn assert_heap_grew_by_the_leak(&self, what: &str) {
+        assert_within(self.heap_growth(), self.leaked_bytes(), 0.10, what);
     }
 
     /// Growth of one `heap` source, e.g. `|heap| heap.arena_bytes`.
@@ -418,6 +446,41 @@ fn find_host_pid(ancestor: u32, ns_pid: u32) -> u32 {
     panic!("no descendant of {ancestor} with namespace pid {ns_pid}");
 }
 
+/// Runs `command`, which must succeed; returns its stdout.
+pub fn stdout_of(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?}: {}\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Installs `packages` with `python`'s pip unless `modules` (`a, b`) import;
+/// whether they import now.
+pub fn pip_install_unless_importable(python: &Path, modules: &str, packages: &[&str]) -> bool {
+    let importable = || {
+        Command::new(python)
+            .args(["-c", &format!("import {modules}")])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !importable() {
+        stdout_of(
+            Command::new(python)
+                .args(["-m", "pip", "install", "--quiet"])
+                .args(packages)
+                .env("PIP_ROOT_USER_ACTION", "ignore"),
+        );
+    }
+    importable()
+}
+
 /// Skips (with a visible message) when an interpreter is truly absent.
 macro_rules! require {
     ($opt:expr, $what:expr) => {
@@ -428,6 +491,21 @@ macro_rules! require {
                 return;
             }
         }
+    };
+}
+
+/// One `#[test]` per interpreter, `name => interpreter, what;`: each runs
+/// `check(&python)`, or skips like `require!` where the interpreter is
+/// `None`.
+macro_rules! test_each_interpreter {
+    ($check:ident { $($name:ident => $python:expr, $what:expr;)+ }) => {
+        $(
+            #[test]
+            fn $name() {
+                let python = require!($python, $what);
+                $check(&python);
+            }
+        )+
     };
 }
 
