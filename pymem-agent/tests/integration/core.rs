@@ -46,7 +46,7 @@ fn large_object_leak_matches_known_bytes() {
     let agent = Agent::start(&[]);
     let mut work = agent.workload_with_probes(&python);
     let m = agent.measure(&mut work, "leak_bytes 20 300");
-    let truth = m.result["bytes"].as_f64().unwrap();
+    let truth = m.leaked_bytes();
     assert!(truth > 40e6, "{}", m.result);
     assert_within(m.heap_growth(), truth, 0.10, "heap growth");
     assert_eq!(m.after.accounting, Accounting::Probes, "{:?}", m.after);
@@ -66,7 +66,7 @@ fn over_budget_process_moves_to_syscall_accounting_promptly() {
     let agent = Agent::start(&[]);
     let mut work = agent.workload_with_probes(&python);
     let m = agent.measure(&mut work, "leak_bytes 6 5000");
-    let truth = m.result["bytes"].as_f64().unwrap();
+    let truth = m.leaked_bytes();
     let blocks = m.result["objects"].as_f64().unwrap();
     assert!(blocks > 20_000.0, "{}", m.result);
     assert_eq!(m.after.accounting, Accounting::Syscalls, "{:?}", m.after);
@@ -78,11 +78,7 @@ fn over_budget_process_moves_to_syscall_accounting_promptly() {
         agent.log()
     );
     assert_within(m.heap_growth(), truth, 0.10, "heap growth");
-    assert!(
-        agent.log().contains("over its allocation-probe budget"),
-        "{}",
-        agent.log()
-    );
+    agent.assert_logged("over its allocation-probe budget");
 }
 
 /// Kernels before 6.6 have no multi-uprobe links: the same programs as one
@@ -93,15 +89,11 @@ fn perf_uprobe_fallback_counts_large_blocks() {
     let agent = Agent::start(&["--perf-uprobes"]);
     let mut work = agent.workload_with_probes(&python);
     let m = agent.measure(&mut work, "leak_bytes 12 300");
-    let truth = m.result["bytes"].as_f64().unwrap();
+    let truth = m.leaked_bytes();
     assert!(truth > 25e6, "{}", m.result);
     assert_within(m.source_growth(|h| h.raw_bytes), truth, 0.10, "raw growth");
     assert_eq!(m.after.accounting, Accounting::Probes, "{:?}", m.after);
-    assert!(
-        agent.log().contains("one perf-event uprobe per hook"),
-        "{}",
-        agent.log()
-    );
+    agent.assert_logged("one perf-event uprobe per hook");
 }
 
 /// numpy reports its buffers through PyTraceMalloc_Track.
@@ -120,7 +112,7 @@ fn numpy_leak_matches_nbytes() {
     work.command("leak_numpy 0.1 10");
     agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
     let m = agent.measure(&mut work, "leak_numpy 20 10");
-    let truth = m.result["bytes"].as_f64().unwrap();
+    let truth = m.leaked_bytes();
     assert!(truth > 40e6, "{}", m.result);
     assert_within(m.heap_growth(), truth, 0.10, "heap growth");
     assert_within(

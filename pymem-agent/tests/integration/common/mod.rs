@@ -258,6 +258,12 @@ impl Agent {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The agent's log has `text`.
+    pub fn assert_logged(&self, text: &str) {
+        let log = self.log();
+        assert!(log.contains(text), "{log}");
+    }
+
     /// SIGTERM and wait; returns how long the agent took to exit.
     pub fn stop(&mut self) -> Duration {
         let Some(mut child) = self.child.take() else {
