@@ -45,6 +45,20 @@ impl Pyenv {
             .join("bin")
             .join(format!("python3.{}{suffix}", self.minor))
     }
+
+    /// Its shared library, `lib/libpython3.X.so.1.0` (`3.Xt` when
+    /// free-threaded, `3.Xm` before 3.8), if the build has one.
+    pub fn libpython(&self) -> Option<PathBuf> {
+        let suffix = if self.free_threaded { "t" } else { "" };
+        [suffix, "m"]
+            .iter()
+            .map(|abi| {
+                self.dir
+                    .join("lib")
+                    .join(format!("libpython3.{}{abi}.so.1.0", self.minor))
+            })
+            .find(|lib| lib.is_file())
+    }
 }
 
 /// `$PYENV_ROOT`, else `~/.pyenv`.
@@ -185,6 +199,8 @@ mod tests {
             let newest = pyenv_build(&pyenv.minor_version()).unwrap();
             assert!(pyenv.free_threaded || newest.patch >= pyenv.patch);
             assert!(newest.python().is_file());
+            // pyenv builds with --enable-shared.
+            assert!(pyenv.libpython().is_some(), "{pyenv:?}");
         }
     }
 }
