@@ -4,7 +4,6 @@
 mod bench;
 mod dev;
 mod process;
-mod python;
 mod rootfs;
 mod setup;
 mod support;

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use clap::ValueEnum;
 
-use crate::{process, setup, workspace};
+use crate::{process, setup};
 
 const MIRROR: &str = "http://deb.debian.org/debian";
 /// Written last, with the suite and its packages: a directory without it is
@@ -84,7 +84,7 @@ pub fn run(arg: SuiteArg) -> Result<()> {
 }
 
 fn rootfs_dir(suite_name: &str) -> PathBuf {
-    workspace::root().join(".cache/rootfs").join(suite_name)
+    test_interpreters::rootfs_dir().join(suite_name)
 }
 
 fn ensure_rootfs(suite: Suite) -> Result<PathBuf> {

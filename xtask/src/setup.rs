@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result, ensure};
 
 use crate::{
     process::{self, privileged, stdout_of, succeeds},
-    python, workspace,
+    workspace,
 };
 
 /// Builds the eBPF object; must match `EBPF_TOOLCHAIN` in pymem-agent/build.rs.
@@ -43,7 +43,7 @@ const PIP_PACKAGES: &[(&str, &str)] = &[
 ];
 
 /// numpy for the other pyenv interpreters too: the interpreter matrix
-/// (pymem-agent/tests/matrix.rs) checks numpy buffers on every version.
+/// (pymem-agent/tests/integration/matrix.rs) checks numpy buffers on every version.
 const NUMPY_PYENV_MINORS: &[&str] = &["3.8", "3.9", "3.10", "3.12", "3.13"];
 
 enum Outcome {
@@ -263,7 +263,7 @@ fn apt_package_installed(package: &str) -> bool {
 }
 
 fn ensure_pip_packages() {
-    let Some(python) = python::pyenv_python("3.11") else {
+    let Some(python) = test_interpreters::pyenv("3.11") else {
         println!("  pyenv 3.11: WARNING: not found under ~/.pyenv/versions; skipping pip packages");
         return;
     };
@@ -277,7 +277,7 @@ fn ensure_pip_packages() {
 fn ensure_numpy_for_every_pyenv() {
     for minor in NUMPY_PYENV_MINORS {
         // Absent interpreters are the matrix test's to report (SKIP).
-        if let Some(python) = python::pyenv_python(minor) {
+        if let Some(python) = test_interpreters::pyenv(minor) {
             optional(&format!("pip numpy for {}", python.display()), || {
                 ensure_pip_package(&python, "numpy", "numpy")
             });

@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// One site in both snapshots (zero where it is absent).
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct SiteDiff {
     pub function: String,
     pub file: String,
@@ -27,7 +27,7 @@ pub struct SiteDiff {
     pub allocated_diff: i64,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct SnapshotDiff {
     pub pid: u32,
     pub comm: String,

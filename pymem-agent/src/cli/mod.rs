@@ -1,7 +1,7 @@
 //! `pymem sites`, `pymem snapshot` and `pymem diff`: which Python lines hold
 //! a process's memory, read from a running agent or a saved snapshot.
-mod diff;
-mod snapshot;
+pub mod diff;
+pub mod snapshot;
 mod table;
 
 use std::{

@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 
 use super::{Bench, agent::RunningAgent};
-use crate::{process::Supervised, python};
+use crate::process::Supervised;
 
 const OBSERVE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -37,7 +37,8 @@ struct Footprint {
 }
 
 pub fn run(args: &IdleArgs, bench: &Bench) -> Result<()> {
-    let python = python::pyenv_python("3.11").context("no pyenv 3.11 under ~/.pyenv/versions")?;
+    let python =
+        test_interpreters::pyenv("3.11").context("no pyenv 3.11 under ~/.pyenv/versions")?;
     println!("starting {} idle {}", args.processes, python.display());
     // Dropping the guards kills them, also when a step below fails.
     let sleepers = (0..args.processes)

@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::{Value, json};
 
 use super::{Bench, agent::RunningAgent, median};
-use crate::{process::Supervised, python, workspace};
+use crate::{process::Supervised, workspace};
 
 const WORKLOAD: &str = "bench/alloc_heavy.py";
 /// Generous: one loop takes about a second.
@@ -52,21 +52,22 @@ struct Interpreter {
 /// (allocator fast paths inlined).
 fn interpreters() -> Vec<Interpreter> {
     let mut found = Vec::new();
-    match python::pyenv_python("3.11") {
+    match test_interpreters::pyenv("3.11") {
         Some(path) => found.push(Interpreter {
             label: "pyenv 3.11 (shared libpython)",
             path,
         }),
         None => eprintln!("warning: no pyenv 3.11 under ~/.pyenv/versions; skipping it"),
     }
-    let debian = PathBuf::from(python::DEBIAN_PYTHON_3_11);
-    if debian.is_file() {
-        found.push(Interpreter {
+    match test_interpreters::debian_python_3_11() {
+        Some(path) => found.push(Interpreter {
             label: "Debian python3.11 (static, PGO)",
-            path: debian,
-        });
-    } else {
-        eprintln!("warning: no {}; skipping it", debian.display());
+            path,
+        }),
+        None => eprintln!(
+            "warning: no {}; skipping it",
+            test_interpreters::DEBIAN_PYTHON_3_11
+        ),
     }
     found
 }

@@ -2,7 +2,6 @@
 //! process (tests/workloads/sites.py): `pymem sites`, `snapshot` and
 //! `diff`, the pprof profile read back by Google's protobuf runtime, the
 //! flame graph read by an XML parser, and the opt-in per-site metrics.
-mod common;
 
 use std::{
     collections::HashMap,
@@ -11,7 +10,13 @@ use std::{
     time::Duration,
 };
 
-use common::{Agent, Leaker, pyenv, site_line};
+use crate::common::{
+    self, Agent, LEAKS, Leaker, pip_install_unless_importable, pyenv, site_line, stdout_of,
+};
+use pymem_agent::cli::{
+    diff::{SiteDiff, SnapshotDiff},
+    snapshot::SiteSnapshot,
+};
 use serde_json::{Value, json};
 
 const WORKLOAD: &str = common::SITES_WORKLOAD;
@@ -19,34 +24,40 @@ const WORKLOAD: &str = common::SITES_WORKLOAD;
 const SETTLE: Duration = Duration::from_secs(3);
 const PROFILE_PROTO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pprof");
 
-/// An agent for sites.py, with the default probe budget (the workload
-/// stays within it).
-fn agent_for_leaker(extra: &[&str]) -> Agent {
-    Agent::start(extra)
+/// An agent with `extra` arguments and the default probe budget (sites.py
+/// stays within it), and sites.py leaking under it for `SETTLE`.
+fn start_leaking(python: &Path, extra: &[&str]) -> (Agent, Leaker) {
+    let agent = Agent::start(extra);
+    let leaker = Leaker::start(python, &agent, SETTLE);
+    (agent, leaker)
+}
+
+fn pymem_command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pymem"));
+    command.args(args).env("RUST_BACKTRACE", "0");
+    command
 }
 
 fn pymem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pymem"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("running pymem")
+    pymem_command(args).output().expect("running pymem")
 }
 
 /// Runs pymem, which must succeed; returns its stdout.
 fn pymem_ok(args: &[&str]) -> String {
-    let out = pymem(args);
-    assert!(
-        out.status.success(),
-        "pymem {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    stdout_of(&mut pymem_command(args))
 }
 
-fn find<'a>(sites: &'a [Value], function: &str) -> Option<&'a Value> {
-    sites.iter().find(|s| s["function"] == function)
+/// Runs `pymem <command> <pid> --agent <agent's URL> <rest>`, which must
+/// succeed; returns its stdout.
+fn pymem_with_agent(agent: &Agent, command: &str, pid: u32, rest: &[&str]) -> String {
+    let (pid, url) = (pid.to_string(), agent.url(""));
+    let mut args = vec![command, &pid, "--agent", &url];
+    args.extend_from_slice(rest);
+    pymem_ok(&args)
+}
+
+fn find<'a>(sites: &'a [SiteDiff], function: &str) -> Option<&'a SiteDiff> {
+    sites.iter().find(|s| s.function == function)
 }
 
 fn path_str(path: &Path) -> &str {
@@ -72,14 +83,11 @@ fn python_json(python: &Path, script: &str, args: &[&str]) -> Value {
 #[test]
 fn diff_of_two_snapshots_shows_the_leaking_lines_growing() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
-    let agent = agent_for_leaker(&[]);
-    let leaker = Leaker::start(&python, &agent, SETTLE);
+    let (agent, leaker) = start_leaking(&python, &[]);
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
-    let url = agent.url("");
-    let pid = leaker.pid.to_string();
 
-    let table = pymem_ok(&["sites", &pid, "--agent", &url, "--limit", "5"]);
+    let table = pymem_with_agent(&agent, "sites", leaker.pid, &["--limit", "5"]);
     eprintln!("{table}");
     let small = format!("sites.py:{}", site_line("small"));
     assert!(
@@ -89,13 +97,13 @@ fn diff_of_two_snapshots_shows_the_leaking_lines_growing() {
         "{table}"
     );
 
-    pymem_ok(&["snapshot", &pid, "--agent", &url, "-o", path_str(&a)]);
+    pymem_with_agent(&agent, "snapshot", leaker.pid, &["-o", path_str(&a)]);
     std::thread::sleep(Duration::from_secs(5));
-    pymem_ok(&["snapshot", &pid, "--agent", &url, "-o", path_str(&b)]);
+    pymem_with_agent(&agent, "snapshot", leaker.pid, &["-o", path_str(&b)]);
 
     let text = pymem_ok(&["diff", path_str(&a), path_str(&b)]);
     eprintln!("{text}");
-    let diff: Value = serde_json::from_str(&pymem_ok(&[
+    let diff: SnapshotDiff = serde_json::from_str(&pymem_ok(&[
         "diff",
         path_str(&a),
         path_str(&b),
@@ -104,17 +112,14 @@ fn diff_of_two_snapshots_shows_the_leaking_lines_growing() {
         "0",
     ]))
     .unwrap();
-    let sites = diff["sites"].as_array().unwrap();
-    for (function, marker) in [
-        ("leak_small_objects", "small"),
-        ("leak_large_blobs", "large"),
-    ] {
-        let site = find(sites, function).unwrap_or_else(|| panic!("{function} missing: {diff}"));
-        assert_eq!(site["line"].as_i64().unwrap(), site_line(marker), "{site}");
-        assert!(site["file"].as_str().unwrap().ends_with("sites.py"));
+    let sites = &diff.sites;
+    for (function, marker) in LEAKS {
+        let site = find(sites, function).unwrap_or_else(|| panic!("{function} missing: {diff:?}"));
+        assert_eq!(site.line, site_line(marker), "{site:?}");
+        assert!(site.file.ends_with("sites.py"));
         // Every round (ten a second) leaks ~2 MiB of small objects and 160 KiB
         // of blobs.
-        assert!(site["size_diff"].as_i64().unwrap() > 1 << 20, "{site}");
+        assert!(site.size_diff > 1 << 20, "{site:?}");
         let location = format!("sites.py:{}: size=", site_line(marker));
         let line = text.lines().find(|l| l.contains(&location)).unwrap();
         assert!(line.contains("(+") && line.ends_with(function), "{line}");
@@ -122,28 +127,16 @@ fn diff_of_two_snapshots_shows_the_leaking_lines_growing() {
     // The two leaks are the biggest changes; the churning line does not
     // grow. (Its absolute size may be a few stale samples: blocks sampled
     // while the per-process probes were being attached, before `free` was.)
-    let top: Vec<&str> = sites[..2]
-        .iter()
-        .map(|s| s["function"].as_str().unwrap())
-        .collect();
+    let top: Vec<&str> = sites[..2].iter().map(|s| s.function.as_str()).collect();
     assert!(
         top.contains(&"leak_small_objects") && top.contains(&"leak_large_blobs"),
         "{top:?}"
     );
-    if let Some(churn) = sites
-        .iter()
-        .find(|s| s["line"].as_i64() == Some(site_line("churn")))
-    {
-        assert!(
-            churn["size_diff"].as_i64().unwrap().abs() < 1 << 20,
-            "{churn}"
-        );
+    if let Some(churn) = sites.iter().find(|s| s.line == site_line("churn")) {
+        assert!(churn.size_diff.abs() < 1 << 20, "{churn:?}");
     }
-    assert!(diff["size_diff"].as_i64().unwrap() > 2 << 20, "{diff}");
-    assert!(
-        (diff["seconds"].as_f64().unwrap() - 5.0).abs() < 2.0,
-        "{diff}"
-    );
+    assert!(diff.size_diff > 2 << 20, "{diff:?}");
+    assert!((diff.seconds - 5.0).abs() < 2.0, "{diff:?}");
     assert!(
         text.lines().last().unwrap().starts_with("Total: size="),
         "{text}"
@@ -218,26 +211,11 @@ print(json.dumps({
 /// The 3.11 interpreter with protobuf and grpcio-tools installed.
 fn python_with_protobuf() -> Option<PathBuf> {
     let python = pyenv("3.11")?;
-    let has = |python: &Path| {
-        Command::new(python)
-            .args(["-c", "import google.protobuf, grpc_tools"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has(&python) {
-        let status = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "protobuf",
-                "grpcio-tools",
-            ])
-            .status()
-            .unwrap();
-        assert!(status.success(), "pip install protobuf grpcio-tools failed");
-    }
+    pip_install_unless_importable(
+        &python,
+        "google.protobuf, grpc_tools",
+        &["protobuf", "grpcio-tools"],
+    );
     Some(python)
 }
 
@@ -248,20 +226,17 @@ fn read_pprof(python: &Path, path: &Path) -> Value {
 #[test]
 fn pprof_profile_reads_back_as_the_snapshot_it_came_from() {
     let python = require!(python_with_protobuf(), "pyenv 3.11");
-    let agent = agent_for_leaker(&[]);
-    let leaker = Leaker::start(&python, &agent, SETTLE);
+    let (agent, leaker) = start_leaking(&python, &[]);
     let dir = tempfile::tempdir().unwrap();
     let snapshot_path = dir.path().join("snapshot.json");
     let pprof_path = dir.path().join("sites.pb.gz");
     let pid = leaker.pid.to_string();
-    pymem_ok(&[
+    pymem_with_agent(
+        &agent,
         "snapshot",
-        &pid,
-        "--agent",
-        &agent.url(""),
-        "-o",
-        path_str(&snapshot_path),
-    ]);
+        leaker.pid,
+        &["-o", path_str(&snapshot_path)],
+    );
 
     // Offline from the snapshot: the same moment on both sides.
     pymem_ok(&[
@@ -271,7 +246,7 @@ fn pprof_profile_reads_back_as_the_snapshot_it_came_from() {
         path_str(&pprof_path),
     ]);
     let profile = read_pprof(&python, &pprof_path);
-    let snapshot: Value =
+    let snapshot: SiteSnapshot =
         serde_json::from_str(&std::fs::read_to_string(&snapshot_path).unwrap()).unwrap();
     assert_eq!(profile["first_string"], "");
     assert_eq!(
@@ -280,7 +255,7 @@ fn pprof_profile_reads_back_as_the_snapshot_it_came_from() {
     );
     assert_eq!(profile["default_sample_type"], "inuse_space");
     assert!(profile["comments"][0].as_str().unwrap().contains(&pid));
-    let taken_at = snapshot["taken_at"].as_f64().unwrap();
+    let taken_at = snapshot.taken_at;
     assert!((profile["time_nanos"].as_f64().unwrap() / 1e9 - taken_at).abs() < 1e-3);
 
     // One sample per site: its values, its stack leaf first.
@@ -290,27 +265,19 @@ fn pprof_profile_reads_back_as_the_snapshot_it_came_from() {
         .iter()
         .map(|s| (s["stack"][0].to_string(), s))
         .collect();
-    let sites = snapshot["sites"].as_array().unwrap();
-    for site in sites
-        .iter()
-        .filter(|s| s["allocated_bytes"].as_u64() > Some(0))
-    {
-        let leaf =
-            json!({"function": site["function"], "file": site["file"], "line": site["line"]});
+    for site in snapshot.sites.iter().filter(|s| s.allocated_bytes > 0) {
+        let leaf = json!({"function": site.function, "file": site.file, "line": site.line});
         let sample = samples
             .get(&leaf.to_string())
             .unwrap_or_else(|| panic!("no sample for {leaf}: {profile}"));
         assert_eq!(
             sample["value"],
-            json!([site["bytes"], site["allocated_bytes"]]),
+            json!([site.bytes, site.allocated_bytes]),
             "{leaf}"
         );
-        assert_eq!(sample["stack"], site["stack"], "{leaf}");
+        assert_eq!(sample["stack"], json!(site.stack), "{leaf}");
     }
-    for (function, marker) in [
-        ("leak_small_objects", "small"),
-        ("leak_large_blobs", "large"),
-    ] {
+    for (function, marker) in LEAKS {
         let sample = samples
             .values()
             .find(|s| s["stack"][0]["function"] == function)
@@ -342,10 +309,7 @@ fn pprof_profile_reads_back_as_the_snapshot_it_came_from() {
                 "{top}{}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            for (function, marker) in [
-                ("leak_small_objects", "small"),
-                ("leak_large_blobs", "large"),
-            ] {
+            for (function, marker) in LEAKS {
                 let row = format!("{function} {WORKLOAD}:{}", site_line(marker));
                 assert!(top.contains(&row), "{row} not in:\n{top}");
             }
@@ -389,19 +353,16 @@ fn svg_titles(python: &Path, svg: &Path) -> Vec<String> {
 #[test]
 fn flame_graph_is_well_formed_svg_naming_the_leaks() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
-    let agent = agent_for_leaker(&[]);
-    let leaker = Leaker::start(&python, &agent, SETTLE);
+    let (agent, leaker) = start_leaking(&python, &[]);
     let dir = tempfile::tempdir().unwrap();
     let from_cli = dir.path().join("cli.svg");
     let pid = leaker.pid.to_string();
-    pymem_ok(&[
+    pymem_with_agent(
+        &agent,
         "sites",
-        &pid,
-        "--agent",
-        &agent.url(""),
-        "--flamegraph",
-        path_str(&from_cli),
-    ]);
+        leaker.pid,
+        &["--flamegraph", path_str(&from_cli)],
+    );
 
     let mut response = ureq::get(&agent.url(&format!("/api/v1/processes/{pid}/flamegraph.svg")))
         .call()
@@ -412,10 +373,7 @@ fn flame_graph_is_well_formed_svg_naming_the_leaks() {
 
     for svg in [&from_cli, &from_api] {
         let titles = svg_titles(&python, svg);
-        for (function, marker) in [
-            ("leak_small_objects", "small"),
-            ("leak_large_blobs", "large"),
-        ] {
+        for (function, marker) in LEAKS {
             let frame = format!("{function} ({WORKLOAD}:{})", site_line(marker));
             assert!(
                 titles.iter().any(|t| t.starts_with(&frame)),
@@ -436,8 +394,7 @@ fn flame_graph_is_well_formed_svg_naming_the_leaks() {
 #[test]
 fn site_metrics_expose_the_top_sites_when_asked() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
-    let agent = agent_for_leaker(&["--site-metrics", "2"]);
-    let leaker = Leaker::start(&python, &agent, SETTLE);
+    let (agent, leaker) = start_leaking(&python, &["--site-metrics", "2"]);
     let metrics = agent.metrics();
     let pid_label = format!("pid=\"{}\"", leaker.pid);
     let series: Vec<&str> = metrics
@@ -446,10 +403,7 @@ fn site_metrics_expose_the_top_sites_when_asked() {
         .collect();
     eprintln!("{series:#?}");
     assert_eq!(series.len(), 2, "top 2 only: {series:#?}");
-    for (function, marker) in [
-        ("leak_small_objects", "small"),
-        ("leak_large_blobs", "large"),
-    ] {
+    for (function, marker) in LEAKS {
         let series = series
             .iter()
             .find(|l| l.contains(&format!("function=\"{function}\"")))

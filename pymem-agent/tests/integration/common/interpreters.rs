@@ -6,7 +6,9 @@ use std::{
     process::Command,
 };
 
-use super::{WORKLOAD, Workload, pyenv};
+use test_interpreters::DEBIAN_PYTHON_3_11;
+
+use super::{WORKLOAD, Workload, debian_python_3_11, pyenv};
 
 /// Where and how a Python process runs.
 #[derive(Clone, Debug)]
@@ -146,16 +148,13 @@ impl Interpreter {
 
     /// Debian 12's own interpreter: static, stripped, PGO + LTO.
     pub fn debian_host_311() -> Self {
-        let python = PathBuf::from("/usr/bin/python3.11");
         Self {
             id: "debian12-3.11".into(),
             minor: "3.11".into(),
             build: "Debian 12: static, stripped, PGO+LTO".into(),
-            launch: if python.exists() {
-                Ok(Launch::Host(python))
-            } else {
-                Err("/usr/bin/python3.11 is not installed".into())
-            },
+            launch: debian_python_3_11()
+                .map(Launch::Host)
+                .ok_or_else(|| format!("{DEBIAN_PYTHON_3_11} is not installed")),
         }
     }
 

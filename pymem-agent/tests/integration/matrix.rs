@@ -3,7 +3,6 @@
 //! and inside Debian root filesystems (chroot, one in its own PID
 //! namespace). Each is checked against the interpreter's own ground truth,
 //! and every result is written to target/support/ for the README's table.
-mod common;
 
 use std::{
     collections::VecDeque,
@@ -12,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use crate::common::{
     Agent,
     checks::{self, Check},
     interpreters::{Interpreter, Launch},

@@ -1,5 +1,4 @@
 //! Test harness: the real `pymem` binary, real Python processes, real HTTP.
-#![allow(dead_code)]
 
 pub mod checks;
 pub mod interpreters;
@@ -13,11 +12,27 @@ use std::{
     time::{Duration, Instant},
 };
 
+use pymem_agent::{
+    model::{Accounting, HeapBreakdown, ProcessInfo},
+    sites::Site,
+};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
+pub use test_interpreters::{debian_python_3_11, pyenv};
 
 pub const WORKLOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/memwork.py");
 /// The allocation-site workload, with `# SITE: name` markers on its lines.
 pub const SITES_WORKLOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/sites.py");
+
+/// Discovery plus the harness's 2 s probe delay, on a loaded 2-core CI box.
+pub const OBSERVE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The leaking functions of the sites workload, with their `# SITE:`
+/// markers.
+pub const LEAKS: [(&str, &str); 2] = [
+    ("leak_small_objects", "small"),
+    ("leak_large_blobs", "large"),
+];
 
 /// The 1-based number of the first line of `file` that satisfies `is_it`:
 /// tests take expected source lines from the workloads themselves.
@@ -57,7 +72,7 @@ impl Leaker {
             .read_line(&mut ready)
             .unwrap();
         let pid = child.id();
-        agent.wait_for_probes(pid, Duration::from_secs(15));
+        agent.wait_for_probes(pid, OBSERVE_TIMEOUT);
         std::thread::sleep(settle);
         Leaker { child, pid }
     }
@@ -150,18 +165,35 @@ impl Agent {
             .map_err(|e| e.to_string())
     }
 
-    pub fn processes(&self) -> Vec<Value> {
-        serde_json::from_str(&self.get("/api/v1/processes").unwrap()).unwrap()
+    /// GETs `path` and reads its JSON as a `T`.
+    pub fn get_json<T: DeserializeOwned>(&self, path: &str) -> T {
+        let body = self.get(path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}:\n{body}"))
     }
 
-    pub fn process(&self, pid: u32) -> Option<Value> {
-        self.processes()
+    pub fn processes(&self) -> Vec<ProcessInfo> {
+        self.get_json("/api/v1/processes")
+    }
+
+    pub fn process(&self, pid: u32) -> Option<ProcessInfo> {
+        self.processes().into_iter().find(|p| p.pid == pid)
+    }
+
+    /// The process as the API's JSON, for the checks of its shape (which
+    /// fields are there at all); `process` for its values.
+    pub fn process_json(&self, pid: u32) -> Option<Value> {
+        self.get_json::<Vec<Value>>("/api/v1/processes")
             .into_iter()
-            .find(|p| p["pid"].as_u64() == Some(pid as u64))
+            .find(|p| p["pid"].as_u64() == Some(u64::from(pid)))
+    }
+
+    /// The allocation sites of `pid`, heaviest first.
+    pub fn sites(&self, pid: u32) -> Vec<Site> {
+        self.get_json(&format!("/api/v1/processes/{pid}/sites"))
     }
 
     /// Waits until `pid` is observed.
-    pub fn wait_for(&self, pid: u32, timeout: Duration) -> Value {
+    pub fn wait_for(&self, pid: u32, timeout: Duration) -> ProcessInfo {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(p) = self.process(pid) {
@@ -175,23 +207,31 @@ impl Agent {
     }
 
     /// Waits until `pid` has its per-allocation probes (start-up over).
-    pub fn wait_for_probes(&self, pid: u32, timeout: Duration) -> Value {
+    pub fn wait_for_probes(&self, pid: u32, timeout: Duration) -> ProcessInfo {
         let deadline = Instant::now() + timeout;
         loop {
             let p = self.wait_for(pid, timeout);
-            if p["accounting"] == "probes" {
+            if p.accounting == Accounting::Probes {
                 return p;
             }
             if Instant::now() > deadline {
-                panic!("pid {pid} never got its probes: {p}\n{}", self.log());
+                panic!("pid {pid} never got its probes: {p:?}\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
+    /// Starts memwork.py with `python` and waits until the agent has its
+    /// probes.
+    pub fn workload_with_probes(&self, python: &Path) -> Workload {
+        let work = Workload::spawn(python);
+        self.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+        work
+    }
+
     /// The process after the agent has sampled a quiet period, so its
     /// numbers reflect everything the workload did before.
-    pub fn settled(&self, pid: u32) -> Value {
+    pub fn settled(&self, pid: u32) -> ProcessInfo {
         std::thread::sleep(Duration::from_millis(1200));
         self.process(pid)
             .unwrap_or_else(|| panic!("pid {pid} not observed:\n{}", self.log()))
@@ -216,6 +256,12 @@ impl Agent {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The agent's log has `text`.
+    pub fn assert_logged(&self, text: &str) {
+        let log = self.log();
+        assert!(log.contains(text), "{log}");
     }
 
     /// SIGTERM and wait; returns how long the agent took to exit.
@@ -255,10 +301,10 @@ impl Drop for Agent {
 
 /// The agent's view of a process around one workload command.
 pub struct Measured {
-    pub before: Value,
+    pub before: ProcessInfo,
     /// What the workload answered (its own ground truth).
     pub result: Value,
-    pub after: Value,
+    pub after: ProcessInfo,
 }
 
 impl Measured {
@@ -266,9 +312,19 @@ impl Measured {
         heap(&self.after) - heap(&self.before)
     }
 
-    /// Growth of one `heap` source, e.g. `arena_bytes`.
-    pub fn source_growth(&self, source: &str) -> f64 {
-        self.after["heap"][source].as_f64().unwrap() - self.before["heap"][source].as_f64().unwrap()
+    /// The bytes the workload's command says it leaked.
+    pub fn leaked_bytes(&self) -> f64 {
+        self.result["bytes"].as_f64().unwrap()
+    }
+
+    /// The heap grew by what the command leaked, within 10 %.
+    pub fn assert_heap_grew_by_the_leak(&self, what: &str) {
+        assert_within(self.heap_growth(), self.leaked_bytes(), 0.10, what);
+    }
+
+    /// Growth of one `heap` source, e.g. `|heap| heap.arena_bytes`.
+    pub fn source_growth(&self, source: impl Fn(&HeapBreakdown) -> u64) -> f64 {
+        source(&self.after.heap) as f64 - source(&self.before.heap) as f64
     }
 }
 
@@ -396,27 +452,42 @@ fn find_host_pid(ancestor: u32, ns_pid: u32) -> u32 {
     panic!("no descendant of {ancestor} with namespace pid {ns_pid}");
 }
 
-/// A pyenv interpreter `3.X`, if installed.
-pub fn pyenv(minor: &str) -> Option<PathBuf> {
-    let root = PathBuf::from(std::env::var("HOME").ok()?).join(".pyenv/versions");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(root)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{minor}.")) && !n.ends_with('t'))
-        })
-        .collect();
-    found.sort();
-    let dir = found.pop()?;
-    let python = dir.join("bin").join(format!("python{minor}"));
-    python.exists().then_some(python)
+/// Runs `command`, which must succeed; returns its stdout.
+pub fn stdout_of(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?}: {}\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Installs `packages` with `python`'s pip unless `modules` (`a, b`) import;
+/// whether they import now.
+pub fn pip_install_unless_importable(python: &Path, modules: &str, packages: &[&str]) -> bool {
+    let importable = || {
+        Command::new(python)
+            .args(["-c", &format!("import {modules}")])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !importable() {
+        stdout_of(
+            Command::new(python)
+                .args(["-m", "pip", "install", "--quiet"])
+                .args(packages)
+                .env("PIP_ROOT_USER_ACTION", "ignore"),
+        );
+    }
+    importable()
 }
 
 /// Skips (with a visible message) when an interpreter is truly absent.
-#[macro_export]
 macro_rules! require {
     ($opt:expr, $what:expr) => {
         match $opt {
@@ -426,6 +497,21 @@ macro_rules! require {
                 return;
             }
         }
+    };
+}
+
+/// One `#[test]` per interpreter, `name => interpreter, what;`: each runs
+/// `check(&python)`, or skips like `require!` where the interpreter is
+/// `None`.
+macro_rules! test_each_interpreter {
+    ($check:ident { $($name:ident => $python:expr, $what:expr;)+ }) => {
+        $(
+            #[test]
+            fn $name() {
+                let python = require!($python, $what);
+                $check(&python);
+            }
+        )+
     };
 }
 
@@ -444,6 +530,6 @@ pub fn assert_within(measured: f64, truth: f64, tolerance: f64, what: &str) {
     );
 }
 
-pub fn heap(p: &Value) -> f64 {
-    p["heap_bytes"].as_f64().unwrap()
+pub fn heap(p: &ProcessInfo) -> f64 {
+    p.heap_bytes as f64
 }

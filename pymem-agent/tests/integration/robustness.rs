@@ -1,6 +1,5 @@
 //! Bad input: the agent neither crashes nor stalls, says what happened,
 //! and still reports correct numbers afterwards.
-mod common;
 
 use std::{
     net::TcpListener,
@@ -10,17 +9,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, Workload, assert_within, pyenv};
-
-const OBSERVE_TIMEOUT: Duration = Duration::from_secs(15);
+use crate::common::{self, Agent, OBSERVE_TIMEOUT, Workload, debian_python_3_11, pyenv};
 
 /// After whatever the test did, a fresh leak is still measured right.
 fn still_measures_correctly(agent: &Agent, python: &Path) {
-    let mut work = Workload::spawn(python);
-    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
-    let m = agent.measure(&mut work, "leak_bytes 6 300");
-    let truth = m.result["bytes"].as_f64().unwrap();
-    assert_within(m.heap_growth(), truth, 0.10, "heap growth after bad input");
+    let mut work = agent.workload_with_probes(python);
+    agent
+        .measure(&mut work, "leak_bytes 6 300")
+        .assert_heap_grew_by_the_leak("heap growth after bad input");
 }
 
 #[test]
@@ -69,11 +65,10 @@ fn non_python_and_fake_python_processes_are_skipped_with_a_reason() {
 /// hostile file is rejected, the real interpreter (the executable) is used.
 #[test]
 fn truncated_libpython_mapping_does_not_hide_the_real_interpreter() {
-    let python = Path::new("/usr/bin/python3.11");
-    require!(python.exists().then_some(()), "/usr/bin/python3.11");
+    let python = require!(debian_python_3_11(), "/usr/bin/python3.11");
     let dir = tempfile::tempdir().unwrap();
     let bogus = dir.path().join("libpython3.11.so.1.0");
-    let real = std::fs::read(python).unwrap();
+    let real = std::fs::read(&python).unwrap();
     std::fs::write(&bogus, &real[..64 * 1024]).unwrap();
     let agent = Agent::start(&[]);
     let script = format!(
@@ -82,16 +77,12 @@ fn truncated_libpython_mapping_does_not_hide_the_real_interpreter() {
         bogus.display().to_string(),
         common::WORKLOAD
     );
-    let mut work = Workload::spawn_with(Command::new(python).arg("-u").arg("-c").arg(script));
+    let mut work = Workload::spawn_with(Command::new(&python).arg("-u").arg("-c").arg(script));
     let p = agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
-    assert_eq!(p["binary"], "/usr/bin/python3.11", "{p}");
-    let m = agent.measure(&mut work, "leak_bytes 5 300");
-    assert_within(
-        m.heap_growth(),
-        m.result["bytes"].as_f64().unwrap(),
-        0.10,
-        "heap growth next to a truncated libpython",
-    );
+    assert_eq!(p.binary, "/usr/bin/python3.11", "{p:?}");
+    agent
+        .measure(&mut work, "leak_bytes 5 300")
+        .assert_heap_grew_by_the_leak("heap growth next to a truncated libpython");
 }
 
 /// Hundreds of Python processes that exit while the agent inspects and

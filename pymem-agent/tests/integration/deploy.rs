@@ -3,7 +3,6 @@
 //! process in a kubelet-style cgroup, and a real Prometheus scraping a real
 //! agent that observes a real leak, with every PromQL expression of the
 //! dashboard and of the alert rules evaluated against it.
-mod common;
 
 use std::{
     collections::BTreeMap,
@@ -14,7 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, Workload, free_port, pyenv};
+use crate::common::{Agent, Workload, free_port, pip_install_unless_importable, pyenv, stdout_of};
+use pymem_agent::model::{Accounting, ProcessInfo};
 use serde_json::{Value, json};
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -43,20 +43,6 @@ fn yaml_documents(text: &str) -> Vec<Value> {
         .collect()
 }
 
-fn output_of(command: &mut Command) -> String {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{command:?}: {}\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
 fn on_path(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
@@ -74,7 +60,7 @@ fn on_path(tool: &str) -> bool {
 fn render(overlay: &str) -> Option<Vec<Value>> {
     let dir = repo(&format!("deploy/kubernetes/{overlay}"));
     if on_path("kubectl") {
-        let text = output_of(Command::new("kubectl").arg("kustomize").arg(&dir));
+        let text = stdout_of(Command::new("kubectl").arg("kustomize").arg(&dir));
         return Some(yaml_documents(&text));
     }
     if overlay != "base" {
@@ -98,20 +84,8 @@ fn is_operator_crd(object: &Value) -> bool {
 /// missing (`cargo xtask setup` installs it too).
 fn kubernetes_validate() -> Option<PathBuf> {
     let python = pyenv("3.11")?;
-    let importable = |python: &Path| {
-        Command::new(python)
-            .args(["-c", "import kubernetes_validate"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !importable(&python) {
-        output_of(
-            Command::new(&python)
-                .args(["-m", "pip", "install", "--quiet", "kubernetes-validate"])
-                .env("PIP_ROOT_USER_ACTION", "ignore"),
-        );
-    }
-    importable(&python).then_some(python)
+    pip_install_unless_importable(&python, "kubernetes_validate", &["kubernetes-validate"])
+        .then_some(python)
 }
 
 /// Runs kubernetes-validate in strict mode (unknown fields are errors) on
@@ -352,7 +326,7 @@ fn ensure_prometheus_package() {
         return;
     }
     let apt = |args: &[&str]| {
-        output_of(
+        stdout_of(
             Command::new("apt-get")
                 .args(args)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
@@ -372,12 +346,12 @@ fn ensure_prometheus_package() {
 fn alert_rules_pass_promtool_and_the_leak_alert_fires_in_its_unit_tests() {
     let promtool = promtool();
     let dir = repo("deploy/prometheus");
-    output_of(
+    stdout_of(
         Command::new(&promtool)
             .args(["check", "rules", "pymem-alerts.yml"])
             .current_dir(&dir),
     );
-    let report = output_of(
+    let report = stdout_of(
         Command::new(&promtool)
             .args(["test", "rules", "pymem-alerts.test.yml"])
             .current_dir(&dir),
@@ -522,24 +496,42 @@ impl Drop for KubeletCgroup {
     }
 }
 
+/// The `pymem_heap_bytes` series of `pid` in the agent's metrics.
+fn heap_series(metrics: &str, pid: u32) -> Option<&str> {
+    let pid_label = format!("pid=\"{pid}\"");
+    metrics
+        .lines()
+        .find(|l| l.starts_with("pymem_heap_bytes{") && l.contains(&pid_label))
+}
+
+/// memwork.py moved into a new kubelet-style cgroup (`seed` as in
+/// `KubeletCgroup::create`); `None` without a writable cgroup v2 hierarchy.
+fn workload_in_kubelet_cgroup(python: &Path, seed: u32) -> Option<(Workload, KubeletCgroup)> {
+    let work = Workload::spawn(python);
+    let cgroup = KubeletCgroup::create(seed)?;
+    cgroup.move_in(work.pid);
+    Some((work, cgroup))
+}
+
 const POD_LABELS: &str = "pid,comm,python_version,namespace,pod,container";
 
 #[test]
 fn a_python_process_in_a_kubelet_cgroup_has_its_container_id_and_no_pod_without_the_api() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
-    let work = Workload::spawn(&python);
-    let cgroup = require!(
-        KubeletCgroup::create(0x0a11ce),
+    let (work, cgroup) = require!(
+        workload_in_kubelet_cgroup(&python, 0x0a11ce),
         "a writable cgroup v2 hierarchy"
     );
-    cgroup.move_in(work.pid);
     let agent = Agent::start(&["--labels", POD_LABELS, "--kubernetes", "never"]);
     let process = agent.wait_for(work.pid, Duration::from_secs(10));
     assert_eq!(
-        process["container_id"],
-        cgroup.container_id.as_str(),
-        "{process}"
+        process.container_info.container_id.as_deref(),
+        Some(cgroup.container_id.as_str()),
+        "{process:?}"
     );
+    // Unknown fields are left out of the JSON, not written as null: checked
+    // on its raw shape.
+    let process = agent.process_json(work.pid).unwrap();
     for absent in ["namespace", "pod", "container"] {
         assert!(
             process.get(absent).is_none(),
@@ -548,11 +540,7 @@ fn a_python_process_in_a_kubelet_cgroup_has_its_container_id_and_no_pod_without_
     }
     // Labels no process has are left out, not exported empty.
     let metrics = agent.metrics();
-    let line = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("pymem_heap_bytes{") && l.contains(&format!("pid=\"{}\"", work.pid))
-        })
+    let line = heap_series(&metrics, work.pid)
         .unwrap_or_else(|| panic!("no heap series for pid {}:\n{metrics}", work.pid));
     assert!(
         !line.contains("pod=") && !line.contains("namespace="),
@@ -639,12 +627,10 @@ fn pod_of(cgroup: &KubeletCgroup) -> Value {
 #[test]
 fn a_python_process_in_a_pod_gets_namespace_pod_and_container_from_the_api() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
-    let work = Workload::spawn(&python);
-    let cgroup = require!(
-        KubeletCgroup::create(0x0b0b),
+    let (work, cgroup) = require!(
+        workload_in_kubelet_cgroup(&python, 0x0b0b),
         "a writable cgroup v2 hierarchy"
     );
-    cgroup.move_in(work.pid);
     let host_work = Workload::spawn(&python); // stays outside pods
     let api = PodApi::serve(vec![pod_of(&cgroup)]);
     let dir = tempfile::tempdir().unwrap();
@@ -662,29 +648,39 @@ fn a_python_process_in_a_pod_gets_namespace_pod_and_container_from_the_api() {
     let deadline = Instant::now() + Duration::from_secs(15);
     let process = loop {
         let p = agent.wait_for(work.pid, Duration::from_secs(10));
-        if p.get("container").is_some() || Instant::now() > deadline {
+        if p.container_info.container.is_some() || Instant::now() > deadline {
             break p;
         }
         std::thread::sleep(Duration::from_millis(100));
     };
+    let pod = &process.container_info;
     assert_eq!(
-        process["container_id"],
-        cgroup.container_id.as_str(),
-        "{process}"
+        pod.container_id.as_deref(),
+        Some(cgroup.container_id.as_str()),
+        "{process:?}"
     );
-    assert_eq!(process["namespace"], "shop", "{process}\n{}", agent.log());
-    assert_eq!(process["pod"], "web-7d9f8b6c5-x2x4q", "{process}");
-    assert_eq!(process["container"], "app", "{process}");
-    let host = agent.wait_for(host_work.pid, Duration::from_secs(10));
+    assert_eq!(
+        pod.namespace.as_deref(),
+        Some("shop"),
+        "{process:?}\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        pod.pod.as_deref(),
+        Some("web-7d9f8b6c5-x2x4q"),
+        "{process:?}"
+    );
+    assert_eq!(pod.container.as_deref(), Some("app"), "{process:?}");
+    agent.wait_for(host_work.pid, Duration::from_secs(10));
+    // Absent, not null, outside pods: checked on the raw JSON.
+    let host = agent.process_json(host_work.pid).unwrap();
     assert!(
         host.get("pod").is_none() && host.get("container_id").is_none(),
         "{host}"
     );
     let metrics = agent.metrics();
     let series = |pid: u32| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with("pymem_heap_bytes{") && l.contains(&format!("pid=\"{pid}\"")))
+        heap_series(&metrics, pid)
             .unwrap_or_else(|| panic!("no series for {pid}:\n{metrics}"))
             .to_owned()
     };
@@ -750,8 +746,8 @@ fn the_daemonsets_capabilities_are_enough_for_the_agent() {
             .call()
             .ok()
             .and_then(|mut r| r.body_mut().read_to_string().ok());
-        if let Some(p) = answer.and_then(|text| serde_json::from_str::<Value>(&text).ok())
-            && p["accounting"] == "probes"
+        if let Some(p) = answer.and_then(|text| serde_json::from_str::<ProcessInfo>(&text).ok())
+            && p.accounting == Accounting::Probes
         {
             break Some(p);
         }
@@ -769,7 +765,7 @@ fn the_daemonsets_capabilities_are_enough_for_the_agent() {
             agent_log()
         )
     });
-    eprintln!("capabilities {bounding:?}: observed {}", observed["pid"]);
+    eprintln!("capabilities {bounding:?}: observed {}", observed.pid);
 }
 
 // ---------------------------------------------------------------------------
@@ -974,7 +970,7 @@ fn prometheus_scraping_the_agent_answers_every_dashboard_and_alert_query() {
     agent.wait_for_probes(pid, Duration::from_secs(10));
     let prometheus = Prometheus::start(agent.port);
     // The leak runs while Prometheus scrapes; the agent's 10 s window
-    // (tests/common) makes pymem_leak_suspected 1 within ~15 s.
+    // (tests/integration/common) makes pymem_leak_suspected 1 within ~15 s.
     let leak = std::thread::spawn(move || {
         work.command("leak_small 60 3");
         work

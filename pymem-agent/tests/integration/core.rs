@@ -1,60 +1,55 @@
 //! The core observer against real Python processes, as root: heap growth
 //! compared with what the interpreter itself reports.
-mod common;
 
 use std::{path::Path, time::Duration};
 
-use common::{Agent, Workload, assert_within, pyenv};
+use pymem_agent::model::{Accounting, ProcessInfo};
 
-/// Discovery plus the harness's 2 s probe delay, on a loaded 2-core CI box.
-const OBSERVE_TIMEOUT: Duration = Duration::from_secs(15);
+use crate::common::{
+    self, Agent, OBSERVE_TIMEOUT, Workload, assert_within, debian_python_3_11, pyenv,
+};
 
 /// Small objects only (pymalloc): heap growth vs `sys._debugmallocstats()`.
 fn small_object_leak(python: &Path) {
     let agent = Agent::start(&[]);
-    let mut work = Workload::spawn(python);
-    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    let mut work = agent.workload_with_probes(python);
     let arenas_before = work.arena_bytes();
     let m = agent.measure(&mut work, "leak_small 20 3");
     let after = &m.after;
     let truth = (work.arena_bytes() - arenas_before) as f64;
     assert!(truth > 40e6, "workload leaked only {truth} bytes of arenas");
     assert_within(m.heap_growth(), truth, 0.10, "heap growth");
-    assert_within(m.source_growth("arena_bytes"), truth, 0.02, "arena growth");
-    assert_eq!(after["python_version"].as_str().unwrap(), work.version);
-    assert_eq!(after["leak_suspected"], true, "{after}");
-    let growth = after["growth_bytes_per_second"].as_f64().unwrap();
+    assert_within(
+        m.source_growth(|h| h.arena_bytes),
+        truth,
+        0.02,
+        "arena growth",
+    );
+    assert_eq!(after.python_version, work.version);
+    assert!(after.leak_suspected, "{after:?}");
+    let growth = after.growth_bytes_per_second;
     assert!(
         growth > 1e6,
         "growth rate {growth} B/s during a ~3 MB/s leak"
     );
 }
 
-#[test]
-fn small_object_leak_pyenv_311_shared_libpython() {
-    let python = require!(pyenv("3.11"), "pyenv 3.11");
-    small_object_leak(&python);
-}
-
-#[test]
-fn small_object_leak_debian_static_stripped_pgo_311() {
-    let python = Path::new("/usr/bin/python3.11");
-    require!(python.exists().then_some(()), "/usr/bin/python3.11");
-    small_object_leak(python);
-}
+test_each_interpreter!(small_object_leak {
+    small_object_leak_pyenv_311_shared_libpython => pyenv("3.11"), "pyenv 3.11";
+    small_object_leak_debian_static_stripped_pgo_311 => debian_python_3_11(), "/usr/bin/python3.11";
+});
 
 /// 8 KiB `bytes` objects leave pymalloc: growth vs their exact sizes.
 #[test]
 fn large_object_leak_matches_known_bytes() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
     let agent = Agent::start(&[]);
-    let mut work = Workload::spawn(&python);
-    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    let mut work = agent.workload_with_probes(&python);
     let m = agent.measure(&mut work, "leak_bytes 20 300");
-    let truth = m.result["bytes"].as_f64().unwrap();
+    let truth = m.leaked_bytes();
     assert!(truth > 40e6, "{}", m.result);
     assert_within(m.heap_growth(), truth, 0.10, "heap growth");
-    assert_eq!(m.after["accounting"], "probes", "{}", m.after);
+    assert_eq!(m.after.accounting, Accounting::Probes, "{:?}", m.after);
 }
 
 /// The default probe burst (`--probe-burst`).
@@ -69,14 +64,13 @@ const PROBE_BURST: f64 = 500.0;
 fn over_budget_process_moves_to_syscall_accounting_promptly() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
     let agent = Agent::start(&[]);
-    let mut work = Workload::spawn(&python);
-    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    let mut work = agent.workload_with_probes(&python);
     let m = agent.measure(&mut work, "leak_bytes 6 5000");
-    let truth = m.result["bytes"].as_f64().unwrap();
+    let truth = m.leaked_bytes();
     let blocks = m.result["objects"].as_f64().unwrap();
     assert!(blocks > 20_000.0, "{}", m.result);
-    assert_eq!(m.after["accounting"], "syscalls", "{}", m.after);
-    let hits = m.after["probe_hits_total"].as_f64().unwrap();
+    assert_eq!(m.after.accounting, Accounting::Syscalls, "{:?}", m.after);
+    let hits = m.after.probe_hits_total as f64;
     eprintln!("{hits} probe hits for {blocks} blocks");
     assert!(
         hits < 3.0 * PROBE_BURST,
@@ -84,11 +78,7 @@ fn over_budget_process_moves_to_syscall_accounting_promptly() {
         agent.log()
     );
     assert_within(m.heap_growth(), truth, 0.10, "heap growth");
-    assert!(
-        agent.log().contains("over its allocation-probe budget"),
-        "{}",
-        agent.log()
-    );
+    agent.assert_logged("over its allocation-probe budget");
 }
 
 /// Kernels before 6.6 have no multi-uprobe links: the same programs as one
@@ -97,18 +87,13 @@ fn over_budget_process_moves_to_syscall_accounting_promptly() {
 fn perf_uprobe_fallback_counts_large_blocks() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
     let agent = Agent::start(&["--perf-uprobes"]);
-    let mut work = Workload::spawn(&python);
-    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    let mut work = agent.workload_with_probes(&python);
     let m = agent.measure(&mut work, "leak_bytes 12 300");
-    let truth = m.result["bytes"].as_f64().unwrap();
+    let truth = m.leaked_bytes();
     assert!(truth > 25e6, "{}", m.result);
-    assert_within(m.source_growth("raw_bytes"), truth, 0.10, "raw growth");
-    assert_eq!(m.after["accounting"], "probes", "{}", m.after);
-    assert!(
-        agent.log().contains("one perf-event uprobe per hook"),
-        "{}",
-        agent.log()
-    );
+    assert_within(m.source_growth(|h| h.raw_bytes), truth, 0.10, "raw growth");
+    assert_eq!(m.after.accounting, Accounting::Probes, "{:?}", m.after);
+    agent.assert_logged("one perf-event uprobe per hook");
 }
 
 /// numpy reports its buffers through PyTraceMalloc_Track.
@@ -127,11 +112,11 @@ fn numpy_leak_matches_nbytes() {
     work.command("leak_numpy 0.1 10");
     agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
     let m = agent.measure(&mut work, "leak_numpy 20 10");
-    let truth = m.result["bytes"].as_f64().unwrap();
+    let truth = m.leaked_bytes();
     assert!(truth > 40e6, "{}", m.result);
     assert_within(m.heap_growth(), truth, 0.10, "heap growth");
     assert_within(
-        m.source_growth("extension_bytes"),
+        m.source_growth(|h| h.extension_bytes),
         truth,
         0.05,
         "extension buffer growth",
@@ -141,46 +126,36 @@ fn numpy_leak_matches_nbytes() {
 /// Heavy churn, no net growth: the heap stays flat and no leak is flagged.
 fn churn_is_flat(python: &Path) {
     let agent = Agent::start(&[]);
-    let mut work = Workload::spawn(python);
-    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    let mut work = agent.workload_with_probes(python);
     work.command("churn 2"); // reach steady state first
     let m = agent.measure(&mut work, "churn 20");
     let (result, after) = (&m.result, &m.after);
     assert!(result["rounds"].as_u64().unwrap() > 10, "{result}");
     let delta = m.heap_growth();
     eprintln!(
-        "churn: heap delta {delta} bytes, accounting {}",
-        after["accounting"]
+        "churn: heap delta {delta} bytes, accounting {:?}",
+        after.accounting
     );
     assert!(
         delta.abs() < 4.0 * 1048576.0,
-        "heap moved {delta} bytes under churn: {after}"
+        "heap moved {delta} bytes under churn: {after:?}"
     );
-    assert_eq!(after["leak_suspected"], false, "{after}");
-    let allocated = after["allocated_bytes_total"].as_f64().unwrap();
-    assert!(allocated > 100e6, "churn allocations not seen: {after}");
+    assert!(!after.leak_suspected, "{after:?}");
+    let allocated = after.allocated_bytes_total as f64;
+    assert!(allocated > 100e6, "churn allocations not seen: {after:?}");
 }
 
-#[test]
-fn churn_is_flat_and_not_a_leak_pyenv_311() {
-    let python = require!(pyenv("3.11"), "pyenv 3.11");
-    churn_is_flat(&python);
-}
-
-#[test]
-fn churn_is_flat_and_not_a_leak_debian_static_311() {
-    let python = Path::new("/usr/bin/python3.11");
-    require!(python.exists().then_some(()), "/usr/bin/python3.11");
-    churn_is_flat(python);
-}
+test_each_interpreter!(churn_is_flat {
+    churn_is_flat_and_not_a_leak_pyenv_311 => pyenv("3.11"), "pyenv 3.11";
+    churn_is_flat_and_not_a_leak_debian_static_311 => debian_python_3_11(), "/usr/bin/python3.11";
+});
 
 /// Every series the dashboards rely on, labelled for our process.
 #[test]
 fn metrics_expose_the_process_with_its_labels() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
     let agent = Agent::start(&[]);
-    let mut work = Workload::spawn(&python);
-    agent.wait_for_probes(work.pid, OBSERVE_TIMEOUT);
+    let mut work = agent.workload_with_probes(&python);
     let leaked = work.command("leak_bytes 1 100");
     agent.settled(work.pid);
     let metrics = agent.metrics();
@@ -226,7 +201,8 @@ fn metrics_expose_the_process_with_its_labels() {
     let blobs = leaked["objects"].as_f64().unwrap();
     assert!(blobs > 50.0, "{leaked}");
     assert!(raw >= blobs * 8225.0, "{raw_line} for {leaked}");
-    let api = agent.process(work.pid).unwrap();
+    // The API's field names, checked on its raw JSON: each one is there.
+    let api = agent.process_json(work.pid).unwrap();
     for field in [
         "pid",
         "comm",
@@ -241,10 +217,11 @@ fn metrics_expose_the_process_with_its_labels() {
     ] {
         assert!(!api[field].is_null(), "API object lacks {field}: {api}");
     }
-    assert!(api["cmdline"].as_str().unwrap().contains("memwork.py"));
+    let api: ProcessInfo = serde_json::from_value(api).unwrap();
+    assert!(api.cmdline.contains("memwork.py"));
     // RSS from procfs: at least the heap we counted.
-    let rss = api["rss_bytes"].as_f64().unwrap();
-    assert!(rss > 5e6, "{api}");
+    let rss = api.rss_bytes as f64;
+    assert!(rss > 5e6, "{api:?}");
 }
 
 /// A process that starts after the agent is observed within a second.
@@ -315,12 +292,8 @@ fn forked_child_is_observed_and_measured() {
         work.launcher_pid(),
         "the workload runs in the forked child"
     );
-    assert_eq!(child["pid"].as_u64().unwrap(), work.pid as u64);
-    let m = agent.measure(&mut work, "leak_bytes 6 300");
-    assert_within(
-        m.heap_growth(),
-        m.result["bytes"].as_f64().unwrap(),
-        0.10,
-        "forked child's heap growth",
-    );
+    assert_eq!(child.pid, work.pid);
+    agent
+        .measure(&mut work, "leak_bytes 6 300")
+        .assert_heap_grew_by_the_leak("forked child's heap growth");
 }

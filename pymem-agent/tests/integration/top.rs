@@ -1,6 +1,5 @@
 //! `pymem top` end to end, as root: the real binary in a real terminal
 //! (tmux) and in `--once` mode, against real leaking Python processes.
-mod common;
 
 use std::{
     net::TcpStream,
@@ -9,7 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, pyenv, source_line};
+use crate::common::{Agent, pyenv, source_line};
+use pymem_agent::model::ProcessInfo;
 use serde_json::Value;
 
 const PYMEM: &str = env!("CARGO_BIN_EXE_pymem");
@@ -336,15 +336,10 @@ fn pymem_top(args: &[&str]) -> Output {
 }
 
 /// The process `pid` in `pymem top --once --json` output.
-fn find_in_json(stdout: &[u8], pid: u32) -> Option<Value> {
-    let processes: Vec<Value> = serde_json::from_slice(stdout).expect("--json prints a JSON array");
-    processes
-        .into_iter()
-        .find(|p| p["pid"].as_u64() == Some(u64::from(pid)))
-}
-
-fn growth(process: &Value) -> f64 {
-    process["growth_bytes_per_second"].as_f64().unwrap()
+fn find_in_json(stdout: &[u8], pid: u32) -> Option<ProcessInfo> {
+    let processes: Vec<ProcessInfo> =
+        serde_json::from_slice(stdout).expect("--json prints a JSON array of the API's objects");
+    processes.into_iter().find(|p| p.pid == pid)
 }
 
 #[test]
@@ -355,16 +350,17 @@ fn once_json_from_an_agent_shows_growth_within_10s_of_the_leak_starting() {
     let url = agent.url("");
     let started = Instant::now();
     let leaker = Script::spawn(&python, dir.path(), "leaker.py", LEAKER, &["30"]);
-    let found = loop {
+    let (found, stdout) = loop {
         let out = pymem_top(&["--once", "--json", "--agent", &url]);
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let found = find_in_json(&out.stdout, leaker.pid).filter(|p| growth(p) > 0.0);
+        let found =
+            find_in_json(&out.stdout, leaker.pid).filter(|p| p.growth_bytes_per_second > 0.0);
         if let Some(process) = found {
-            break process;
+            break (process, out.stdout);
         }
         assert!(
             started.elapsed() < Duration::from_secs(10),
@@ -376,9 +372,15 @@ fn once_json_from_an_agent_shows_growth_within_10s_of_the_leak_starting() {
     };
     eprintln!(
         "growth {:.0} B/s after {:.1?}",
-        growth(&found),
+        found.growth_bytes_per_second,
         started.elapsed()
     );
+    // The printed objects are the API's, checked on their raw JSON.
+    let printed: Vec<Value> = serde_json::from_slice(&stdout).unwrap();
+    let found = printed
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(u64::from(leaker.pid)))
+        .unwrap();
     assert!(
         found["heap_history"].is_array(),
         "the API's objects: {found}"
@@ -404,7 +406,7 @@ fn once_json_from_an_agent_shows_growth_within_10s_of_the_leak_starting() {
 /// Runs `pymem top` with `args` and notes when its JSON arrived: the
 /// embedded observer's clean shutdown (detaching probes) comes after the
 /// listing and is not part of it.
-fn pymem_top_json_timed(args: &[&str]) -> (Vec<Value>, Instant, Output) {
+fn pymem_top_json_timed(args: &[&str]) -> (Vec<ProcessInfo>, Instant, Output) {
     let mut child = Command::new(PYMEM)
         .arg("top")
         .args(args)
@@ -414,7 +416,7 @@ fn pymem_top_json_timed(args: &[&str]) -> (Vec<Value>, Instant, Output) {
         .expect("running pymem top");
     let stdout = child.stdout.take().unwrap();
     let listed = serde_json::Deserializer::from_reader(stdout)
-        .into_iter::<Vec<Value>>()
+        .into_iter::<Vec<ProcessInfo>>()
         .next();
     let arrived = Instant::now();
     let out = child.wait_with_output().unwrap();
@@ -444,14 +446,14 @@ fn once_json_without_an_agent_observes_on_its_own() {
     let listed_after = arrived - started;
     let process = processes
         .into_iter()
-        .find(|p| p["pid"].as_u64() == Some(u64::from(leaker.pid)))
+        .find(|p| p.pid == leaker.pid)
         .unwrap_or_else(|| panic!("pid {} not listed", leaker.pid));
     eprintln!(
         "growth {:.0} B/s listed after {listed_after:.1?}, exited after {:.1?}",
-        growth(&process),
+        process.growth_bytes_per_second,
         started.elapsed()
     );
-    assert!(growth(&process) > 0.0, "{process}");
+    assert!(process.growth_bytes_per_second > 0.0, "{process:?}");
     assert!(
         listed_after < Duration::from_secs(10),
         "listed after {listed_after:?}"

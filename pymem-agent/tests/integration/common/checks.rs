@@ -1,6 +1,7 @@
-//! The core cases (tests/core.rs) as checks that report instead of
+//! The core cases (core.rs) as checks that report instead of
 //! panicking, so that one run over many interpreters records every result
 //! for the support table and then fails with all of them listed.
+use pymem_agent::{model::Accounting, sites::Site};
 use serde_json::{Value, json};
 
 use super::{Agent, Workload};
@@ -117,8 +118,8 @@ pub fn large_object_leak(agent: &Agent, work: &mut Workload) -> Check {
         result["bytes"].as_f64().unwrap_or(0.0)
     });
     let mut check = ground_truth(LARGE_BLOCKS, growth, truth);
-    let accounting = agent.process(work.pid).unwrap_or_default()["accounting"].clone();
-    check.detail += &format!(", accounting {accounting}");
+    let accounting = agent.process(work.pid).map(|p| p.accounting);
+    check.detail += &format!(", accounting {}", accounting_name(accounting));
     check
 }
 
@@ -133,8 +134,8 @@ pub fn import_numpy(work: &mut Workload) -> bool {
 pub fn numpy_leak(agent: &Agent, work: &mut Workload) -> Check {
     let m = agent.measure(work, "leak_numpy 6 25");
     let truth = m.result["bytes"].as_f64().unwrap_or(0.0);
-    let mut check = ground_truth(EXTENSION, m.source_growth("extension_bytes"), truth);
-    check.detail += &format!(", accounting {}", m.after["accounting"]);
+    let mut check = ground_truth(EXTENSION, m.source_growth(|h| h.extension_bytes), truth);
+    check.detail += &format!(", accounting {}", accounting_name(Some(m.after.accounting)));
     check
 }
 
@@ -143,7 +144,7 @@ pub fn churn_is_flat(agent: &Agent, work: &mut Workload) -> Check {
     work.command("churn 2"); // reach steady state first
     let m = agent.measure(work, "churn 10");
     let delta = m.heap_growth();
-    let flagged = m.after["leak_suspected"] == true;
+    let flagged = m.after.leak_suspected;
     let rounds = m.result["rounds"].as_u64().unwrap_or(0);
     let detail = format!(
         "heap moved {:+.2} MiB over {rounds} rounds, leak_suspected {flagged}",
@@ -158,9 +159,9 @@ pub fn churn_is_flat(agent: &Agent, work: &mut Workload) -> Check {
 
 /// The right version, and no sign that its arena size was wrong.
 pub fn version_reported(agent: &Agent, work: &Workload) -> Check {
-    let listed = agent.process(work.pid).unwrap_or_default();
-    let reported = listed["python_version"].as_str().unwrap_or("");
-    let arena_size_wrong = listed["arena_size_mismatch"] == true;
+    let listed = agent.process(work.pid);
+    let reported = listed.as_ref().map_or("", |p| p.python_version.as_str());
+    let arena_size_wrong = listed.as_ref().is_some_and(|p| p.arena_size_mismatch);
     let detail = format!(
         "reported {reported:?}, arena_size_mismatch {arena_size_wrong}, sys.version_info {}",
         work.version
@@ -183,7 +184,7 @@ fn small_leak_line() -> i64 {
 /// the most live bytes (the bar; an import can hold more, e.g.
 /// numpy's OpenBLAS buffers, mapped while its process started).
 pub fn leak_site_on_top(agent: &Agent, work: &Workload) -> Check {
-    let mut sites: Vec<Value> = agent
+    let mut sites: Vec<Site> = agent
         .get(&format!("/api/v1/processes/{}/sites", work.pid))
         .ok()
         .and_then(|body| serde_json::from_str(&body).ok())
@@ -191,19 +192,15 @@ pub fn leak_site_on_top(agent: &Agent, work: &Workload) -> Check {
     if sites.is_empty() {
         return Check::new(SITES, false, "no sites".into());
     }
-    sites.sort_by_key(|s| std::cmp::Reverse(s["bytes"].as_u64().unwrap_or(0)));
-    let is_leak = |s: &Value| {
-        s["file"].as_str().unwrap_or("").ends_with("memwork.py")
-            && s["line"].as_i64() == Some(small_leak_line())
-    };
-    let describe = |s: &Value| {
-        let file = s["file"].as_str().unwrap_or("");
+    sites.sort_by_key(|s| std::cmp::Reverse(s.bytes));
+    let is_leak = |s: &Site| s.file.ends_with("memwork.py") && s.line == small_leak_line();
+    let describe = |s: &Site| {
         format!(
             "{}:{} {} ({:.1} MB live)",
-            file.rsplit('/').next().unwrap_or(file),
-            s["line"].as_i64().unwrap_or(0),
-            s["function"].as_str().unwrap_or("?"),
-            s["bytes"].as_f64().unwrap_or(0.0) / 1e6
+            s.file.rsplit('/').next().unwrap_or(&s.file),
+            s.line,
+            s.function,
+            s.bytes as f64 / 1e6
         )
     };
     match sites.iter().take(3).position(is_leak) {
@@ -231,13 +228,19 @@ pub fn leak_site_on_top(agent: &Agent, work: &Workload) -> Check {
 /// The process is listed under its host pid with its namespace pid.
 pub fn both_pids_reported(agent: &Agent, work: &Workload) -> Check {
     let listed = agent.process(work.pid);
-    let ns_pid = listed.as_ref().and_then(|p| p["ns_pid"].as_u64());
+    let ns_pid = listed.as_ref().map(|p| p.ns_pid);
     let detail = format!(
         "host pid {} listed: {}, ns_pid {ns_pid:?} (inside: {})",
         work.pid,
         listed.is_some(),
         work.ns_pid
     );
-    let ok = ns_pid == Some(u64::from(work.ns_pid)) && work.ns_pid != work.pid;
+    let ok = ns_pid == Some(work.ns_pid) && work.ns_pid != work.pid;
     Check::new(NAMESPACE, ok, detail)
+}
+
+/// The accounting as the API writes it (`"probes"`), `null` when the
+/// process is not listed: the support table's wording.
+fn accounting_name(accounting: Option<Accounting>) -> Value {
+    serde_json::to_value(accounting).unwrap()
 }

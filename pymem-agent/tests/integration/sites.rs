@@ -1,6 +1,5 @@
 //! Allocation sites against real Python processes: the exact source lines
 //! of known leaks, read from the workload's own source.
-mod common;
 
 use std::{
     io::{BufRead, BufReader, Write as _},
@@ -9,110 +8,61 @@ use std::{
     time::Duration,
 };
 
-use common::{Agent, Leaker, pyenv, site_line};
-use serde_json::Value;
+use crate::common::{self, Agent, LEAKS, Leaker, debian_python_3_11, pyenv, site_line};
+use pymem_agent::{model::Accounting, sites::Site};
 
-fn find<'a>(sites: &'a [Value], function: &str) -> Option<(usize, &'a Value)> {
+fn find<'a>(sites: &'a [Site], function: &str) -> Option<(usize, &'a Site)> {
     sites
         .iter()
         .enumerate()
-        .find(|(_, s)| s["function"] == function)
+        .find(|(_, s)| s.function == function)
 }
 
 fn leaking_lines_are_top_sites(python: &Path) {
     let agent = Agent::start(&[]);
     let leaker = Leaker::start(python, &agent, Duration::from_secs(8));
     let pid = leaker.pid;
-    let sites: Vec<Value> = serde_json::from_str(
-        &agent
-            .get(&format!("/api/v1/processes/{pid}/sites"))
-            .unwrap(),
-    )
-    .unwrap();
+    let sites = agent.sites(pid);
     // The workload stays within the default probe budget: every block
     // outside pymalloc was seen, not just those before a switch.
-    let accounting = agent.process(pid).unwrap()["accounting"].clone();
+    let accounting = agent.process(pid).unwrap().accounting;
     drop(leaker);
-    assert_eq!(accounting, "probes");
+    assert_eq!(accounting, Accounting::Probes);
     let top: Vec<String> = sites
         .iter()
         .take(5)
-        .map(|s| {
-            format!(
-                "{}:{} {} live={}",
-                s["file"], s["line"], s["function"], s["bytes"]
-            )
-        })
+        .map(|s| format!("{:?}:{} {:?} live={}", s.file, s.line, s.function, s.bytes))
         .collect();
     eprintln!("top sites: {top:#?}");
-    for (function, marker) in [
-        ("leak_small_objects", "small"),
-        ("leak_large_blobs", "large"),
-    ] {
+    for (function, marker) in LEAKS {
         let (rank, site) = find(&sites, function)
             .unwrap_or_else(|| panic!("{function} not among sites: {top:#?}"));
         assert!(rank < 3, "{function} ranked {rank}: {top:#?}");
-        assert_eq!(site["line"].as_i64().unwrap(), site_line(marker), "{site}");
-        assert!(
-            site["file"].as_str().unwrap().ends_with("sites.py"),
-            "{site}"
-        );
-        assert!(site["bytes"].as_u64().unwrap() > 1 << 20, "{site}");
-        let stack = site["stack"].as_array().unwrap();
-        assert_eq!(stack[0]["function"], function);
-        assert!(stack.iter().any(|f| f["function"] == "main"), "{site}");
+        assert_eq!(site.line, site_line(marker), "{site:?}");
+        assert!(site.file.ends_with("sites.py"), "{site:?}");
+        assert!(site.bytes > 1 << 20, "{site:?}");
+        let stack = &site.stack;
+        assert_eq!(stack[0].function, function);
+        assert!(stack.iter().any(|f| f.function == "main"), "{site:?}");
     }
     // Churn allocates and frees: it may appear, but holds almost nothing
     // (at most the arena pymalloc keeps around, and one being filled).
     if let Some((rank, site)) = find(&sites, "<listcomp>").or_else(|| find(&sites, "churn_only")) {
         assert!(rank >= 2, "churn ranked {rank}: {top:#?}");
-        let live = site["bytes"].as_u64().unwrap();
-        assert!(live <= 2 << 20, "churn holds {live} bytes: {site}");
+        let live = site.bytes;
+        assert!(live <= 2 << 20, "churn holds {live} bytes: {site:?}");
     }
 }
 
-#[test]
-fn leaking_lines_are_top_sites_pyenv_311() {
-    let python = require!(pyenv("3.11"), "pyenv 3.11");
-    leaking_lines_are_top_sites(&python);
-}
-
-#[test]
-fn leaking_lines_are_top_sites_debian_static_311() {
-    let python = Path::new("/usr/bin/python3.11");
-    require!(python.exists().then_some(()), "/usr/bin/python3.11");
-    leaking_lines_are_top_sites(python);
-}
-
-#[test]
-fn leaking_lines_are_top_sites_pyenv_313() {
-    let python = require!(pyenv("3.13"), "pyenv 3.13");
-    leaking_lines_are_top_sites(&python);
-}
-
-#[test]
-fn leaking_lines_are_top_sites_pyenv_312() {
-    let python = require!(pyenv("3.12"), "pyenv 3.12");
-    leaking_lines_are_top_sites(&python);
-}
-
-#[test]
-fn leaking_lines_are_top_sites_pyenv_310() {
-    let python = require!(pyenv("3.10"), "pyenv 3.10");
-    leaking_lines_are_top_sites(&python);
-}
-
-#[test]
-fn leaking_lines_are_top_sites_pyenv_39() {
-    let python = require!(pyenv("3.9"), "pyenv 3.9");
-    leaking_lines_are_top_sites(&python);
-}
-
-#[test]
-fn leaking_lines_are_top_sites_pyenv_38() {
-    let python = require!(pyenv("3.8"), "pyenv 3.8");
-    leaking_lines_are_top_sites(&python);
-}
+test_each_interpreter!(leaking_lines_are_top_sites {
+    leaking_lines_are_top_sites_pyenv_311 => pyenv("3.11"), "pyenv 3.11";
+    leaking_lines_are_top_sites_debian_static_311 => debian_python_3_11(), "/usr/bin/python3.11";
+    leaking_lines_are_top_sites_pyenv_313 => pyenv("3.13"), "pyenv 3.13";
+    leaking_lines_are_top_sites_pyenv_312 => pyenv("3.12"), "pyenv 3.12";
+    leaking_lines_are_top_sites_pyenv_310 => pyenv("3.10"), "pyenv 3.10";
+    leaking_lines_are_top_sites_pyenv_39 => pyenv("3.9"), "pyenv 3.9";
+    leaking_lines_are_top_sites_pyenv_38 => pyenv("3.8"), "pyenv 3.8";
+});
 
 /// A process over its probe budget is accounted by syscalls; libc maps each
 /// block of 128 KiB or more on its own, and those keep their line.
@@ -156,7 +106,7 @@ fn large_blocks_keep_their_site_under_syscall_accounting() {
     stdout.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "spent");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while agent.process(pid).unwrap()["accounting"] != "syscalls" {
+    while agent.process(pid).unwrap().accounting != Accounting::Syscalls {
         assert!(
             std::time::Instant::now() < deadline,
             "still not under syscall accounting:\n{}",
@@ -169,25 +119,15 @@ fn large_blocks_keep_their_site_under_syscall_accounting() {
     stdout.read_line(&mut line).unwrap();
     let truth: f64 = line.trim().parse().unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    let sites: Vec<Value> = serde_json::from_str(
-        &agent
-            .get(&format!("/api/v1/processes/{pid}/sites"))
-            .unwrap(),
-    )
-    .unwrap();
+    let sites = agent.sites(pid);
     drop(stdin);
     let _ = child.wait();
     let (rank, site) = sites
         .iter()
         .enumerate()
-        .find(|(_, s)| s["line"].as_i64() == Some(big_line))
+        .find(|(_, s)| s.line == big_line)
         .unwrap_or_else(|| panic!("line {big_line} not among the sites: {sites:#?}"));
     assert_eq!(rank, 0, "{sites:#?}");
     // libc rounds each mapping up to whole pages (+1.6 % here).
-    common::assert_within(
-        site["bytes"].as_f64().unwrap(),
-        truth,
-        0.10,
-        "big blocks' site",
-    );
+    common::assert_within(site.bytes as f64, truth, 0.10, "big blocks' site");
 }

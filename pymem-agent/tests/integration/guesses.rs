@@ -1,18 +1,17 @@
 //! What pymem infers about an interpreter from its binary (version, arena
 //! size, free-threading) is checked; a wrong inference is refused or
 //! reported with its reason, never turned into silent wrong numbers.
-mod common;
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
-use common::{
+use crate::common::{
     Agent, WORKLOAD, Workload,
     checks::Check,
-    pyenv,
+    debian_python_3_11, pyenv,
     support::{CaseResult, clear_group},
 };
 
@@ -35,11 +34,10 @@ fn wait_for_log_line(agent: &Agent, words: &[&str], timeout: Duration) -> Option
 /// the name 3.10. The agent refuses to guess and names every source.
 #[test]
 fn interpreter_named_for_another_version_is_refused() {
-    let debian = Path::new("/usr/bin/python3.11");
-    require!(debian.exists().then_some(()), "/usr/bin/python3.11");
+    let debian = require!(debian_python_3_11(), "/usr/bin/python3.11");
     let dir = tempfile::tempdir().unwrap();
     let renamed = dir.path().join("python3.10");
-    std::fs::copy(debian, &renamed).unwrap();
+    std::fs::copy(&debian, &renamed).unwrap();
     let agent = Agent::start(&[]);
     let work = Workload::spawn_with(Command::new(&renamed).arg("-u").arg(WORKLOAD));
     let pid = work.pid.to_string();
@@ -97,7 +95,7 @@ fn arena_like_mappings_of_another_size_are_reported() {
     let agent = Agent::start(&[]);
     let mut work = Workload::spawn(&python);
     let before = agent.wait_for(work.pid, Duration::from_secs(15));
-    assert_eq!(before["arena_size_mismatch"], false, "{before}");
+    assert!(!before.arena_size_mismatch, "{before:?}");
     let stub = mmap_stub_address(work.pid, &library);
     let mapped = work.command(&format!("mmap_via {stub} 262144 20"));
     assert_eq!(mapped["mapped"], 20, "{mapped}");
@@ -113,36 +111,7 @@ fn arena_like_mappings_of_another_size_are_reported() {
         "{line}"
     );
     let after = agent.process(work.pid).unwrap();
-    assert_eq!(after["arena_size_mismatch"], true, "{after}");
-}
-
-/// Free-threaded interpreters installed anywhere the tests look.
-fn free_threaded_interpreters() -> Vec<PathBuf> {
-    let mut dirs = vec![PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")];
-    let home = PathBuf::from(std::env::var("HOME").unwrap_or_default());
-    if let Ok(versions) = std::fs::read_dir(home.join(".pyenv/versions")) {
-        dirs.extend(versions.flatten().map(|e| e.path().join("bin")));
-    }
-    let rootfs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/rootfs");
-    if let Ok(suites) = std::fs::read_dir(rootfs) {
-        dirs.extend(suites.flatten().map(|e| e.path().join("usr/bin")));
-    }
-    let is_free_threaded_name = |name: &str| {
-        name.strip_prefix("python3.")
-            .and_then(|rest| rest.strip_suffix('t'))
-            .is_some_and(|minor| minor.parse::<u8>().is_ok())
-    };
-    let mut found: Vec<PathBuf> = dirs
-        .iter()
-        .filter_map(|dir| std::fs::read_dir(dir).ok())
-        .flat_map(|entries| entries.flatten().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| is_free_threaded_name(&n.to_string_lossy()))
-        })
-        .collect();
-    found.sort();
-    found
+    assert!(after.arena_size_mismatch, "{after:?}");
 }
 
 /// Free-threaded builds (3.13t/3.14t) use mimalloc, not pymalloc arenas:
@@ -151,7 +120,7 @@ fn free_threaded_interpreters() -> Vec<PathBuf> {
 #[test]
 fn free_threaded_interpreters_are_refused_by_name() {
     clear_group("free-threaded");
-    let found = free_threaded_interpreters();
+    let found = test_interpreters::free_threaded();
     let mut row = CaseResult {
         id: "3.13t-3.14t".into(),
         python: "3.13t / 3.14t".into(),

@@ -1,0 +1,13 @@
+//! pymem's integration tests, as root, in one test binary: the real `pymem`
+//! binary against real Python processes, one module per area.
+#[macro_use]
+mod common;
+
+mod core;
+mod deploy;
+mod guesses;
+mod matrix;
+mod robustness;
+mod sites;
+mod sites_export;
+mod top;
