@@ -274,6 +274,9 @@ pub struct AgentInfo {
     pub skipped_processes_total: u64,
     pub attach_errors_total: u64,
     pub budget_switches_total: u64,
+    /// Failed kernel-side map operations by map (a full map, a full ring
+    /// buffer): what the kernel could not record.
+    pub kernel_errors_total: BTreeMap<String, u64>,
 }
 
 /// What the observer publishes once per sample interval.

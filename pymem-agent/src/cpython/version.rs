@@ -272,7 +272,7 @@ mod tests {
         let Some(path) = testing::debian_python_3_11() else {
             return;
         };
-        let err = elf::analyze(path, "python3.10").unwrap_err();
+        let err = elf::analyze(&path, "python3.10").unwrap_err();
         let text = format!("{err:#}");
         assert!(text.contains("file name says 3.10"), "{text}");
         assert!(text.contains("Py_Version says 3.11"), "{text}");

@@ -279,25 +279,10 @@ mod tests {
     /// Ground truth: each pyenv interpreter's own `sys.version_info`.
     #[test]
     fn reads_the_version_of_every_pyenv_interpreter() {
-        let root = std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
-            .join(".pyenv/versions");
-        let Ok(entries) = std::fs::read_dir(&root) else {
-            eprintln!("SKIP: no pyenv at {}", root.display());
-            return;
-        };
         let mut checked = 0;
-        for entry in entries.flatten() {
-            let dir = entry.path();
-            let Some(lib) = std::fs::read_dir(dir.join("lib")).ok().and_then(|it| {
-                it.flatten().map(|e| e.path()).find(|p| {
-                    let name = p.file_name().unwrap().to_string_lossy().into_owned();
-                    name.starts_with("libpython3") && name.contains(".so.")
-                })
-            }) else {
-                continue;
-            };
-            let name = lib.file_name().unwrap().to_string_lossy().into_owned();
-            let truth = std::process::Command::new(dir.join("bin/python3"))
+        for (lib, python) in testing::pyenv_libpythons_or_skip() {
+            let name = testing::file_name(&lib);
+            let truth = std::process::Command::new(&python)
                 .args(["-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"])
                 .output()
                 .unwrap();
@@ -338,7 +323,7 @@ mod tests {
         let Some(path) = testing::debian_python_3_11() else {
             return;
         };
-        let interp = analyze(path, "python3.11").unwrap();
+        let interp = analyze(&path, "python3.11").unwrap();
         assert_eq!((interp.version.major, interp.version.minor), (3, 11));
         let dis = std::process::Command::new("objdump")
             .args(["-d", "-j", ".plt", "-j", ".plt.sec", "/usr/bin/python3.11"])

@@ -222,6 +222,19 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
         "Allocations not tracked because a kernel live-block map was full",
         agent.live_map_full_total,
     )?;
+    let kernel_errors = registered(
+        &registry,
+        IntCounterVec::new(
+            Opts::new(
+                "pymem_kernel_errors_total",
+                "Kernel-side map operations that failed, by map (a full map or ring buffer: something went unrecorded)",
+            ),
+            &["map"],
+        )?,
+    )?;
+    for (map, errors) in &agent.kernel_errors_total {
+        kernel_errors.with_label_values(&[map]).inc_by(*errors);
+    }
     plain_counter(
         "pymem_skipped_processes_total",
         "Python-looking processes that could not be observed (see the agent log)",

@@ -50,6 +50,12 @@ impl Observer {
         processes.sort_by_key(|p| p.pid);
         self.info.events_lost_total = self.probes.events_lost();
         self.info.live_map_full_total = self.probes.live_map_full();
+        self.info.kernel_errors_total = self
+            .probes
+            .kernel_errors()
+            .into_iter()
+            .map(|(map, errors)| (map.to_owned(), errors))
+            .collect();
         self.info.attached_binaries = self.probes.attached_binaries();
         self.info.probe_links = self.probes.probe_links();
         let snapshot = Snapshot {

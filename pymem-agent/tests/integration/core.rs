@@ -184,6 +184,7 @@ fn metrics_expose_the_process_with_its_labels() {
     for name in [
         "pymem_python_processes ",
         "pymem_events_lost_total ",
+        "pymem_kernel_errors_total{map=\"PROC_STATS\"} ",
         "pymem_build_info{",
     ] {
         assert!(metrics.contains(name), "no {name} in\n{metrics}");

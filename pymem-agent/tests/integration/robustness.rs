@@ -165,6 +165,14 @@ fn full_ring_buffer_drops_are_counted_and_exported() {
         lost > 0.0,
         "no drops counted after a 300-exec burst:\n{metrics}"
     );
+    // The same drops, as the ring buffer's own kernel-error series.
+    let ring_errors = r#"pymem_kernel_errors_total{map="EVENTS"} "#;
+    let ring_errors: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(ring_errors))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {ring_errors} in\n{metrics}"));
+    assert_eq!(ring_errors, lost, "{metrics}");
     still_measures_correctly(&agent, &python);
 }
 
