@@ -21,6 +21,7 @@
 //! new offsets alone need no kernel change.
 pub mod arena;
 pub mod debug_offsets;
+pub mod heap;
 pub mod layout;
 pub mod layout_check;
 pub mod linetable;
