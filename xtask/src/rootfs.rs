@@ -11,7 +11,6 @@ use clap::ValueEnum;
 
 use crate::{process, setup};
 
-const MIRROR: &str = "http://deb.debian.org/debian";
 /// Written last, with the suite and its packages: a directory without it is
 /// a failed or interrupted build, one with other packages an outdated one.
 const COMPLETE_MARKER: &str = ".pymem-rootfs-complete";
@@ -131,6 +130,7 @@ fn ensure_rootfs(suite: Suite) -> Result<PathBuf> {
 }
 
 fn debootstrap(suite: Suite, dir: &Path) -> Result<()> {
+    let mirror = debian_mirror()?;
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     process::run(
         Command::new("debootstrap")
@@ -138,7 +138,7 @@ fn debootstrap(suite: Suite, dir: &Path) -> Result<()> {
             .arg(format!("--include={}", suite.packages()))
             .arg(suite.name)
             .arg(dir)
-            .arg(MIRROR)
+            .arg(&mirror)
             // Keep stdout for the path we print.
             .stdout(io::stderr()),
     )
@@ -171,4 +171,84 @@ fn mounts_below(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     below.sort_by_key(|mount_point| std::cmp::Reverse(mount_point.components().count()));
     Ok(below)
+}
+
+/// Where this machine's apt gets Debian's main archive: the first archive
+/// URI (not the security one) of an enabled source, so that the root
+/// filesystems come from the same mirror as the host's own packages.
+fn debian_mirror() -> Result<String> {
+    let mut sources = Vec::new();
+    if let Ok(list) = fs::read_to_string("/etc/apt/sources.list") {
+        sources.push(list);
+    }
+    if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
+        let mut files: Vec<PathBuf> = dir
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| {
+                path.extension()
+                    .is_some_and(|ext| ext == "list" || ext == "sources")
+            })
+            .collect();
+        files.sort();
+        sources.extend(
+            files
+                .iter()
+                .filter_map(|path| fs::read_to_string(path).ok()),
+        );
+    }
+    sources
+        .iter()
+        .find_map(|text| debian_archive_uri(text))
+        .context("no Debian archive in /etc/apt/sources.list or /etc/apt/sources.list.d/*.{list,sources}: cannot choose a mirror for debootstrap")
+}
+
+/// The first Debian main-archive URI in one apt source file, one-line
+/// (`deb URI suite …`) or deb822 (`URIs: URI …`) format.
+fn debian_archive_uri(text: &str) -> Option<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.starts_with('#'))
+        .flat_map(|line| {
+            let uris = if let Some(rest) = line.strip_prefix("URIs:") {
+                rest
+            } else if let Some(rest) = line.strip_prefix("deb ") {
+                // `deb [options] URI suite components`: options are bracketed.
+                rest.split(']').next_back().unwrap_or(rest)
+            } else {
+                ""
+            };
+            uris.split_whitespace()
+                .take(if line.starts_with("deb ") {
+                    1
+                } else {
+                    usize::MAX
+                })
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .find(|uri| uri.trim_end_matches('/').ends_with("/debian"))
+}
+
+#[cfg(test)]
+mod mirror_tests {
+    use super::debian_archive_uri;
+
+    #[test]
+    fn finds_the_archive_in_deb822_and_one_line_sources() {
+        let deb822 = "Types: deb\n# URIs: http://old.example/debian\nURIs: http://mirror.example/debian\nSuites: bookworm\n\nTypes: deb\nURIs: http://mirror.example/debian-security\n";
+        assert_eq!(
+            debian_archive_uri(deb822).as_deref(),
+            Some("http://mirror.example/debian")
+        );
+        let one_line = "deb http://mirror.example/debian-security bookworm-security main\ndeb [arch=amd64 signed-by=/k.gpg] http://mirror.example/debian/ bookworm main\n";
+        assert_eq!(
+            debian_archive_uri(one_line).as_deref(),
+            Some("http://mirror.example/debian/")
+        );
+        assert_eq!(
+            debian_archive_uri("deb https://other.example/apt stable main"),
+            None
+        );
+    }
 }
