@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::{CensusError, CensusTarget, HeapCensus, HeapImage, TypeStats};
 
+const TPFLAGS_INLINE_VALUES: u64 = 1 << 2;
 const TPFLAGS_MANAGED_WEAKREF: u64 = 1 << 3;
 const TPFLAGS_MANAGED_DICT: u64 = 1 << 4;
 const TPFLAGS_HEAPTYPE: u64 = 1 << 9;
@@ -36,6 +37,9 @@ const OBJECT_OFFSETS: [u64; 3] = [0, 16, 32];
 /// Bound on one container's items followed, and on one name's length.
 const MAX_ITEMS: u64 = 1 << 24;
 const MAX_NAME: usize = 512;
+/// Items of a variable-size object of another type than tuple, bytes, int:
+/// more than this is a field that is not `ob_size`.
+const MAX_OTHER_ITEMS: u64 = 1 << 20;
 /// Reference counts above this are pointers or hashes, not counts (the
 /// immortal counts of 3.12+ are below 2^32).
 const MAX_REFCNT: u64 = 1 << 32;
@@ -146,6 +150,8 @@ struct Census<'a> {
     counted: HashMap<u64, u64>,
     order: Vec<u64>,
     valid_pools: HashSet<u64>,
+    /// `PyHeapTypeObject.ht_name`, found by shape ([`Self::find_ht_name_offset`]).
+    ht_name_offset: Option<u64>,
     warnings: Vec<String>,
 }
 
@@ -172,6 +178,7 @@ impl<'a> Census<'a> {
             counted: HashMap::new(),
             order: Vec::new(),
             valid_pools: HashSet::new(),
+            ht_name_offset: None,
             warnings: Vec::new(),
         };
         let symbol = |name: &str| {
@@ -350,6 +357,7 @@ impl<'a> Census<'a> {
                 "{untyped} GC-tracked objects skipped: their type did not validate"
             ));
         }
+        self.ht_name_offset = self.find_ht_name_offset();
         self.walk_pools(&mut result);
         self.follow_references();
         self.tally(&mut result);
@@ -595,7 +603,7 @@ impl<'a> Census<'a> {
                 continue;
             };
             refs.clear();
-            self.references(obj, &info, &mut refs);
+            self.references(obj, type_addr, &info, &mut refs);
             budget = budget.saturating_sub(refs.len() as u64 + 1);
             for &referent in &refs {
                 if referent == 0
@@ -628,7 +636,10 @@ impl<'a> Census<'a> {
     }
 
     /// The objects a container refers to (bounded).
-    fn references(&self, obj: u64, info: &TypeInfo, out: &mut Vec<u64>) {
+    fn references(&self, obj: u64, type_addr: u64, info: &TypeInfo, out: &mut Vec<u64>) {
+        if info.flags & TPFLAGS_MANAGED_DICT != 0 {
+            self.managed_values(obj, type_addr, info, out);
+        }
         let image = self.image;
         let words = |addr: u64, n: u64, out: &mut Vec<u64>| {
             if n == 0 || n > MAX_ITEMS {
@@ -684,6 +695,59 @@ impl<'a> Census<'a> {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// The attribute values an instance keeps without a dict object: 3.11's
+    /// values pointer before the GC head, 3.12's tagged dict-or-values
+    /// pointer, 3.13's inline values after the object.
+    fn managed_values(&self, obj: u64, type_addr: u64, info: &TypeInfo, out: &mut Vec<u64>) {
+        let image = self.image;
+        let cached_keys_len = || {
+            let offset = self.ht_name_offset? + 24;
+            let keys = image.u64(type_addr.wrapping_add(offset))?;
+            image.u64(keys.wrapping_add(24)).filter(|&n| n <= 1 << 12)
+        };
+        let (values, len) = match self.layout.minor {
+            ..=10 => return,
+            11 => {
+                let Some(values) = image.u64(obj.wrapping_sub(32)) else {
+                    return;
+                };
+                (values, cached_keys_len())
+            }
+            12 => {
+                let Some(tagged) = image.u64(obj.wrapping_sub(24)) else {
+                    return;
+                };
+                if tagged & 1 == 0 {
+                    return;
+                }
+                // Stored as `values - 1` (odd): the tag.
+                (tagged.wrapping_add(1), cached_keys_len())
+            }
+            _ => {
+                if info.flags & TPFLAGS_INLINE_VALUES == 0 {
+                    return;
+                }
+                let values = obj + info.basicsize;
+                let valid = image.u8(values.wrapping_add(3)) == Some(1);
+                let capacity = image.u8(values).map(u64::from);
+                if !valid {
+                    return;
+                }
+                (values + 8, capacity)
+            }
+        };
+        let Some(len) = len.filter(|&n| n > 0) else {
+            return;
+        };
+        if let Some(bytes) = image.bytes(values, len * 8) {
+            out.extend(
+                bytes
+                    .chunks_exact(8)
+                    .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default())),
+            );
         }
     }
 
@@ -850,9 +914,19 @@ impl<'a> Census<'a> {
                 }
                 (size, buffers)
             }
-            Kind::Tuple | Kind::Other => {
-                let items = if info.itemsize > 0 {
-                    image.i64(obj.wrapping_add(16)).map_or(0, bounded) * info.itemsize
+            Kind::Tuple => {
+                let items = image.i64(obj.wrapping_add(16)).map_or(0, bounded) * info.itemsize;
+                (base + items, Vec::new())
+            }
+            Kind::Other => {
+                // Types with an item size but no `ob_size` (3.11+ generators
+                // size themselves from their code object) read garbage
+                // there: an implausible count adds nothing.
+                let count = image
+                    .i64(obj.wrapping_add(16))
+                    .map_or(0, |n| n.unsigned_abs());
+                let items = if info.itemsize > 0 && count <= MAX_OTHER_ITEMS {
+                    count * info.itemsize
                 } else {
                     0
                 };
@@ -915,19 +989,45 @@ impl<'a> Census<'a> {
     /// A class's name as Python shows it, `module.QualName`: `ht_qualname`
     /// (found as the field two after `ht_name`, the str whose text
     /// `tp_name` points at) and `__module__` from the type's dict.
+    /// Where `PyHeapTypeObject.ht_name` sits in this build: the offset at
+    /// which most classes hold the str whose text their `tp_name` points
+    /// at (`type_new` sets `tp_name` so).
+    fn find_ht_name_offset(&self) -> Option<u64> {
+        let image = self.image;
+        let header = self.layout.ascii_header;
+        let mut votes: HashMap<u64, u64> = HashMap::new();
+        let heap_types = self
+            .types
+            .iter()
+            .filter(|(_, t)| t.flags & TPFLAGS_HEAPTYPE != 0)
+            .take(4096);
+        for (&type_addr, _) in heap_types {
+            let Some(tp_name) = image.u64(type_addr.wrapping_add(TP_NAME)) else {
+                continue;
+            };
+            let found = (400..self.core.heap_type_size.saturating_sub(16))
+                .step_by(8)
+                .find(|&offset| {
+                    image
+                        .u64(type_addr.wrapping_add(offset))
+                        .is_some_and(|name| {
+                            name.wrapping_add(header) == tp_name && self.ascii_text(name).is_some()
+                        })
+                });
+            if let Some(offset) = found {
+                *votes.entry(offset).or_default() += 1;
+            }
+        }
+        votes
+            .into_iter()
+            .max_by_key(|&(offset, n)| (n, offset))
+            .map(|(offset, _)| offset)
+    }
+
     fn heap_type_name(&self, type_addr: u64) -> Option<String> {
         let image = self.image;
-        let tp_name = image.u64(type_addr.wrapping_add(TP_NAME))?;
-        let header = self.layout.ascii_header;
-        let ht_name = (400..self.core.heap_type_size.saturating_sub(16))
-            .step_by(8)
-            .find(|&offset| {
-                image
-                    .u64(type_addr.wrapping_add(offset))
-                    .is_some_and(|name| {
-                        name.wrapping_add(header) == tp_name && self.ascii_text(name).is_some()
-                    })
-            })?;
+        let ht_name = self.ht_name_offset?;
+        self.ascii_text(image.u64(type_addr.wrapping_add(ht_name))?)?;
         let qualname = self.ascii_text(image.u64(type_addr.wrapping_add(ht_name + 16))?)?;
         let dict = image.u64(type_addr.wrapping_add(TP_DICT))?;
         let module = self
@@ -942,7 +1042,7 @@ impl<'a> Census<'a> {
         })
     }
 
-    fn type_name(&self, type_addr: u64, fallbacks: &mut u64) -> String {
+    fn type_name(&self, type_addr: u64, fallbacks: &mut Vec<String>) -> String {
         let static_name = self
             .image
             .u64(type_addr + TP_NAME)
@@ -957,7 +1057,7 @@ impl<'a> Census<'a> {
             return static_name;
         }
         self.heap_type_name(type_addr).unwrap_or_else(|| {
-            *fallbacks += 1;
+            fallbacks.push(static_name.clone());
             static_name
         })
     }
@@ -983,7 +1083,7 @@ impl<'a> Census<'a> {
                 }
             }
         }
-        let mut fallbacks = 0;
+        let mut fallbacks = Vec::new();
         let mut named: HashMap<String, TypeStats> = HashMap::new();
         for (type_addr, (count, bytes)) in by_type {
             let name = self.type_name(type_addr, &mut fallbacks);
@@ -995,9 +1095,17 @@ impl<'a> Census<'a> {
             stats.count += count;
             stats.bytes += bytes;
         }
-        if fallbacks > 0 {
+        if !fallbacks.is_empty() {
+            fallbacks.sort();
             self.warnings.push(format!(
-                "{fallbacks} classes named by tp_name: their qualified name did not validate"
+                "{} classes named by tp_name, their qualified name or module not validating: {}",
+                fallbacks.len(),
+                fallbacks
+                    .iter()
+                    .take(8)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         let mut types: Vec<TypeStats> = named.into_values().collect();
