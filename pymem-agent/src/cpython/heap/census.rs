@@ -133,6 +133,10 @@ fn layout_for(target: &CensusTarget) -> Result<Layout, CensusError> {
     })
 }
 
+/// Types every live object in the copy. Pure function of the copy: never
+/// reads the live process. `Unsupported` when the build or a layout fails
+/// validation (free-threaded builds, unknown versions, type objects or GC
+/// state that do not read as expected).
 pub fn take_census(image: &HeapImage, target: &CensusTarget) -> Result<HeapCensus, CensusError> {
     let layout = layout_for(target)?;
     let mut census = Census::new(image, target, layout)?;
