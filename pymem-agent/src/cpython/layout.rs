@@ -42,7 +42,7 @@ pub fn layout_for(pid: u32, binary: &Binary, sample_period: u64) -> Result<Proce
 }
 
 /// Where the binary's first segment is mapped, minus its link address.
-fn load_bias(pid: u32, binary: &Binary) -> Result<u64> {
+pub(crate) fn load_bias(pid: u32, binary: &Binary) -> Result<u64> {
     let first = discover::maps(pid)?
         .into_iter()
         .find(|map| map.inode == binary.id.ino && map.offset == 0);

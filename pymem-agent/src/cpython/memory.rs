@@ -59,13 +59,59 @@ impl std::error::Error for ReadError {
 /// Another process's address space, through `/proc/PID/mem`.
 pub struct ProcessMemory {
     mem: File,
+    pid: u32,
 }
+
+/// Bytes one `process_vm_readv` of a bulk read asks for.
+const BULK_CHUNK: usize = 8 << 20;
+const PAGE: u64 = 4096;
 
 impl ProcessMemory {
     pub fn open(pid: u32) -> io::Result<Self> {
         Ok(Self {
             mem: File::open(format!("/proc/{pid}/mem"))?,
+            pid,
         })
+    }
+
+    /// Fills `buf` from `addr` in big `process_vm_readv` chunks; pages that
+    /// cannot be read are left zeroed and skipped. Returns the bytes read.
+    pub fn read_into(&self, addr: u64, buf: &mut [u8]) -> usize {
+        let mut done = 0usize;
+        let mut read = 0usize;
+        while done < buf.len() {
+            let want = (buf.len() - done).min(BULK_CHUNK);
+            let got = self.vm_read(addr + done as u64, &mut buf[done..done + want]);
+            if got > 0 {
+                done += got;
+                read += got;
+                continue;
+            }
+            // Unreadable page: leave it zeroed and go on at the next one.
+            let here = addr + done as u64;
+            let next_page = (here / PAGE + 1) * PAGE;
+            let skip = ((next_page - here) as usize).min(buf.len() - done);
+            buf[done..done + skip].fill(0);
+            done += skip;
+        }
+        read
+    }
+
+    /// One `process_vm_readv`: the bytes it read (0 on a fault at `addr`).
+    fn vm_read(&self, addr: u64, buf: &mut [u8]) -> usize {
+        let local = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: `local` describes `buf`, which we own mutably; the remote
+        // side is only read by the kernel, which checks it.
+        let got =
+            unsafe { libc::process_vm_readv(self.pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        usize::try_from(got).unwrap_or(0)
     }
 
     fn fill(&self, buf: &mut [u8], addr: u64) -> Result<(), ReadError> {

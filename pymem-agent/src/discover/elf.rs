@@ -51,6 +51,12 @@ pub struct Interpreter {
     pub trace_untrack: Option<ProbePoint>,
     /// Link address of `_PyRuntime` (exported since 3.7).
     pub runtime_vaddr: Option<u64>,
+    /// Size of `_PyRuntime` from its symbol (0 when the symbol says none):
+    /// the census searches it for the interpreter and GC state.
+    pub runtime_size: u64,
+    /// Every exported static type object (`PyDict_Type`, …): name and link
+    /// address, the census's first known types (stripped builds keep them).
+    pub static_types: Vec<(String, u64)>,
     /// Stack-walk offsets from the binary's own `_Py_DebugOffsets` (3.13+).
     pub stack_offsets: Option<StackDebugOffsets>,
     /// Link address of the first loadable segment (0 for PIE and .so).
@@ -131,6 +137,8 @@ pub fn analyze_bytes(data: &[u8], name_hint: &str) -> Result<Interpreter> {
         trace_track: point("PyTraceMalloc_Track"),
         trace_untrack: point("PyTraceMalloc_Untrack"),
         runtime_vaddr: image.symbol("_PyRuntime"),
+        runtime_size: image.symbol_size("_PyRuntime").unwrap_or(0),
+        static_types: image.static_types(),
         stack_offsets: debug_offsets.and_then(|d| d.stack),
         first_load_vaddr: elf
             .segments()
@@ -145,6 +153,7 @@ pub fn analyze_bytes(data: &[u8], name_hint: &str) -> Result<Interpreter> {
 pub struct ElfImage<'d> {
     elf: ElfFile64<'d, object::Endianness>,
     defined: HashMap<&'d str, u64>,
+    sizes: HashMap<&'d str, u64>,
 }
 
 impl<'d> ElfImage<'d> {
@@ -162,7 +171,36 @@ impl<'d> ElfImage<'d> {
             .filter(|s| s.is_definition())
             .filter_map(|s| Some((s.name().ok()?, s.address())))
             .collect();
-        Ok(Self { elf, defined })
+        let sizes = elf
+            .dynamic_symbols()
+            .filter(|s| s.is_definition())
+            .filter_map(|s| Some((s.name().ok()?, s.size())))
+            .collect();
+        Ok(Self {
+            elf,
+            defined,
+            sizes,
+        })
+    }
+
+    /// The size a defined symbol declares.
+    pub fn symbol_size(&self, name: &str) -> Option<u64> {
+        self.sizes.get(name).copied()
+    }
+
+    /// Every defined data symbol named `Py*_Type` / `_Py*_Type`, sorted by
+    /// name.
+    pub fn static_types(&self) -> Vec<(String, u64)> {
+        let mut types: Vec<(String, u64)> = self
+            .defined
+            .iter()
+            .filter(|(name, _)| name.starts_with("Py") || name.starts_with("_Py"))
+            .filter(|(name, _)| name.ends_with("_Type"))
+            .filter(|(name, _)| self.sizes.get(*name).is_some_and(|&size| size >= 400))
+            .map(|(name, &addr)| (name.to_string(), addr))
+            .collect();
+        types.sort();
+        types
     }
 }
 

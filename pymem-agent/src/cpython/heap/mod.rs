@@ -7,6 +7,16 @@
 //! observer's event loop.
 use serde::{Deserialize, Serialize};
 
+mod census;
+mod image;
+mod target;
+#[cfg(test)]
+mod tests;
+
+pub use census::take_census;
+pub use image::{HeapImage, Region, capture};
+pub use target::{CensusError, CensusTarget};
+
 /// One type's live objects, as Python names the type (`dict`, `str`,
 /// `module.QualName` for classes).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
