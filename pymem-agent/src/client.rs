@@ -6,7 +6,11 @@ use anyhow::{Context as _, Result, anyhow};
 use serde::{Deserialize, de::DeserializeOwned};
 use ureq::http::StatusCode;
 
-use crate::{model::ProcessInfo, sites::Site};
+use crate::{
+    census::{CensusErrorBody, CensusReport},
+    model::ProcessInfo,
+    sites::Site,
+};
 
 /// The fields of `/api/v1/processes/{pid}` a site snapshot keeps; the rest
 /// of the process (and fields newer agents add) is ignored.
@@ -78,6 +82,33 @@ impl AgentClient {
         self.get_json(&format!("/api/v1/processes/{pid}/sites"), "sites")
     }
 
+    /// An object census of `pid` no older than `max_age` (zero: a fresh
+    /// one, which pauses the process), with the growth since the one before
+    /// if `growth`; at most `limit` types (0 = all).
+    pub fn census(
+        &self,
+        pid: u32,
+        max_age: Duration,
+        growth: bool,
+        limit: usize,
+    ) -> Result<CensusReport> {
+        let path = format!(
+            "/api/v1/processes/{pid}/census?max_age={}&growth={}&limit={limit}",
+            max_age.as_secs_f64(),
+            u8::from(growth)
+        );
+        self.get_json(&path, "the object census")
+    }
+
+    /// Whether an agent answers at all (a quick liveness check).
+    pub fn answers(&self) -> bool {
+        let url = format!("{}/healthz", self.base_url);
+        self.http
+            .get(&url)
+            .call()
+            .is_ok_and(|r| r.status().is_success())
+    }
+
     /// GET `path` as JSON; `what` names the answer in errors.
     fn get_json<T: DeserializeOwned>(&self, path: &str, what: &str) -> Result<T> {
         let url = format!("{}{path}", self.base_url);
@@ -97,7 +128,10 @@ impl AgentClient {
                 });
         }
         let body = response.body_mut().read_to_string().unwrap_or_default();
-        Err(self.refused(path, &url, status, body.trim()))
+        // The census routes explain themselves as `{"error": ...}`.
+        let reason = serde_json::from_str::<CensusErrorBody>(&body)
+            .map_or_else(|_| body.trim().to_string(), |e| e.error);
+        Err(self.refused(path, &url, status, &reason))
     }
 
     /// Nothing answered at `url`.
@@ -121,6 +155,8 @@ impl AgentClient {
                 self.base_url
             ),
             // "pid N is not observed"
+            // "no object census of pid N: <why>": nothing to add.
+            (Caller::Command, 501, reason) => anyhow!("{reason}"),
             (Caller::Command, 404, reason) => {
                 anyhow!("{reason} by the agent at {}", self.base_url)
             }

@@ -3,6 +3,9 @@
 pub mod diff;
 pub mod snapshot;
 mod table;
+pub mod types;
+
+pub use self::types::{TypesArgs, run_types};
 
 use std::{
     io::Write as _,
@@ -21,7 +24,7 @@ use crate::{
 pub struct AgentArg {
     /// The pymem agent to ask (URL, HOST:PORT or port) [default: http://127.0.0.1:9477].
     #[arg(long, value_name = "URL")]
-    agent: Option<String>,
+    pub(crate) agent: Option<String>,
 }
 
 impl AgentArg {

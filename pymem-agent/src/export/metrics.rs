@@ -270,6 +270,7 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
     .with_label_values(&[env!("CARGO_PKG_VERSION")])
     .set(1);
     register_site_metrics(&registry, snapshot)?;
+    register_type_metrics(&registry, snapshot)?;
 
     let mut out = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut out)?;
@@ -316,5 +317,47 @@ fn register_site_metrics(registry: &Registry, snapshot: &Snapshot) -> Result<()>
         }
     }
     registry.register(Box::new(gauge))?;
+    Ok(())
+}
+
+/// `pymem_objects` and `pymem_object_bytes` for the heaviest types of each
+/// process's latest census (only with `pymem agent --type-metrics N`).
+fn register_type_metrics(registry: &Registry, snapshot: &Snapshot) -> Result<()> {
+    if snapshot.top_types.is_empty() {
+        return Ok(());
+    }
+    let labels = ["pid", "comm", "type"];
+    let objects = registered(
+        registry,
+        IntGaugeVec::new(
+            Opts::new(
+                "pymem_objects",
+                "Live objects of one type in the process's latest object census, for its heaviest types",
+            ),
+            &labels,
+        )?,
+    )?;
+    let bytes = registered(
+        registry,
+        IntGaugeVec::new(
+            Opts::new(
+                "pymem_object_bytes",
+                "Bytes (sys.getsizeof) of one type's live objects in the process's latest object census",
+            ),
+            &labels,
+        )?,
+    )?;
+    let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    for process in &snapshot.processes {
+        let Some(types) = snapshot.top_types.get(&process.pid) else {
+            continue;
+        };
+        let pid = process.pid.to_string();
+        for t in types {
+            let values = [pid.as_str(), process.comm.as_str(), t.type_name.as_str()];
+            objects.with_label_values(&values).set(clamp(t.count));
+            bytes.with_label_values(&values).set(clamp(t.bytes));
+        }
+    }
     Ok(())
 }

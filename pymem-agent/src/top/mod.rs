@@ -7,7 +7,7 @@
 //! tells the data thread which process's allocation sites to fetch along
 //! (the one in the detail view, if any).
 mod app;
-mod source;
+pub mod source;
 mod text;
 mod ui;
 
