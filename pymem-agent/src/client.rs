@@ -22,6 +22,10 @@ pub struct ProcessSummary {
     pub heap_bytes: u64,
 }
 
+/// How long a census may take to answer: pausing, copying and parsing a
+/// heap of gigabytes.
+const CENSUS_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Who asks, which decides how long to wait and how failures read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Caller {
@@ -97,7 +101,7 @@ impl AgentClient {
             max_age.as_secs_f64(),
             u8::from(growth)
         );
-        self.get_json(&path, "the object census")
+        self.get_json_within(&path, "the object census", CENSUS_TIMEOUT)
     }
 
     /// Whether an agent answers at all (a quick liveness check).
@@ -112,11 +116,38 @@ impl AgentClient {
     /// GET `path` as JSON; `what` names the answer in errors.
     fn get_json<T: DeserializeOwned>(&self, path: &str, what: &str) -> Result<T> {
         let url = format!("{}{path}", self.base_url);
-        let mut response = self
+        let response = self.http.get(&url).call();
+        self.read_json(response, path, &url, what)
+    }
+
+    /// As `get_json`, for answers that take long whoever asks (a census
+    /// copies a whole heap).
+    fn get_json_within<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<T> {
+        let url = format!("{}{path}", self.base_url);
+        let response = self
             .http
             .get(&url)
-            .call()
-            .map_err(|e| self.unreachable(&url, e))?;
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
+            .call();
+        self.read_json(response, path, &url, what)
+    }
+
+    fn read_json<T: DeserializeOwned>(
+        &self,
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+        path: &str,
+        url: &str,
+        what: &str,
+    ) -> Result<T> {
+        let url = url.to_string();
+        let mut response = response.map_err(|e| self.unreachable(&url, e))?;
         let status = response.status();
         if status.is_success() {
             return response
