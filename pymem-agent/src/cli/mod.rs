@@ -104,8 +104,13 @@ pub fn run_sites(args: SitesArgs) -> Result<()> {
 }
 
 pub fn run_snapshot(args: SnapshotArgs) -> Result<()> {
-    let snapshot = SiteSnapshot::take(&args.agent.api(), args.pid)?;
+    let snapshot = SiteSnapshot::take_with_census(&args.agent.api(), args.pid)?;
     snapshot.write(&args.output)?;
+    match (&snapshot.census, &snapshot.census_error) {
+        (Some(census), _) => eprintln!("{}", types::census_summary(census)),
+        (None, Some(error)) => eprintln!("no object census: {error}"),
+        (None, None) => {}
+    }
     eprintln!(
         "{}: {} sites, {} live, heap {} -> {}",
         snapshot.describe(),

@@ -415,3 +415,49 @@ fn pymem_types_names_what_is_wrong() {
         );
     }
 }
+
+fn pymem(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_pymem"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "pymem {args:?}: {stderr}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+// Needs the heap engine.
+#[test]
+fn snapshots_carry_the_census_and_diff_shows_type_growth() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let (agent, mut work) = observed_workload(&python);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let pid = work.pid.to_string();
+    let port = agent.port.to_string();
+    pymem(&["snapshot", &pid, "-o", a, "--agent", &port]);
+    let before = work.command("make GrowthItem 0")["count"].as_f64().unwrap();
+    let after = work.command("make GrowthItem 50000")["count"]
+        .as_f64()
+        .unwrap();
+    pymem(&["snapshot", &pid, "-o", b, "--agent", &port]);
+    let snapshot: pymem_agent::cli::snapshot::SiteSnapshot =
+        serde_json::from_str(&std::fs::read_to_string(b).unwrap()).unwrap();
+    let census = snapshot
+        .census
+        .unwrap_or_else(|| panic!("no census: {:?}", snapshot.census_error));
+    assert_eq!(census.consistency, "paused");
+    let diff: pymem_agent::cli::diff::SnapshotDiff =
+        serde_json::from_str(&pymem(&["diff", a, b, "--json"])).unwrap();
+    let first = &diff.types[0];
+    assert!(first.type_name.ends_with("GrowthItem"), "{:?}", &diff.types);
+    assert_within(
+        first.count_delta as f64,
+        after - before,
+        0.01,
+        "GrowthItem growth in pymem diff",
+    );
+    let text = pymem(&["diff", a, b]);
+    assert!(text.contains("Type growth between the censuses:"), "{text}");
+}
