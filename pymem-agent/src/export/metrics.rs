@@ -361,3 +361,52 @@ fn register_type_metrics(registry: &Registry, snapshot: &Snapshot) -> Result<()>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::census::TypeStats;
+
+    fn process(pid: u32) -> ProcessInfo {
+        let zero = serde_json::json!({"arena": 0, "raw": 0, "extension": 0, "syscall": 0});
+        serde_json::from_value(serde_json::json!({
+            "pid": pid, "ns_pid": pid, "comm": "python3", "cmdline": "python3 app.py",
+            "python_version": "3.11.7", "binary": "/usr/bin/python3.11", "heap_bytes": 0,
+            "heap": {"arena_bytes": 0, "raw_bytes": 0, "extension_bytes": 0, "syscall_bytes": 0},
+            "growth_bytes_per_second": 0.0, "rss_bytes": 0, "leak_suspected": false,
+            "allocated_bytes_total": 0, "freed_bytes_total": 0,
+            "allocated_bytes_by_source": zero, "freed_bytes_by_source": zero,
+            "accounting": "probes", "probe_hits_per_second": 0.0, "observed_seconds": 1.0,
+            "heap_history": [],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn type_metrics_appear_only_for_published_types() {
+        let mut snapshot = Snapshot {
+            processes: vec![process(42)],
+            ..Snapshot::default()
+        };
+        let labels = DEFAULT_LABELS.to_vec();
+        let text = render_metrics(&snapshot, &labels).unwrap();
+        assert!(!text.contains("pymem_objects"), "off by default");
+        snapshot.top_types.insert(
+            42,
+            vec![TypeStats {
+                type_name: "app.Leak".into(),
+                count: 50_000,
+                bytes: 2_800_000,
+            }],
+        );
+        let text = render_metrics(&snapshot, &labels).unwrap();
+        assert!(
+            text.contains(r#"pymem_objects{comm="python3",pid="42",type="app.Leak"} 50000"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pymem_object_bytes{comm="python3",pid="42",type="app.Leak"} 2800000"#),
+            "{text}"
+        );
+    }
+}
