@@ -65,11 +65,12 @@ pub enum CensusFailure {
 
 pub type CensusReply = oneshot::Sender<Result<CensusAnswer, CensusFailure>>;
 
-/// A census to run off the loop.
-pub struct CensusJob {
+/// A census to run off the loop, of the process `target` describes (its
+/// interpreter binary; the bookkeeping does not look into it).
+pub struct CensusJob<T = Binary> {
     pub pid: u32,
-    binary: Binary,
-    max_bytes: u64,
+    target: T,
+    pub max_bytes: u64,
 }
 
 impl CensusJob {
@@ -77,7 +78,7 @@ impl CensusJob {
     pub fn run(self) -> CensusDone {
         CensusDone {
             pid: self.pid,
-            result: run::take(self.pid, &self.binary, self.max_bytes),
+            result: run::take(self.pid, &self.target, self.max_bytes),
         }
     }
 }
@@ -111,15 +112,15 @@ impl ProcessCensuses {
     }
 }
 
-pub struct CensusStage {
+pub struct CensusStage<T = Binary> {
     config: CensusConfig,
     running: usize,
     /// Pids waiting for a free slot, first come first served.
-    queue: VecDeque<(u32, Binary)>,
+    queue: VecDeque<(u32, T)>,
     processes: HashMap<u32, ProcessCensuses>,
 }
 
-impl CensusStage {
+impl<T: Clone> CensusStage<T> {
     pub fn new(config: CensusConfig) -> Self {
         Self {
             config,
@@ -138,10 +139,10 @@ impl CensusStage {
     pub fn request(
         &mut self,
         pid: u32,
-        binary: &Binary,
+        target: &T,
         max_age: Duration,
         reply: CensusReply,
-    ) -> Option<CensusJob> {
+    ) -> Option<CensusJob<T>> {
         let process = self.processes.entry(pid).or_default();
         if let Some(reason) = &process.unsupported {
             let _ = reply.send(Err(CensusFailure::Unsupported(reason.clone())));
@@ -155,11 +156,11 @@ impl CensusStage {
             return None;
         }
         process.waiters.push(reply);
-        self.enqueue(pid, binary)
+        self.enqueue(pid, target)
     }
 
     /// An automatic census of a leak-suspected process, if one is due.
-    pub fn maybe_automatic(&mut self, pid: u32, binary: &Binary) -> Option<CensusJob> {
+    pub fn maybe_automatic(&mut self, pid: u32, target: &T) -> Option<CensusJob<T>> {
         let interval = self.config.interval?;
         let process = self.processes.entry(pid).or_default();
         let due = process.unsupported.is_none()
@@ -169,39 +170,39 @@ impl CensusStage {
             return None;
         }
         debug!("automatic census of leak-suspected pid {pid}");
-        self.enqueue(pid, binary)
+        self.enqueue(pid, target)
     }
 
-    fn enqueue(&mut self, pid: u32, binary: &Binary) -> Option<CensusJob> {
+    fn enqueue(&mut self, pid: u32, target: &T) -> Option<CensusJob<T>> {
         let process = self.processes.entry(pid).or_default();
         if process.pending {
             return None;
         }
         process.pending = true;
-        self.queue.push_back((pid, binary.clone()));
+        self.queue.push_back((pid, target.clone()));
         self.next_job()
     }
 
     /// The next queued census, if a slot is free.
-    fn next_job(&mut self) -> Option<CensusJob> {
+    fn next_job(&mut self) -> Option<CensusJob<T>> {
         if self.running >= self.config.concurrency.max(1) {
             return None;
         }
-        let (pid, binary) = self.queue.pop_front()?;
+        let (pid, target) = self.queue.pop_front()?;
         self.running += 1;
         if let Some(process) = self.processes.get_mut(&pid) {
             process.last_started = Some(Instant::now());
         }
         Some(CensusJob {
             pid,
-            binary,
+            target,
             max_bytes: self.config.max_bytes,
         })
     }
 
     /// A census finished: keeps it, answers its waiters, and starts the
     /// next queued one, if any.
-    pub fn finished(&mut self, done: CensusDone) -> Option<CensusJob> {
+    pub fn finished(&mut self, done: CensusDone) -> Option<CensusJob<T>> {
         self.running = self.running.saturating_sub(1);
         let pid = done.pid;
         // Forgotten meanwhile (the process exited): nobody waits.
@@ -260,5 +261,119 @@ impl CensusStage {
 
     pub fn latest(&self, pid: u32) -> Option<&Census> {
         self.processes.get(&pid)?.recent.back().map(|c| &**c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::census::{HeapCensus, PAUSED};
+
+    fn census(pid: u32, taken_at: f64) -> Census {
+        Census {
+            pid,
+            taken_at,
+            consistency: PAUSED.into(),
+            pause_seconds: 0.0,
+            copy_seconds: 0.0,
+            parse_seconds: 0.0,
+            copied_bytes: 0,
+            heap: HeapCensus::default(),
+        }
+    }
+
+    fn done(pid: u32, result: Result<Census, CensusError>) -> CensusDone {
+        CensusDone { pid, result }
+    }
+
+    type Answer = oneshot::Receiver<Result<CensusAnswer, CensusFailure>>;
+
+    fn ask(stage: &mut CensusStage<()>, pid: u32, max_age: u64) -> (Option<CensusJob<()>>, Answer) {
+        let (reply, answer) = oneshot::channel();
+        let job = stage.request(pid, &(), Duration::from_secs(max_age), reply);
+        (job, answer)
+    }
+
+    #[test]
+    fn one_census_at_a_time_and_requests_for_the_same_pid_share_it() {
+        let mut stage = CensusStage::new(CensusConfig::default());
+        let (job, mut first) = ask(&mut stage, 1, 0);
+        assert_eq!(job.map(|j| j.pid), Some(1));
+        let (job, mut second) = ask(&mut stage, 1, 0);
+        assert!(job.is_none(), "joins the running census");
+        let (job, mut other) = ask(&mut stage, 2, 0);
+        assert!(job.is_none(), "queued behind the running one");
+        let next = stage.finished(done(1, Ok(census(1, unix_now()))));
+        assert_eq!(next.map(|j| j.pid), Some(2), "the queued one starts");
+        for answer in [&mut first, &mut second] {
+            let answer = answer.try_recv().unwrap().unwrap();
+            assert_eq!(answer.latest.pid, 1);
+            assert!(answer.previous.is_none());
+        }
+        assert!(other.try_recv().is_err(), "still running");
+        stage.forget(2);
+        assert_eq!(
+            other.try_recv().unwrap().unwrap_err(),
+            CensusFailure::NotObserved
+        );
+        assert!(stage.finished(done(2, Ok(census(2, 0.0)))).is_none());
+        assert!(
+            stage.latest(2).is_none(),
+            "a forgotten process keeps nothing"
+        );
+    }
+
+    #[test]
+    fn recent_censuses_are_reused_and_two_are_kept() {
+        let mut stage = CensusStage::new(CensusConfig::default());
+        for taken_at in [10.0, 20.0] {
+            let (job, _) = ask(&mut stage, 1, 0);
+            assert!(job.is_some());
+            stage.finished(done(1, Ok(census(1, taken_at))));
+        }
+        let now = unix_now();
+        let (job, _) = ask(&mut stage, 1, 0);
+        assert!(job.is_some());
+        stage.finished(done(1, Ok(census(1, now))));
+        let (job, mut answer) = ask(&mut stage, 1, 60);
+        assert!(job.is_none(), "a census younger than max_age is reused");
+        let answer = answer.try_recv().unwrap().unwrap();
+        assert_eq!(answer.latest.taken_at, now);
+        assert_eq!(
+            answer.previous.unwrap().taken_at,
+            20.0,
+            "the oldest was dropped"
+        );
+    }
+
+    #[test]
+    fn an_unsupported_build_is_remembered_and_not_paused_again() {
+        let mut stage = CensusStage::new(CensusConfig {
+            interval: Some(Duration::ZERO),
+            ..CensusConfig::default()
+        });
+        let (job, mut answer) = ask(&mut stage, 1, 0);
+        assert!(job.is_some());
+        stage.finished(done(1, Err(CensusError::Unsupported("no layout".into()))));
+        assert_eq!(
+            answer.try_recv().unwrap().unwrap_err(),
+            CensusFailure::Unsupported("no layout".into())
+        );
+        assert_eq!(stage.unsupported(1), Some("no layout"));
+        let (job, mut again) = ask(&mut stage, 1, 0);
+        assert!(job.is_none());
+        assert!(matches!(
+            again.try_recv().unwrap(),
+            Err(CensusFailure::Unsupported(_))
+        ));
+        assert!(stage.maybe_automatic(1, &()).is_none());
+        assert!(
+            stage.maybe_automatic(2, &()).is_some(),
+            "another process is due"
+        );
+    }
+
+    fn unix_now() -> f64 {
+        crate::census::unix_seconds_now()
     }
 }
