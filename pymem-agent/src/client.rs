@@ -6,7 +6,11 @@ use anyhow::{Context as _, Result, anyhow};
 use serde::{Deserialize, de::DeserializeOwned};
 use ureq::http::StatusCode;
 
-use crate::{model::ProcessInfo, sites::Site};
+use crate::{
+    census::{CensusErrorBody, CensusReport},
+    model::ProcessInfo,
+    sites::Site,
+};
 
 /// The fields of `/api/v1/processes/{pid}` a site snapshot keeps; the rest
 /// of the process (and fields newer agents add) is ignored.
@@ -17,6 +21,10 @@ pub struct ProcessSummary {
     pub python_version: String,
     pub heap_bytes: u64,
 }
+
+/// How long a census may take to answer: pausing, copying and parsing a
+/// heap of gigabytes.
+const CENSUS_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Who asks, which decides how long to wait and how failures read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,14 +86,68 @@ impl AgentClient {
         self.get_json(&format!("/api/v1/processes/{pid}/sites"), "sites")
     }
 
+    /// An object census of `pid` no older than `max_age` (zero: a fresh
+    /// one, which pauses the process), with the growth since the one before
+    /// if `growth`; at most `limit` types (0 = all).
+    pub fn census(
+        &self,
+        pid: u32,
+        max_age: Duration,
+        growth: bool,
+        limit: usize,
+    ) -> Result<CensusReport> {
+        let path = format!(
+            "/api/v1/processes/{pid}/census?max_age={}&growth={}&limit={limit}",
+            max_age.as_secs_f64(),
+            u8::from(growth)
+        );
+        self.get_json_within(&path, "the object census", CENSUS_TIMEOUT)
+    }
+
+    /// Whether an agent answers at all (a quick liveness check).
+    pub fn answers(&self) -> bool {
+        let url = format!("{}/healthz", self.base_url);
+        self.http
+            .get(&url)
+            .call()
+            .is_ok_and(|r| r.status().is_success())
+    }
+
     /// GET `path` as JSON; `what` names the answer in errors.
     fn get_json<T: DeserializeOwned>(&self, path: &str, what: &str) -> Result<T> {
         let url = format!("{}{path}", self.base_url);
-        let mut response = self
+        let response = self.http.get(&url).call();
+        self.read_json(response, path, &url, what)
+    }
+
+    /// As `get_json`, for answers that take long whoever asks (a census
+    /// copies a whole heap).
+    fn get_json_within<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<T> {
+        let url = format!("{}{path}", self.base_url);
+        let response = self
             .http
             .get(&url)
-            .call()
-            .map_err(|e| self.unreachable(&url, e))?;
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
+            .call();
+        self.read_json(response, path, &url, what)
+    }
+
+    fn read_json<T: DeserializeOwned>(
+        &self,
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+        path: &str,
+        url: &str,
+        what: &str,
+    ) -> Result<T> {
+        let url = url.to_string();
+        let mut response = response.map_err(|e| self.unreachable(&url, e))?;
         let status = response.status();
         if status.is_success() {
             return response
@@ -97,7 +159,10 @@ impl AgentClient {
                 });
         }
         let body = response.body_mut().read_to_string().unwrap_or_default();
-        Err(self.refused(path, &url, status, body.trim()))
+        // The census routes explain themselves as `{"error": ...}`.
+        let reason = serde_json::from_str::<CensusErrorBody>(&body)
+            .map_or_else(|_| body.trim().to_string(), |e| e.error);
+        Err(self.refused(path, &url, status, &reason))
     }
 
     /// Nothing answered at `url`.
@@ -121,6 +186,8 @@ impl AgentClient {
                 self.base_url
             ),
             // "pid N is not observed"
+            // "no object census of pid N: <why>": nothing to add.
+            (Caller::Command, 501, reason) => anyhow!("{reason}"),
             (Caller::Command, 404, reason) => {
                 anyhow!("{reason} by the agent at {}", self.base_url)
             }

@@ -1,6 +1,7 @@
 //! pymem's agent as a library: the `pymem` binary is a thin command line over
 //! it, and the integration tests and xtask read its typed values.
 pub mod bpf;
+pub mod census;
 pub mod cli;
 pub mod client;
 pub mod cpython;

@@ -44,6 +44,9 @@ enum Command {
     /// Compare two snapshots: which lines' memory grew, like tracemalloc's
     /// `compare_to`.
     Diff(cli::DiffArgs),
+    /// What a process's heap holds: live objects by type (an object
+    /// census, which pauses the process while its heap is copied).
+    Types(cli::TypesArgs),
 }
 
 #[derive(clap::Args)]
@@ -72,6 +75,8 @@ struct AgentArgs {
     /// allocation sites; 0 = off. Every site is a series: keep N small.
     #[arg(long, value_name = "N", default_value_t = config::SITE_METRICS)]
     site_metrics: usize,
+    #[command(flatten)]
+    census: config::CensusArgs,
 }
 
 fn main() -> Result<()> {
@@ -83,6 +88,7 @@ fn main() -> Result<()> {
         Command::Sites(args) => cli::run_sites(args),
         Command::Snapshot(args) => cli::run_snapshot(args),
         Command::Diff(args) => cli::run_diff(args),
+        Command::Types(args) => cli::run_types(args),
     }
 }
 
@@ -97,6 +103,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         let snapshot = Arc::new(RwLock::new(model::Snapshot::default()));
         let config = ObserverConfig {
             site_metrics: args.site_metrics,
+            census: args.census.census_config(),
             ..args.observe.observer_config()
         };
         let (observer, events, queries) = Observer::new(config, snapshot.clone())?;

@@ -9,7 +9,7 @@ use std::{
 use pymem_common::ProcStats;
 use serde::{Deserialize, Serialize};
 
-use crate::{observer::config, sites::Site};
+use crate::{cpython::heap::TypeStats, observer::config, sites::Site};
 
 /// How a process's memory outside pymalloc is being measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -202,6 +202,10 @@ pub struct ProcessInfo {
     /// process's arenas (the agent logs a warning).
     #[serde(default)]
     pub arena_size_mismatch: bool,
+    /// Why the object census cannot read this process's build, once a
+    /// census was tried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub census_unsupported: Option<String>,
     /// Container and pod; its fields appear at the top level, and only when
     /// known.
     #[serde(flatten)]
@@ -288,6 +292,10 @@ pub struct Snapshot {
     /// stacks: published only for `pymem agent --site-metrics N`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub top_sites: BTreeMap<u32, Vec<Site>>,
+    /// Each process's heaviest types in its latest census: published only
+    /// for `pymem agent --type-metrics N`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub top_types: BTreeMap<u32, Vec<TypeStats>>,
 }
 
 #[cfg(test)]

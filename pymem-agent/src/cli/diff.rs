@@ -7,8 +7,9 @@ use std::{
 
 use serde::Serialize;
 
-use super::{snapshot::SiteSnapshot, table::shown};
+use super::{snapshot::SiteSnapshot, table::shown, types::growth_table};
 use crate::{
+    census::{TypeGrowth, growth},
     format::tracemalloc_size,
     sites::{Site, location},
 };
@@ -41,6 +42,10 @@ pub struct SnapshotDiff {
     pub size_diff: i64,
     /// Largest |size_diff| first.
     pub sites: Vec<SiteDiff>,
+    /// Growth per type between the snapshots' censuses (biggest count
+    /// growth first); empty unless both have one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub types: Vec<TypeGrowth>,
 }
 
 type SiteKey<'a> = (&'a str, &'a str, i64);
@@ -82,6 +87,10 @@ pub fn compare(old: &SiteSnapshot, new: &SiteSnapshot) -> SnapshotDiff {
         size: new.live_bytes(),
         size_diff: difference(new.live_bytes(), old.live_bytes()),
         sites,
+        types: match (&old.census, &new.census) {
+            (Some(old), Some(new)) => growth(Some(&old.heap), &new.heap),
+            _ => Vec::new(),
+        },
     }
 }
 
@@ -144,12 +153,17 @@ pub fn render_text(diff: &SnapshotDiff, limit: usize) -> String {
         tracemalloc_size(diff.heap_bytes as f64, false),
         tracemalloc_size(diff.heap_bytes_diff as f64, true)
     );
+    if !diff.types.is_empty() {
+        out.push_str("\nType growth between the censuses:\n");
+        out.push_str(&growth_table(&diff.types, limit));
+    }
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::census::{Census, HeapCensus, TypeStats};
 
     fn site(function: &str, line: i64, bytes: u64, allocated_bytes: u64) -> Site {
         Site {
@@ -170,6 +184,8 @@ mod tests {
             taken_at,
             heap_bytes,
             sites,
+            census: None,
+            census_error: None,
         }
     }
 
@@ -206,6 +222,43 @@ mod tests {
         assert_eq!(diff.sites[3].allocated_diff, 20);
         assert_eq!((diff.size, diff.size_diff), (960, 210));
         assert_eq!((diff.heap_bytes_diff, diff.seconds), (500, 5.0));
+    }
+
+    #[test]
+    fn type_growth_shows_beside_site_growth_when_both_have_a_census() {
+        let census = |count: u64| Census {
+            pid: 7,
+            taken_at: 0.0,
+            consistency: "paused".into(),
+            pause_seconds: 0.0,
+            copy_seconds: 0.0,
+            parse_seconds: 0.0,
+            copied_bytes: 0,
+            heap: HeapCensus {
+                types: vec![TypeStats {
+                    type_name: "app.Leak".into(),
+                    count,
+                    bytes: count * 56,
+                }],
+                ..HeapCensus::default()
+            },
+        };
+        let mut old = snapshot(0.0, 0, vec![site("leak", 9, 1 << 20, 1 << 20)]);
+        let mut new = snapshot(5.0, 0, vec![site("leak", 9, 3 << 20, 3 << 20)]);
+        assert!(compare(&old, &new).types.is_empty());
+        old.census = Some(census(1000));
+        new.census = Some(census(51_000));
+        let diff = compare(&old, &new);
+        assert_eq!(diff.types[0].count_delta, 50_000);
+        let text = render_text(&diff, 10);
+        assert!(
+            text.contains("Type growth between the censuses:\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("       51000      +50000     2.7 MiB     +2.7 MiB  app.Leak\n"),
+            "{text}"
+        );
     }
 
     #[test]

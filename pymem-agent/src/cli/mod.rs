@@ -3,6 +3,9 @@
 pub mod diff;
 pub mod snapshot;
 mod table;
+pub mod types;
+
+pub use self::types::{TypesArgs, run_types};
 
 use std::{
     io::Write as _,
@@ -21,7 +24,7 @@ use crate::{
 pub struct AgentArg {
     /// The pymem agent to ask (URL, HOST:PORT or port) [default: http://127.0.0.1:9477].
     #[arg(long, value_name = "URL")]
-    agent: Option<String>,
+    pub(crate) agent: Option<String>,
 }
 
 impl AgentArg {
@@ -101,8 +104,13 @@ pub fn run_sites(args: SitesArgs) -> Result<()> {
 }
 
 pub fn run_snapshot(args: SnapshotArgs) -> Result<()> {
-    let snapshot = SiteSnapshot::take(&args.agent.api(), args.pid)?;
+    let snapshot = SiteSnapshot::take_with_census(&args.agent.api(), args.pid)?;
     snapshot.write(&args.output)?;
+    match (&snapshot.census, &snapshot.census_error) {
+        (Some(census), _) => eprintln!("{}", types::census_summary(census)),
+        (None, Some(error)) => eprintln!("no object census: {error}"),
+        (None, None) => {}
+    }
     eprintln!(
         "{}: {} sites, {} live, heap {} -> {}",
         snapshot.describe(),

@@ -4,13 +4,13 @@ use std::{
     fs::File,
     io::{BufReader, BufWriter, Write as _},
     path::Path,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::{client::AgentClient, sites::Site};
+use crate::{census::Census, client::AgentClient, sites::Site};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SiteSnapshot {
@@ -23,7 +23,17 @@ pub struct SiteSnapshot {
     pub heap_bytes: u64,
     /// Heaviest live bytes first, as the agent lists them.
     pub sites: Vec<Site>,
+    /// The object census taken with the snapshot (its heaviest types), if
+    /// one could be taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub census: Option<Census>,
+    /// Why there is no census.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub census_error: Option<String>,
 }
+
+/// Types a snapshot keeps of its census.
+pub const SNAPSHOT_TYPES: usize = 200;
 
 impl SiteSnapshot {
     /// Reads the process and then its sites from the agent: both within
@@ -38,7 +48,20 @@ impl SiteSnapshot {
             taken_at: unix_seconds_now(),
             heap_bytes: process.heap_bytes,
             sites,
+            census: None,
+            census_error: None,
         })
+    }
+
+    /// As `take`, plus an object census (which pauses the process); a
+    /// census that fails leaves its reason instead.
+    pub fn take_with_census(agent: &AgentClient, pid: u32) -> Result<Self> {
+        let mut snapshot = Self::take(agent, pid)?;
+        match agent.census(pid, Duration::ZERO, false, SNAPSHOT_TYPES) {
+            Ok(report) => snapshot.census = Some(report.census),
+            Err(e) => snapshot.census_error = Some(format!("{e:#}")),
+        }
+        Ok(snapshot)
     }
 
     pub fn read(path: &Path) -> Result<Self> {

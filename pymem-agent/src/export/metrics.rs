@@ -270,6 +270,7 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
     .with_label_values(&[env!("CARGO_PKG_VERSION")])
     .set(1);
     register_site_metrics(&registry, snapshot)?;
+    register_type_metrics(&registry, snapshot)?;
 
     let mut out = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut out)?;
@@ -317,4 +318,95 @@ fn register_site_metrics(registry: &Registry, snapshot: &Snapshot) -> Result<()>
     }
     registry.register(Box::new(gauge))?;
     Ok(())
+}
+
+/// `pymem_objects` and `pymem_object_bytes` for the heaviest types of each
+/// process's latest census (only with `pymem agent --type-metrics N`).
+fn register_type_metrics(registry: &Registry, snapshot: &Snapshot) -> Result<()> {
+    if snapshot.top_types.is_empty() {
+        return Ok(());
+    }
+    let labels = ["pid", "comm", "type"];
+    let objects = registered(
+        registry,
+        IntGaugeVec::new(
+            Opts::new(
+                "pymem_objects",
+                "Live objects of one type in the process's latest object census, for its heaviest types",
+            ),
+            &labels,
+        )?,
+    )?;
+    let bytes = registered(
+        registry,
+        IntGaugeVec::new(
+            Opts::new(
+                "pymem_object_bytes",
+                "Bytes (sys.getsizeof) of one type's live objects in the process's latest object census",
+            ),
+            &labels,
+        )?,
+    )?;
+    let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    for process in &snapshot.processes {
+        let Some(types) = snapshot.top_types.get(&process.pid) else {
+            continue;
+        };
+        let pid = process.pid.to_string();
+        for t in types {
+            let values = [pid.as_str(), process.comm.as_str(), t.type_name.as_str()];
+            objects.with_label_values(&values).set(clamp(t.count));
+            bytes.with_label_values(&values).set(clamp(t.bytes));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::census::TypeStats;
+
+    fn process(pid: u32) -> ProcessInfo {
+        let zero = serde_json::json!({"arena": 0, "raw": 0, "extension": 0, "syscall": 0});
+        serde_json::from_value(serde_json::json!({
+            "pid": pid, "ns_pid": pid, "comm": "python3", "cmdline": "python3 app.py",
+            "python_version": "3.11.7", "binary": "/usr/bin/python3.11", "heap_bytes": 0,
+            "heap": {"arena_bytes": 0, "raw_bytes": 0, "extension_bytes": 0, "syscall_bytes": 0},
+            "growth_bytes_per_second": 0.0, "rss_bytes": 0, "leak_suspected": false,
+            "allocated_bytes_total": 0, "freed_bytes_total": 0,
+            "allocated_bytes_by_source": zero, "freed_bytes_by_source": zero,
+            "accounting": "probes", "probe_hits_per_second": 0.0, "observed_seconds": 1.0,
+            "heap_history": [],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn type_metrics_appear_only_for_published_types() {
+        let mut snapshot = Snapshot {
+            processes: vec![process(42)],
+            ..Snapshot::default()
+        };
+        let labels = DEFAULT_LABELS.to_vec();
+        let text = render_metrics(&snapshot, &labels).unwrap();
+        assert!(!text.contains("pymem_objects"), "off by default");
+        snapshot.top_types.insert(
+            42,
+            vec![TypeStats {
+                type_name: "app.Leak".into(),
+                count: 50_000,
+                bytes: 2_800_000,
+            }],
+        );
+        let text = render_metrics(&snapshot, &labels).unwrap();
+        assert!(
+            text.contains(r#"pymem_objects{comm="python3",pid="42",type="app.Leak"} 50000"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pymem_object_bytes{comm="python3",pid="42",type="app.Leak"} 2800000"#),
+            "{text}"
+        );
+    }
 }

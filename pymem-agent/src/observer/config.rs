@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::{bpf::KernelConfig, model::LeakPolicy};
+use crate::{bpf::KernelConfig, census::CensusConfig, model::LeakPolicy};
 
 /// A default duration with the text its option shows in `--help`.
 pub struct DurationDefault {
@@ -62,6 +62,8 @@ pub struct ObserverConfig {
     /// Per-process probes as perf-event uprobes even where multi-uprobe
     /// links work.
     pub perf_uprobes: bool,
+    /// Object censuses: automatic ones, concurrency, copy limit, metrics.
+    pub census: CensusConfig,
 }
 
 impl Default for ObserverConfig {
@@ -78,6 +80,7 @@ impl Default for ObserverConfig {
             ring_buffer_bytes: RING_BUFFER_BYTES,
             site_metrics: SITE_METRICS,
             perf_uprobes: false,
+            census: CensusConfig::default(),
         }
     }
 }
@@ -157,6 +160,41 @@ impl ObserveArgs {
             ring_buffer_bytes: self.ring_buffer_bytes,
             perf_uprobes: self.perf_uprobes,
             ..ObserverConfig::default()
+        }
+    }
+}
+
+/// The object census options of `pymem agent`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CensusArgs {
+    /// Take an object census of each leak-suspected process this often
+    /// (e.g. 5m; each one pauses the process while its heap is copied);
+    /// off unless set. Censuses on demand (`/types`, `pymem types`) work
+    /// either way.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub census_interval: Option<Duration>,
+    /// Censuses running at once, agent-wide (each holds a copy of a heap;
+    /// 0 counts as 1).
+    #[arg(long, value_name = "N", default_value_t = crate::census::stage::CONCURRENCY)]
+    pub census_concurrency: usize,
+    /// Most bytes a census copies out of one process (a bigger heap is
+    /// cut off, with a warning in the census).
+    #[arg(long, value_name = "BYTES", default_value_t = crate::census::stage::MAX_BYTES)]
+    pub census_max_bytes: u64,
+    /// Export `pymem_objects` and `pymem_object_bytes` for each process's N
+    /// heaviest types in its latest census; 0 = off. Every type is a
+    /// series: keep N small.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub type_metrics: usize,
+}
+
+impl CensusArgs {
+    pub fn census_config(&self) -> CensusConfig {
+        CensusConfig {
+            interval: self.census_interval.filter(|d| !d.is_zero()),
+            concurrency: self.census_concurrency,
+            max_bytes: self.census_max_bytes,
+            type_metrics: self.type_metrics,
         }
     }
 }

@@ -44,6 +44,7 @@ impl Observer {
 
     pub(super) fn forget(&mut self, pid: u32) {
         if self.observed.remove(&pid).is_some() {
+            self.census.forget(pid);
             self.probes.forget_process(pid);
             self.exits_since_sweep += 1;
             debug!("pid {pid} exited");

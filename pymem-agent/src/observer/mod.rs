@@ -28,6 +28,10 @@ use tokio::sync::{mpsc, oneshot};
 pub use self::config::ObserverConfig;
 use crate::{
     bpf::{Probes, events::EventStream},
+    census::{
+        CensusFailure, CensusStage,
+        stage::{CensusDone, CensusJob, CensusReply},
+    },
     cpython::{Frame, Symbolizer},
     discover::{BinaryId, Discoverer, PythonProcess, Skip},
     k8s::{self, PodCache},
@@ -43,6 +47,13 @@ pub enum Query {
     Sites {
         pid: u32,
         reply: oneshot::Sender<Option<Vec<Site>>>,
+    },
+    /// An object census of a process no older than `max_age` (zero: a
+    /// fresh one), answered when it is done.
+    Census {
+        pid: u32,
+        max_age: Duration,
+        reply: CensusReply,
     },
 }
 
@@ -61,6 +72,8 @@ enum Found {
     ScanDone(HashSet<u32>),
     /// What a process's memory said of its stack layout.
     StackCheck(Box<stacks::LayoutChecked>),
+    /// An object census finished.
+    Census(Box<CensusDone>),
 }
 
 struct Observed {
@@ -111,6 +124,9 @@ pub struct Observer {
     queries: mpsc::Receiver<Query>,
     /// Binaries whose missing stack support was already logged.
     stackless_binaries: HashSet<BinaryId>,
+    /// Object censuses: requests, the running ones, the last two of each
+    /// process.
+    census: CensusStage,
 }
 
 impl Observer {
@@ -138,6 +154,7 @@ impl Observer {
                 pods: None,
                 queries,
                 stackless_binaries: HashSet::new(),
+                census: CensusStage::new(config.census),
             },
             events,
             query_tx,
@@ -229,6 +246,10 @@ impl Observer {
             Found::Skipped(pid, skip) => self.on_skipped(pid, skip),
             Found::ScanDone(pids) => self.on_scan_done(&pids),
             Found::StackCheck(checked) => self.on_layout_checked(*checked),
+            Found::Census(done) => {
+                let next = self.census.finished(*done);
+                self.spawn_census(next);
+            }
         }
     }
 
@@ -237,6 +258,29 @@ impl Observer {
             Query::Sites { pid, reply } => {
                 let _ = reply.send(self.sites(pid));
             }
+            Query::Census {
+                pid,
+                max_age,
+                reply,
+            } => {
+                let Some(observed) = self.observed.get(&pid) else {
+                    let _ = reply.send(Err(CensusFailure::NotObserved));
+                    return;
+                };
+                let binary = observed.process.binary.clone();
+                let job = self.census.request(pid, &binary, max_age, reply);
+                self.spawn_census(job);
+            }
         }
+    }
+
+    /// Runs a census on a blocking thread (it pauses the process and copies
+    /// its heap): never on this loop.
+    fn spawn_census(&self, job: Option<CensusJob>) {
+        let Some(job) = job else { return };
+        let tx = self.found_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = tx.send(Found::Census(Box::new(job.run())));
+        });
     }
 }

@@ -1,12 +1,16 @@
 //! The periodic sample: kernel counters and /proc into each process's
 //! model, published as a `Snapshot`; and the sweep of what exited processes
 //! left in the kernel maps.
-use std::{collections::HashSet, time::Instant};
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::Instant,
+};
 
 use log::warn;
 
 use super::{Observed, Observer};
 use crate::{
+    census::TypeStats,
     cpython::arena,
     discover::BinaryId,
     model::{HeapBreakdown, LeakPolicy, ProcessInfo, Snapshot, SourceTotals},
@@ -21,6 +25,7 @@ impl Observer {
         let retain = self.config.history.as_secs_f64();
         let mut processes = Vec::with_capacity(self.observed.len());
         let mut gone = Vec::new();
+        let mut automatic = Vec::new();
         for (&pid, observed) in self.observed.iter_mut() {
             let Ok(statm) = procfs::process::Process::new(pid as i32).and_then(|p| p.statm())
             else {
@@ -42,7 +47,16 @@ impl Observer {
             let heap = HeapBreakdown::from_stats(&stats);
             let t = now.duration_since(observed.since).as_secs_f64();
             observed.history.push(t, heap.total(), retain);
-            processes.push(process_info(observed, heap, t, &self.config.policy));
+            let mut info = process_info(observed, heap, t, &self.config.policy);
+            info.census_unsupported = self.census.unsupported(pid).map(str::to_owned);
+            if info.leak_suspected {
+                automatic.push((pid, observed.process.binary.clone()));
+            }
+            processes.push(info);
+        }
+        for (pid, binary) in automatic {
+            let job = self.census.maybe_automatic(pid, &binary);
+            self.spawn_census(job);
         }
         for pid in gone {
             self.forget(pid);
@@ -62,8 +76,25 @@ impl Observer {
             processes,
             agent: self.info.clone(),
             top_sites: self.top_sites(),
+            top_types: self.top_types(),
         };
         *self.snapshot.write().expect("snapshot lock") = snapshot;
+    }
+
+    /// Each process's heaviest types in its latest census, for
+    /// `--type-metrics N`.
+    fn top_types(&self) -> BTreeMap<u32, Vec<TypeStats>> {
+        let n = self.config.census.type_metrics;
+        if n == 0 {
+            return BTreeMap::new();
+        }
+        self.observed
+            .keys()
+            .filter_map(|&pid| {
+                let census = self.census.latest(pid)?;
+                Some((pid, census.heap.types.iter().take(n).cloned().collect()))
+            })
+            .collect()
     }
 
     pub(super) fn sweep(&mut self) {
@@ -114,6 +145,7 @@ fn process_info(o: &Observed, heap: HeapBreakdown, t: f64, policy: &LeakPolicy) 
             .collect(),
         container_info: o.attribution.info(),
         arena_size_mismatch: o.arena_size_mismatch,
+        census_unsupported: None,
     }
 }
 

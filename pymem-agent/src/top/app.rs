@@ -4,7 +4,7 @@ use std::cmp::Ordering;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
-use crate::{model::ProcessInfo, sites::Site};
+use crate::{census::CensusReport, model::ProcessInfo, sites::Site};
 
 /// Column the process table is ordered by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -99,6 +99,16 @@ pub struct Sites {
     pub error: Option<String>,
 }
 
+/// The object census of the process in the detail view.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Types {
+    /// The last census, with growth since the one before; `None` until the
+    /// first answer.
+    pub report: Option<CensusReport>,
+    /// Why the last census failed (the one before it stays shown).
+    pub error: Option<String>,
+}
+
 pub struct App {
     /// Where the data comes from, for the header.
     pub source: String,
@@ -110,6 +120,8 @@ pub struct App {
     pub status: Status,
     /// Sites of the detail view's process (reset when a detail view opens).
     pub sites: Sites,
+    /// Object census of the detail view's process (reset with `sites`).
+    pub types: Types,
     /// The selection follows a process across refreshes and re-sorts...
     selected_pid: Option<u32>,
     /// ...and falls back to its last row when that process goes away.
@@ -128,6 +140,7 @@ impl App {
             view: View::List,
             status: Status::Waiting,
             sites: Sites::default(),
+            types: Types::default(),
             selected_pid: None,
             selected_row: 0,
             should_quit: false,
@@ -156,6 +169,21 @@ impl App {
                 self.sites.error = None;
             }
             Err(error) => self.sites.error = Some(error),
+        }
+    }
+
+    /// An answer to a census fetch for `pid`; ignored unless that
+    /// process's detail view is (still) open.
+    pub fn on_types(&mut self, pid: u32, data: Result<CensusReport, String>) {
+        if self.view != View::Detail(pid) {
+            return;
+        }
+        match data {
+            Ok(report) => {
+                self.types.report = Some(report);
+                self.types.error = None;
+            }
+            Err(error) => self.types.error = Some(error),
         }
     }
 
@@ -275,6 +303,7 @@ impl App {
             self.selected_pid = Some(pid);
             self.view = View::Detail(pid);
             self.sites = Sites::default();
+            self.types = Types::default();
         }
     }
 }
@@ -323,6 +352,36 @@ pub mod tests {
             "heap_history": history,
         }))
         .expect("a ProcessInfo as the API serves it")
+    }
+
+    /// A census of the worker: dicts, its leaking results, functions; with
+    /// growth since a census before it.
+    pub fn sample_census() -> CensusReport {
+        serde_json::from_value(json!({
+            "pid": 300,
+            "taken_at": 1000.0,
+            "consistency": "paused",
+            "pause_seconds": 0.012,
+            "copy_seconds": 0.010,
+            "parse_seconds": 0.2,
+            "copied_bytes": 64u64 << 20,
+            "heap": {
+                "types": [
+                    {"type": "dict", "count": 120000, "bytes": 30u64 << 20},
+                    {"type": "jobs.Result", "count": 50000, "bytes": 2_800_000},
+                    {"type": "builtins.function", "count": 500, "bytes": 28_000},
+                ],
+                "objects": 170500, "object_bytes": 34_285_920u64, "gc_tracked": 170000,
+                "arenas": 1, "arena_bytes": 1u64 << 20, "pool_used_bytes": 0,
+                "unattributed_bytes": 0, "outside_pymalloc_bytes": 0, "warnings": [],
+            },
+            "previous_taken_at": 990.0,
+            "growth": [
+                {"type": "jobs.Result", "count": 50000, "bytes": 2_800_000, "count_delta": 50000, "bytes_delta": 2_800_000},
+                {"type": "dict", "count": 120000, "bytes": 30u64 << 20, "count_delta": 20, "bytes_delta": 1000},
+            ],
+        }))
+        .expect("a census report as the API serves it")
     }
 
     /// Three processes: a leaking worker, a big steady server, a small job.

@@ -7,7 +7,7 @@
 //! tells the data thread which process's allocation sites to fetch along
 //! (the one in the detail view, if any).
 mod app;
-mod source;
+pub mod source;
 mod text;
 mod ui;
 
@@ -30,6 +30,7 @@ use self::{
     source::{EmbeddedObserver, Source},
 };
 use crate::{
+    census::CensusReport,
     client::{AgentClient, Caller},
     format,
     model::ProcessInfo,
@@ -164,6 +165,8 @@ enum Event {
     Data(Result<Vec<ProcessInfo>, String>),
     /// The allocation sites of one process.
     Sites(u32, Result<Vec<Site>, String>),
+    /// The object census of one process.
+    Types(u32, Result<CensusReport, String>),
 }
 
 /// What the data thread fetches besides the processes: the sites of this
@@ -221,6 +224,7 @@ fn event_loop(
             Event::Resize => {} // the next draw uses the new size
             Event::Data(data) => app.on_data(data),
             Event::Sites(pid, sites) => app.on_sites(pid, sites),
+            Event::Types(pid, types) => app.on_types(pid, types),
         }
         if app.should_quit {
             return Ok(());
@@ -248,12 +252,14 @@ fn spawn_data_thread(
         .spawn(move || {
             let mut sites_of: SitesWanted = None;
             let mut next_refresh = Instant::now();
+            let mut census = CensusSchedule::default();
             loop {
                 let wait = next_refresh.saturating_duration_since(Instant::now());
                 match wanted.recv_timeout(wait) {
                     Ok(pid) => {
                         if pid.is_some() && pid != sites_of {
                             next_refresh = Instant::now();
+                            census = CensusSchedule::default();
                         }
                         sites_of = pid;
                         continue;
@@ -265,9 +271,44 @@ fn spawn_data_thread(
                 if !refresh(&source, sites_of, &events) {
                     return;
                 }
+                if let Some(pid) = sites_of.filter(|&pid| census.due(pid)) {
+                    let types = source
+                        .census(pid, CENSUS_EVERY, true, TYPES_SHOWN)
+                        .map_err(|e| format!("{e:#}"));
+                    if events.send(Event::Types(pid, types)).is_err() {
+                        return;
+                    }
+                }
             }
         })?;
     Ok(thread)
+}
+
+/// How often the detail view asks for an object census: each one pauses
+/// the process while its heap is copied, so not at every refresh.
+const CENSUS_EVERY: Duration = Duration::from_secs(60);
+/// Types the detail view asks for (more than fit any block).
+const TYPES_SHOWN: usize = 50;
+
+/// When the detail view's process is due for its next census.
+#[derive(Default)]
+struct CensusSchedule {
+    last: Option<(u32, Instant)>,
+}
+
+impl CensusSchedule {
+    /// True (and noted) when `pid` had no census asked for in the last
+    /// `CENSUS_EVERY`, or another process did.
+    fn due(&mut self, pid: u32) -> bool {
+        let due = match self.last {
+            Some((last_pid, at)) => last_pid != pid || at.elapsed() >= CENSUS_EVERY,
+            None => true,
+        };
+        if due {
+            self.last = Some((pid, Instant::now()));
+        }
+        due
+    }
 }
 
 /// One refresh: the processes, then the sites of `sites_of`. False once

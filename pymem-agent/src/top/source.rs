@@ -11,6 +11,7 @@ use anyhow::{Result, anyhow, bail};
 use tokio::sync::oneshot;
 
 use crate::{
+    census::{CensusFailure, CensusReport},
     client::AgentClient,
     model::{ProcessInfo, Snapshot},
     observer::{Observer, ObserverConfig, Query, QuerySender, SharedSnapshot},
@@ -35,6 +36,20 @@ impl Source {
         match self {
             Self::Agent(agent) => agent.sites(pid),
             Self::Embedded(observer) => observer.sites(pid),
+        }
+    }
+
+    /// An object census of `pid` (see [`AgentClient::census`]).
+    pub fn census(
+        &self,
+        pid: u32,
+        max_age: Duration,
+        growth: bool,
+        limit: usize,
+    ) -> Result<CensusReport> {
+        match self {
+            Self::Agent(agent) => agent.census(pid, max_age, growth, limit),
+            Self::Embedded(observer) => observer.census(pid, max_age, growth, limit),
         }
     }
 
@@ -107,6 +122,48 @@ impl EmbeddedObserver {
             Ok(None) => bail!("pid {pid} is not observed"),
             Err(_) => bail!("the embedded observer stopped"),
         }
+    }
+
+    /// Asks the observer for an object census of `pid`, as the agent's
+    /// `/api/v1/processes/{pid}/census` does.
+    pub fn census(
+        &self,
+        pid: u32,
+        max_age: Duration,
+        growth: bool,
+        limit: usize,
+    ) -> Result<CensusReport> {
+        let (reply, answer) = oneshot::channel();
+        self.queries
+            .blocking_send(Query::Census {
+                pid,
+                max_age,
+                reply,
+            })
+            .map_err(|_| anyhow!("the embedded observer stopped"))?;
+        match answer.blocking_recv() {
+            Ok(Ok(answer)) => Ok(CensusReport::new(&answer, growth, limit)),
+            Ok(Err(CensusFailure::NotObserved)) => bail!("pid {pid} is not observed"),
+            Ok(Err(CensusFailure::Unsupported(reason))) => {
+                bail!("no object census of pid {pid}: {reason}")
+            }
+            Ok(Err(CensusFailure::Failed(reason))) => {
+                bail!("the object census of pid {pid} failed: {reason}")
+            }
+            Err(_) => bail!("the embedded observer stopped"),
+        }
+    }
+
+    /// Waits up to `timeout` for the observer to find `pid`.
+    pub fn wait_for(&self, pid: u32, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.processes().iter().any(|p| p.pid == pid) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
     }
 
     /// Blocks until a snapshot is worth printing: discovery scans /proc in

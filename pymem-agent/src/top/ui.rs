@@ -13,10 +13,11 @@ use ratatui::{
 };
 
 use super::{
-    app::{App, Sites, SortKey, Status, View},
+    app::{App, Sites, SortKey, Status, Types, View},
     text,
 };
 use crate::{
+    census::CensusReport,
     format,
     model::{Accounting, ProcessInfo},
     sites::{self, Site},
@@ -219,9 +220,102 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App, pid: u32) {
         Constraint::Fill(1),
     ])
     .areas(area);
+    let [chart, types] = Layout::horizontal([
+        Constraint::Fill(1),
+        Constraint::Length(TYPES_WIDTH.min(chart.width / 2)),
+    ])
+    .areas(chart);
     frame.render_widget(process_summary(p), info);
     render_heap_chart(frame, chart, p);
+    render_types(frame, types, p.pid, &app.types);
     render_sites(frame, sites, p.pid, &app.sites);
+}
+
+/// Width of the object census block beside the heap chart.
+const TYPES_WIDTH: u16 = 60;
+
+/// The heaviest types of the process's last object census, with their
+/// count growth since the census before, or why there is none.
+fn render_types(frame: &mut Frame, area: Rect, pid: u32, state: &Types) {
+    let mut block = Block::bordered().title(types_title(state.report.as_ref()));
+    if let (Some(error), Some(_)) = (&state.error, &state.report) {
+        block = block.title_bottom(Line::from(format!(" census failed: {error} ")).fg(ALERT));
+    }
+    let message = match (&state.report, &state.error) {
+        (None, None) => Paragraph::new(format!(
+            "Taking an object census of pid {pid} (it pauses the process while its heap is \
+             copied)…"
+        )),
+        (None, Some(error)) => {
+            Paragraph::new(format!("No object census (retried each minute): {error}")).fg(ALERT)
+        }
+        (Some(report), _) => {
+            frame.render_widget(types_table(report, area.width).block(block), area);
+            return;
+        }
+    };
+    frame.render_widget(message.wrap(Wrap { trim: true }).block(block), area);
+}
+
+fn types_title(report: Option<&CensusReport>) -> String {
+    match report {
+        Some(report) => {
+            let census = &report.census;
+            let torn = if census.is_paused() {
+                ""
+            } else {
+                ", may be torn"
+            };
+            format!(
+                " Top types · {} objects, {}{torn} ",
+                census.heap.objects,
+                format::bytes(census.heap.object_bytes)
+            )
+        }
+        None => " Top types ".to_string(),
+    }
+}
+
+/// Count, bytes, count growth since the census before (blank without
+/// one) and type name, heaviest first.
+fn types_table(report: &CensusReport, width: u16) -> Table<'static> {
+    const COUNT: u16 = 9;
+    const NUMBER: u16 = 10;
+    const SPACING: u16 = 1;
+    let inner = width.saturating_sub(2);
+    let name_width = inner.saturating_sub(2 * COUNT + NUMBER + 3 * SPACING);
+    let growth: std::collections::HashMap<&str, i64> = report
+        .growth
+        .iter()
+        .map(|g| (g.type_name.as_str(), g.count_delta))
+        .collect();
+    let header = Row::new([
+        Cell::from(aligned("COUNT".into(), true)),
+        Cell::from(aligned("BYTES".into(), true)),
+        Cell::from(aligned("+COUNT".into(), true)),
+        Cell::from("TYPE"),
+    ])
+    .bold();
+    let has_previous = report.previous_taken_at.is_some();
+    let rows = report.census.heap.types.iter().map(move |t| {
+        let delta = match growth.get(t.type_name.as_str()) {
+            _ if !has_previous => String::new(),
+            Some(&d) if d != 0 => format!("{d:+}"),
+            _ => "0".to_string(),
+        };
+        Row::new([
+            Cell::from(aligned(t.count.to_string(), true)),
+            Cell::from(aligned(format::bytes(t.bytes), true)).bold(),
+            Cell::from(aligned(delta, true)),
+            Cell::from(text::truncate(&t.type_name, usize::from(name_width))),
+        ])
+    });
+    Table::new(
+        rows,
+        [COUNT, NUMBER, COUNT, name_width].map(Constraint::Length),
+    )
+    .column_spacing(SPACING)
+    .header(header)
 }
 
 fn process_summary(p: &ProcessInfo) -> Paragraph<'static> {
@@ -450,7 +544,7 @@ mod tests {
 
     use super::*;
     use crate::top::app::tests::{
-        app_with_samples, press, sample_processes, sample_sites, site, type_text,
+        app_with_samples, press, sample_census, sample_processes, sample_sites, site, type_text,
     };
 
     /// `app` drawn on a `width` x `height` terminal.
@@ -805,6 +899,59 @@ mod tests {
             ),
             "{}",
             block.join("\n")
+        );
+    }
+
+    #[test]
+    fn detail_view_shows_the_census_beside_the_chart() {
+        let mut app = detail_with_sites(Ok(sample_sites()));
+        let text = screen(&app, 120, 30).join("\n");
+        assert!(text.contains("┌ Top types ─"), "{text}");
+        assert!(
+            text.contains("Taking an object census of pid 300"),
+            "{text}"
+        );
+        app.on_types(300, Ok(sample_census()));
+        let lines = screen(&app, 120, 30);
+        let top = row_of(&lines, "Top types");
+        let block: Vec<&str> = lines[top..top + 5]
+            .iter()
+            .map(|l| l.split_at(l.char_indices().nth(60).unwrap().0).1.trim_end())
+            .collect();
+        assert_eq!(
+            block,
+            [
+                "┌ Top types · 170500 objects, 32.7 MiB ────────────────────┐",
+                "│    COUNT      BYTES    +COUNT TYPE                       │",
+                "│   120000   30.0 MiB       +20 dict                       │",
+                "│    50000    2.7 MiB    +50000 jobs.Result                │",
+                "│      500   27.3 KiB         0 builtins.function          │",
+            ],
+            "\n{}",
+            lines.join("\n")
+        );
+        assert_eq!(
+            sites_block(&lines).len(),
+            11,
+            "the sites block keeps its size"
+        );
+
+        app.on_types(
+            300,
+            Err("no object census of pid 300: unsupported build".into()),
+        );
+        let text = screen(&app, 120, 30).join("\n");
+        assert!(text.contains("└ census failed: no object census"), "{text}");
+        press(&mut app, KeyCode::Esc);
+        press(&mut app, KeyCode::Enter);
+        app.on_types(
+            300,
+            Err("no object census of pid 300: unsupported build".into()),
+        );
+        let text = screen(&app, 120, 30).join("\n");
+        assert!(
+            text.contains("No object census (retried each minute): no object"),
+            "{text}"
         );
     }
 

@@ -3,6 +3,7 @@
 #[macro_use]
 mod common;
 
+mod census;
 mod core;
 mod deploy;
 mod guesses;

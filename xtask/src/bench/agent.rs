@@ -55,6 +55,10 @@ impl RunningAgent {
         self.process.pid()
     }
 
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// `/api/v1/processes`.
     pub fn processes(&self) -> Result<Value> {
         api::get_json(self.addr, "/api/v1/processes")

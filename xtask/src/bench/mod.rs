@@ -1,7 +1,9 @@
 //! `cargo xtask bench`: what the agent costs the observed processes
-//! (`overhead`) and what it costs the machine while they idle (`idle`).
+//! (`overhead`), what it costs the machine while they idle (`idle`), and
+//! what an object census costs (`census`).
 mod agent;
 mod api;
+mod census;
 mod idle;
 mod overhead;
 
@@ -19,6 +21,9 @@ pub enum BenchCommand {
     Overhead(overhead::OverheadArgs),
     /// The agent's memory and CPU while many Python processes sleep.
     Idle(idle::IdleArgs),
+    /// What an object census costs (pause, copy, parse, agent memory) for
+    /// heaps of ~100 MiB and ~1 GiB.
+    Census(census::CensusArgs),
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
@@ -38,6 +43,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Overhead(args) => overhead::run(&args, &bench),
         BenchCommand::Idle(args) => idle::run(&args, &bench),
+        BenchCommand::Census(args) => census::run(&args, &bench),
     }
 }
 

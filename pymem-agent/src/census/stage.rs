@@ -1,0 +1,379 @@
+//! Which censuses run when: the observer's bookkeeping of requests,
+//! waiters, the agent-wide concurrency limit and each process's last two
+//! censuses. No I/O here: it hands back [`CensusJob`]s for the observer to
+//! run on blocking threads, and takes their [`CensusDone`]s back.
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use log::{debug, info, warn};
+use tokio::sync::oneshot;
+
+use super::{Census, engine::CensusError, run};
+use crate::discover::Binary;
+
+/// Defaults of the census options (`pymem agent --census-*`).
+pub const MAX_BYTES: u64 = 2 << 30;
+pub const CONCURRENCY: usize = 1;
+/// Censuses kept per process: the latest, and the one growth is measured
+/// from.
+const KEPT: usize = 2;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CensusConfig {
+    /// Automatic censuses of leak-suspected processes this often; None =
+    /// only on demand.
+    pub interval: Option<Duration>,
+    /// Censuses running at once, agent-wide (each pauses its process and
+    /// holds a copy of its heap).
+    pub concurrency: usize,
+    /// Most bytes one census copies out of a process.
+    pub max_bytes: u64,
+    /// `pymem_objects`/`pymem_object_bytes` for each process's N heaviest
+    /// types; 0 = none.
+    pub type_metrics: usize,
+}
+
+impl Default for CensusConfig {
+    fn default() -> Self {
+        Self {
+            interval: None,
+            concurrency: CONCURRENCY,
+            max_bytes: MAX_BYTES,
+            type_metrics: 0,
+        }
+    }
+}
+
+/// A census for a requester: the one asked for and the one before it.
+#[derive(Clone, Debug)]
+pub struct CensusAnswer {
+    pub latest: Arc<Census>,
+    pub previous: Option<Arc<Census>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CensusFailure {
+    NotObserved,
+    /// The engine cannot read this process's build (kept for the process).
+    Unsupported(String),
+    /// This census failed; another may work.
+    Failed(String),
+}
+
+pub type CensusReply = oneshot::Sender<Result<CensusAnswer, CensusFailure>>;
+
+/// A census to run off the loop, of the process `target` describes (its
+/// interpreter binary; the bookkeeping does not look into it).
+pub struct CensusJob<T = Binary> {
+    pub pid: u32,
+    target: T,
+    pub max_bytes: u64,
+}
+
+impl CensusJob {
+    /// Runs the census (blocking: pause, copy, parse).
+    pub fn run(self) -> CensusDone {
+        CensusDone {
+            pid: self.pid,
+            result: run::take(self.pid, &self.target, self.max_bytes),
+        }
+    }
+}
+
+/// What a job found.
+pub struct CensusDone {
+    pub pid: u32,
+    pub result: Result<Census, CensusError>,
+}
+
+#[derive(Default)]
+struct ProcessCensuses {
+    /// Oldest first, at most `KEPT`.
+    recent: VecDeque<Arc<Census>>,
+    unsupported: Option<String>,
+    waiters: Vec<CensusReply>,
+    /// Queued or running.
+    pending: bool,
+    last_started: Option<Instant>,
+}
+
+impl ProcessCensuses {
+    fn answer(&self) -> Option<CensusAnswer> {
+        let latest = self.recent.back()?.clone();
+        let previous = self
+            .recent
+            .len()
+            .checked_sub(2)
+            .map(|i| self.recent[i].clone());
+        Some(CensusAnswer { latest, previous })
+    }
+}
+
+pub struct CensusStage<T = Binary> {
+    config: CensusConfig,
+    running: usize,
+    /// Pids waiting for a free slot, first come first served.
+    queue: VecDeque<(u32, T)>,
+    processes: HashMap<u32, ProcessCensuses>,
+}
+
+impl<T: Clone> CensusStage<T> {
+    pub fn new(config: CensusConfig) -> Self {
+        Self {
+            config,
+            running: 0,
+            queue: VecDeque::new(),
+            processes: HashMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &CensusConfig {
+        &self.config
+    }
+
+    /// A census of `pid` no older than `max_age` for `reply`: the latest
+    /// if recent enough, else the one under way, else a new one.
+    pub fn request(
+        &mut self,
+        pid: u32,
+        target: &T,
+        max_age: Duration,
+        reply: CensusReply,
+    ) -> Option<CensusJob<T>> {
+        let process = self.processes.entry(pid).or_default();
+        if let Some(reason) = &process.unsupported {
+            let _ = reply.send(Err(CensusFailure::Unsupported(reason.clone())));
+            return None;
+        }
+        let recent = process.recent.back().is_some_and(|latest| {
+            super::unix_seconds_now() - latest.taken_at <= max_age.as_secs_f64()
+        });
+        if recent && !max_age.is_zero() {
+            let _ = reply.send(Ok(process.answer().expect("a latest census")));
+            return None;
+        }
+        process.waiters.push(reply);
+        self.enqueue(pid, target)
+    }
+
+    /// An automatic census of a leak-suspected process, if one is due.
+    pub fn maybe_automatic(&mut self, pid: u32, target: &T) -> Option<CensusJob<T>> {
+        let interval = self.config.interval?;
+        let process = self.processes.entry(pid).or_default();
+        let due = process.unsupported.is_none()
+            && !process.pending
+            && process.last_started.is_none_or(|t| t.elapsed() >= interval);
+        if !due {
+            return None;
+        }
+        debug!("automatic census of leak-suspected pid {pid}");
+        self.enqueue(pid, target)
+    }
+
+    fn enqueue(&mut self, pid: u32, target: &T) -> Option<CensusJob<T>> {
+        let process = self.processes.entry(pid).or_default();
+        if process.pending {
+            return None;
+        }
+        process.pending = true;
+        self.queue.push_back((pid, target.clone()));
+        self.next_job()
+    }
+
+    /// The next queued census, if a slot is free.
+    fn next_job(&mut self) -> Option<CensusJob<T>> {
+        if self.running >= self.config.concurrency.max(1) {
+            return None;
+        }
+        let (pid, target) = self.queue.pop_front()?;
+        self.running += 1;
+        if let Some(process) = self.processes.get_mut(&pid) {
+            process.last_started = Some(Instant::now());
+        }
+        Some(CensusJob {
+            pid,
+            target,
+            max_bytes: self.config.max_bytes,
+        })
+    }
+
+    /// A census finished: keeps it, answers its waiters, and starts the
+    /// next queued one, if any.
+    pub fn finished(&mut self, done: CensusDone) -> Option<CensusJob<T>> {
+        self.running = self.running.saturating_sub(1);
+        let pid = done.pid;
+        // Forgotten meanwhile (the process exited): nobody waits.
+        if let Some(process) = self.processes.get_mut(&pid) {
+            process.pending = false;
+            let waiters = std::mem::take(&mut process.waiters);
+            let answer = match done.result {
+                Ok(census) => {
+                    info!(
+                        "census of pid {pid}: {} objects of {} types ({}), paused {:.3} s, copied {} bytes in {:.3} s, parsed in {:.3} s",
+                        census.heap.objects,
+                        census.heap.types.len(),
+                        census.consistency,
+                        census.pause_seconds,
+                        census.copied_bytes,
+                        census.copy_seconds,
+                        census.parse_seconds
+                    );
+                    process.recent.push_back(Arc::new(census));
+                    while process.recent.len() > KEPT {
+                        process.recent.pop_front();
+                    }
+                    Ok(process.answer().expect("a latest census"))
+                }
+                Err(CensusError::Unsupported(reason)) => {
+                    warn!("no object census of pid {pid}: {reason}");
+                    process.unsupported = Some(reason.clone());
+                    Err(CensusFailure::Unsupported(reason))
+                }
+                Err(CensusError::Failed(reason)) => {
+                    warn!("object census of pid {pid} failed: {reason}");
+                    Err(CensusFailure::Failed(reason))
+                }
+            };
+            for waiter in waiters {
+                let _ = waiter.send(answer.clone());
+            }
+        }
+        self.next_job()
+    }
+
+    /// The process is gone: its censuses and queued requests with it.
+    pub fn forget(&mut self, pid: u32) {
+        if let Some(process) = self.processes.remove(&pid) {
+            for waiter in process.waiters {
+                let _ = waiter.send(Err(CensusFailure::NotObserved));
+            }
+        }
+        self.queue.retain(|(queued, _)| *queued != pid);
+    }
+
+    /// Why the engine cannot read `pid`, once a census said so.
+    pub fn unsupported(&self, pid: u32) -> Option<&str> {
+        self.processes.get(&pid)?.unsupported.as_deref()
+    }
+
+    pub fn latest(&self, pid: u32) -> Option<&Census> {
+        self.processes.get(&pid)?.recent.back().map(|c| &**c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::census::{HeapCensus, PAUSED};
+
+    fn census(pid: u32, taken_at: f64) -> Census {
+        Census {
+            pid,
+            taken_at,
+            consistency: PAUSED.into(),
+            pause_seconds: 0.0,
+            copy_seconds: 0.0,
+            parse_seconds: 0.0,
+            copied_bytes: 0,
+            heap: HeapCensus::default(),
+        }
+    }
+
+    fn done(pid: u32, result: Result<Census, CensusError>) -> CensusDone {
+        CensusDone { pid, result }
+    }
+
+    type Answer = oneshot::Receiver<Result<CensusAnswer, CensusFailure>>;
+
+    fn ask(stage: &mut CensusStage<()>, pid: u32, max_age: u64) -> (Option<CensusJob<()>>, Answer) {
+        let (reply, answer) = oneshot::channel();
+        let job = stage.request(pid, &(), Duration::from_secs(max_age), reply);
+        (job, answer)
+    }
+
+    #[test]
+    fn one_census_at_a_time_and_requests_for_the_same_pid_share_it() {
+        let mut stage = CensusStage::new(CensusConfig::default());
+        let (job, mut first) = ask(&mut stage, 1, 0);
+        assert_eq!(job.map(|j| j.pid), Some(1));
+        let (job, mut second) = ask(&mut stage, 1, 0);
+        assert!(job.is_none(), "joins the running census");
+        let (job, mut other) = ask(&mut stage, 2, 0);
+        assert!(job.is_none(), "queued behind the running one");
+        let next = stage.finished(done(1, Ok(census(1, unix_now()))));
+        assert_eq!(next.map(|j| j.pid), Some(2), "the queued one starts");
+        for answer in [&mut first, &mut second] {
+            let answer = answer.try_recv().unwrap().unwrap();
+            assert_eq!(answer.latest.pid, 1);
+            assert!(answer.previous.is_none());
+        }
+        assert!(other.try_recv().is_err(), "still running");
+        stage.forget(2);
+        assert_eq!(
+            other.try_recv().unwrap().unwrap_err(),
+            CensusFailure::NotObserved
+        );
+        assert!(stage.finished(done(2, Ok(census(2, 0.0)))).is_none());
+        assert!(
+            stage.latest(2).is_none(),
+            "a forgotten process keeps nothing"
+        );
+    }
+
+    #[test]
+    fn recent_censuses_are_reused_and_two_are_kept() {
+        let mut stage = CensusStage::new(CensusConfig::default());
+        for taken_at in [10.0, 20.0] {
+            let (job, _) = ask(&mut stage, 1, 0);
+            assert!(job.is_some());
+            stage.finished(done(1, Ok(census(1, taken_at))));
+        }
+        let now = unix_now();
+        let (job, _) = ask(&mut stage, 1, 0);
+        assert!(job.is_some());
+        stage.finished(done(1, Ok(census(1, now))));
+        let (job, mut answer) = ask(&mut stage, 1, 60);
+        assert!(job.is_none(), "a census younger than max_age is reused");
+        let answer = answer.try_recv().unwrap().unwrap();
+        assert_eq!(answer.latest.taken_at, now);
+        assert_eq!(
+            answer.previous.unwrap().taken_at,
+            20.0,
+            "the oldest was dropped"
+        );
+    }
+
+    #[test]
+    fn an_unsupported_build_is_remembered_and_not_paused_again() {
+        let mut stage = CensusStage::new(CensusConfig {
+            interval: Some(Duration::ZERO),
+            ..CensusConfig::default()
+        });
+        let (job, mut answer) = ask(&mut stage, 1, 0);
+        assert!(job.is_some());
+        stage.finished(done(1, Err(CensusError::Unsupported("no layout".into()))));
+        assert_eq!(
+            answer.try_recv().unwrap().unwrap_err(),
+            CensusFailure::Unsupported("no layout".into())
+        );
+        assert_eq!(stage.unsupported(1), Some("no layout"));
+        let (job, mut again) = ask(&mut stage, 1, 0);
+        assert!(job.is_none());
+        assert!(matches!(
+            again.try_recv().unwrap(),
+            Err(CensusFailure::Unsupported(_))
+        ));
+        assert!(stage.maybe_automatic(1, &()).is_none());
+        assert!(
+            stage.maybe_automatic(2, &()).is_some(),
+            "another process is due"
+        );
+    }
+
+    fn unix_now() -> f64 {
+        crate::census::unix_seconds_now()
+    }
+}

@@ -1,0 +1,463 @@
+//! The object census against real Python processes: counts and sizes by
+//! type checked against what the workload measures in itself, growth
+//! between censuses, and the pause: a heap mutating at full speed, a
+//! process another tracer holds, a tracer killed mid-pause.
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::common::{Agent, OBSERVE_TIMEOUT, Workload, assert_within, free_port, pyenv};
+use pymem_agent::census::{CensusErrorBody, CensusReport, TypeRow, pause::Pause};
+
+const CENSUS_WORKLOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/census.py");
+
+fn census_workload(python: &Path) -> Workload {
+    Workload::spawn_with(Command::new(python).arg("-u").arg(CENSUS_WORKLOAD))
+}
+
+/// An agent and the census workload it observes.
+fn observed_workload(python: &Path) -> (Agent, Workload) {
+    let agent = Agent::start(&[]);
+    let work = census_workload(python);
+    agent.wait_for(work.pid, OBSERVE_TIMEOUT);
+    (agent, work)
+}
+
+/// GET `path`: the status and the body, errors included.
+fn get(agent: &Agent, path: &str) -> (u16, String) {
+    let http: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into();
+    let mut response = http
+        .get(&agent.url(path))
+        .call()
+        .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", agent.log()));
+    let body = response.body_mut().read_to_string().unwrap();
+    (response.status().as_u16(), body)
+}
+
+fn get_ok<T: serde::de::DeserializeOwned>(agent: &Agent, path: &str) -> T {
+    let (status, body) = get(agent, path);
+    assert_eq!(status, 200, "GET {path}: {body}\n{}", agent.log());
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+}
+
+/// The row of the workload's class `class` (named `module.Class`).
+fn row<'a>(rows: &'a [TypeRow], class: &str) -> &'a TypeRow {
+    rows.iter()
+        .find(|r| r.type_name.rsplit('.').next() == Some(class))
+        .unwrap_or_else(|| {
+            let top: Vec<_> = rows.iter().take(15).collect();
+            panic!("{class} not among the types: {top:#?}")
+        })
+}
+
+/// The scheduler states (`R`, `S`, `t`, …) of every thread of `pid`.
+fn thread_states(pid: u32) -> Vec<char> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            stat.rsplit(')')
+                .next()?
+                .split_whitespace()
+                .next()?
+                .chars()
+                .next()
+        })
+        .collect()
+}
+
+fn wait_until(what: &str, timeout: Duration, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn tracer_of(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// The workload still answers (it runs, it is not held in a stop).
+fn assert_runs(work: &mut Workload) {
+    let states = thread_states(work.pid);
+    assert!(!states.contains(&'t'), "threads still stopped: {states:?}");
+    let ping = work.command("ping");
+    assert!(ping.get("mutating").is_some(), "{ping}");
+}
+
+// Needs the heap engine (cpython/heap): the stub refuses every process.
+#[test]
+fn types_count_the_workload_class_and_its_dicts() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let (agent, mut work) = observed_workload(&python);
+    let truth = work.command("make CensusItem 100000");
+    let dicts = work.command("dicts 100000");
+    let pid = work.pid;
+    let rows: Vec<TypeRow> = get_ok(&agent, &format!("/api/v1/processes/{pid}/types"));
+    let item = row(&rows, "CensusItem");
+    assert_within(
+        item.count as f64,
+        truth["count"].as_f64().unwrap(),
+        0.01,
+        "CensusItem count",
+    );
+    assert_within(
+        item.bytes as f64,
+        truth["bytes"].as_f64().unwrap(),
+        0.15,
+        "CensusItem bytes",
+    );
+    let dict = rows.iter().find(|r| r.type_name == "dict").expect("dict");
+    eprintln!(
+        "dicts: census {}, gc.get_objects {}, held {}",
+        dict.count, dicts["gc_dicts"], dicts["held"]
+    );
+    assert!(dict.count >= 100_000, "{dict:?}");
+    assert!(
+        rows.windows(2).all(|w| w[0].bytes >= w[1].bytes),
+        "sorted by bytes"
+    );
+    let limited: Vec<TypeRow> = get_ok(
+        &agent,
+        &format!("/api/v1/processes/{pid}/types?limit=3&max_age=60"),
+    );
+    assert_eq!(limited.len(), 3);
+    let report: CensusReport = get_ok(
+        &agent,
+        &format!("/api/v1/processes/{pid}/census?max_age=60"),
+    );
+    assert_eq!(report.census.consistency, "paused");
+    assert!(report.census.copied_bytes > 0, "{:?}", report.census);
+}
+
+// Needs the heap engine.
+#[test]
+fn growth_puts_the_added_class_first() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let (agent, mut work) = observed_workload(&python);
+    let pid = work.pid;
+    let _: CensusReport = get_ok(&agent, &format!("/api/v1/processes/{pid}/census"));
+    let before = work.command("make GrowthItem 0")["count"].as_f64().unwrap();
+    let after = work.command("make GrowthItem 50000")["count"]
+        .as_f64()
+        .unwrap();
+    let rows: Vec<TypeRow> = get_ok(&agent, &format!("/api/v1/processes/{pid}/types?growth=1"));
+    let first = &rows[0];
+    assert!(
+        first.type_name.ends_with("GrowthItem"),
+        "{:#?}",
+        &rows[..rows.len().min(10)]
+    );
+    assert_within(
+        first.count_delta.unwrap() as f64,
+        after - before,
+        0.01,
+        "GrowthItem count delta",
+    );
+}
+
+// Needs the heap engine.
+#[test]
+fn a_process_held_by_strace_is_censused_torn() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let (agent, mut work) = observed_workload(&python);
+    let strace = Strace::attach(work.pid);
+    let report: CensusReport = get_ok(&agent, &format!("/api/v1/processes/{}/census", work.pid));
+    assert!(
+        report.census.consistency.starts_with("may be torn: "),
+        "{}",
+        report.census.consistency
+    );
+    assert_eq!(report.census.pause_seconds, 0.0);
+    drop(strace);
+    assert_runs(&mut work);
+}
+
+/// `strace -p PID`, attached (its tracer pid is in the target's status)
+/// until dropped.
+struct Strace(Child);
+
+impl Strace {
+    fn attach(pid: u32) -> Strace {
+        let child = Command::new("strace")
+            .args(["-f", "-o", "/dev/null", "-p", &pid.to_string()])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("strace");
+        let tracer = child.id();
+        wait_until("strace attached", Duration::from_secs(10), || {
+            tracer_of(pid) == tracer
+        });
+        Strace(child)
+    }
+}
+
+impl Drop for Strace {
+    fn drop(&mut self) {
+        // SIGINT: strace detaches cleanly.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_traced_process_cannot_be_paused_and_says_by_whom() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let mut work = census_workload(&python);
+    let strace = Strace::attach(work.pid);
+    let reason = Pause::stop(work.pid, Duration::from_secs(2))
+        .err()
+        .expect("a pause under strace");
+    assert_eq!(
+        reason,
+        format!(
+            "thread {} is already traced by pid {}",
+            work.pid,
+            strace.0.id()
+        )
+    );
+    drop(strace);
+    wait_until("strace gone", Duration::from_secs(5), || {
+        tracer_of(work.pid) == 0
+    });
+    assert_runs(&mut work);
+}
+
+#[test]
+fn a_pause_stops_every_thread_and_its_end_resumes_them() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let mut work = census_workload(&python);
+    work.command("mutate 30");
+    let pid = work.pid;
+    let pause = Pause::stop(pid, Duration::from_secs(2)).expect("pause");
+    let states = thread_states(pid);
+    assert_eq!(pause.threads(), 2, "main and mutator: {states:?}");
+    assert!(states.iter().all(|&s| s == 't'), "{states:?}");
+    drop(pause);
+    assert_runs(&mut work);
+}
+
+/// A tracer killed while it holds the process (as an agent killed
+/// mid-census): the kernel detaches and the process runs on.
+#[test]
+fn a_tracer_killed_mid_pause_lets_the_process_run_on() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let mut work = census_workload(&python);
+    work.command("mutate 30");
+    let pid = work.pid;
+    // SAFETY: the child only pauses the workload and sleeps until killed.
+    let tracer = unsafe { libc::fork() };
+    assert!(tracer >= 0, "fork");
+    if tracer == 0 {
+        let code = match Pause::stop(pid, Duration::from_secs(2)) {
+            Ok(pause) => {
+                std::mem::forget(pause);
+                loop {
+                    unsafe { libc::pause() };
+                }
+            }
+            Err(_) => 3,
+        };
+        unsafe { libc::_exit(code) };
+    }
+    wait_until(
+        "the workload held in a tracing stop",
+        Duration::from_secs(10),
+        || {
+            let states = thread_states(pid);
+            !states.is_empty() && states.iter().all(|&s| s == 't')
+        },
+    );
+    unsafe { libc::kill(tracer, libc::SIGKILL) };
+    let mut status = 0;
+    assert_eq!(unsafe { libc::waitpid(tracer, &mut status, 0) }, tracer);
+    assert!(
+        libc::WIFSIGNALED(status),
+        "the tracer was killed, not exited: {status}"
+    );
+    wait_until("the workload resumed", Duration::from_secs(5), || {
+        !thread_states(pid).contains(&'t')
+    });
+    assert_runs(&mut work);
+    assert_eq!(tracer_of(pid), 0);
+}
+
+/// Ten censuses of a heap that allocates, frees and resizes at full speed:
+/// each is a census or a clean error, and both processes live on.
+#[test]
+fn censuses_of_a_heap_mutating_at_full_speed_end_cleanly() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let (agent, mut work) = observed_workload(&python);
+    work.command("mutate 60");
+    let pid = work.pid;
+    for round in 0..10 {
+        let (status, body) = get(&agent, &format!("/api/v1/processes/{pid}/census"));
+        match status {
+            200 => {
+                let report: CensusReport = serde_json::from_str(&body).unwrap();
+                assert_eq!(report.census.pid, pid);
+                assert_eq!(report.census.consistency, "paused", "round {round}");
+            }
+            500 | 501 => {
+                let error: CensusErrorBody = serde_json::from_str(&body)
+                    .unwrap_or_else(|e| panic!("round {round}: {e}: {body}"));
+                assert_eq!(error.pid, pid);
+                assert_eq!(error.unsupported, status == 501, "{body}");
+            }
+            other => panic!("round {round}: HTTP {other}: {body}"),
+        }
+        assert!(
+            agent.get("/healthz").is_ok(),
+            "agent alive after round {round}"
+        );
+        assert_runs(&mut work);
+    }
+    assert!(
+        work.command("ping")["mutating"].as_bool().unwrap(),
+        "the mutator still runs"
+    );
+}
+
+#[test]
+fn census_routes_answer_unknown_pids_and_unsupported_builds_in_json() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let (agent, work) = observed_workload(&python);
+    for route in ["types", "census"] {
+        let (status, body) = get(&agent, &format!("/api/v1/processes/1/{route}"));
+        assert_eq!(status, 404, "{body}");
+        let error: CensusErrorBody = serde_json::from_str(&body).unwrap();
+        assert_eq!(error.error, "pid 1 is not observed");
+    }
+    let (status, body) = get(&agent, &format!("/api/v1/processes/{}/types", work.pid));
+    if status == 501 {
+        let error: CensusErrorBody = serde_json::from_str(&body).unwrap();
+        assert!(error.unsupported, "{body}");
+        let prefix = format!("no object census of pid {}: ", work.pid);
+        let reason = error.error.strip_prefix(&prefix).expect(&body).to_string();
+        // The process remembers why, and is not paused again for it.
+        wait_until(
+            "census_unsupported in the process",
+            Duration::from_secs(5),
+            || {
+                agent
+                    .process(work.pid)
+                    .and_then(|p| p.census_unsupported)
+                    .as_deref()
+                    == Some(&reason)
+            },
+        );
+        let again = Instant::now();
+        assert_eq!(
+            get(&agent, &format!("/api/v1/processes/{}/census", work.pid)).0,
+            501
+        );
+        eprintln!("second refusal took {:?}", again.elapsed());
+    } else {
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(agent.process(work.pid).unwrap().census_unsupported, None);
+    }
+}
+
+#[test]
+fn pymem_types_names_what_is_wrong() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let (agent, work) = observed_workload(&python);
+    let types = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_pymem"))
+            .arg("types")
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let port = agent.port.to_string();
+    let (ok, _, err) = types(&["1", "--agent", &port]);
+    assert!(!ok);
+    assert_eq!(
+        err.trim(),
+        format!("Error: pid 1 is not observed by the agent at http://127.0.0.1:{port}")
+    );
+    let absent = free_port().to_string();
+    let (ok, _, err) = types(&["1", "--agent", &absent]);
+    assert!(!ok);
+    assert_eq!(
+        err.trim(),
+        format!("Error: no pymem agent answered at http://127.0.0.1:{absent}")
+    );
+    let (ok, out, err) = types(&[&work.pid.to_string(), "--agent", &port]);
+    if ok {
+        assert!(out.starts_with(&format!("pid {}: ", work.pid)), "{out}");
+        assert!(out.contains("CensusItem") || out.contains("dict"), "{out}");
+    } else {
+        assert!(
+            err.starts_with(&format!("Error: no object census of pid {}: ", work.pid)),
+            "{err}"
+        );
+    }
+}
+
+fn pymem(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_pymem"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "pymem {args:?}: {stderr}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+// Needs the heap engine.
+#[test]
+fn snapshots_carry_the_census_and_diff_shows_type_growth() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let (agent, mut work) = observed_workload(&python);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let pid = work.pid.to_string();
+    let port = agent.port.to_string();
+    pymem(&["snapshot", &pid, "-o", a, "--agent", &port]);
+    let before = work.command("make GrowthItem 0")["count"].as_f64().unwrap();
+    let after = work.command("make GrowthItem 50000")["count"]
+        .as_f64()
+        .unwrap();
+    pymem(&["snapshot", &pid, "-o", b, "--agent", &port]);
+    let snapshot: pymem_agent::cli::snapshot::SiteSnapshot =
+        serde_json::from_str(&std::fs::read_to_string(b).unwrap()).unwrap();
+    let census = snapshot
+        .census
+        .unwrap_or_else(|| panic!("no census: {:?}", snapshot.census_error));
+    assert_eq!(census.consistency, "paused");
+    let diff: pymem_agent::cli::diff::SnapshotDiff =
+        serde_json::from_str(&pymem(&["diff", a, b, "--json"])).unwrap();
+    let first = &diff.types[0];
+    assert!(first.type_name.ends_with("GrowthItem"), "{:?}", &diff.types);
+    assert_within(
+        first.count_delta as f64,
+        after - before,
+        0.01,
+        "GrowthItem growth in pymem diff",
+    );
+    let text = pymem(&["diff", a, b]);
+    assert!(text.contains("Type growth between the censuses:"), "{text}");
+}
