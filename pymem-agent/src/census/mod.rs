@@ -6,7 +6,6 @@
 //! through the observer's channel. Each process keeps its last two
 //! censuses, so that growth per type (objgraph's `show_growth()`, without
 //! a `gc.collect()`) is always at hand.
-mod engine_stub;
 pub mod growth;
 pub mod pause;
 pub mod run;
@@ -14,12 +13,12 @@ pub mod stage;
 
 use serde::{Deserialize, Serialize};
 
-/// The heap engine (swapped for `crate::cpython::heap` once it lands).
-use self::engine_stub as engine;
 pub use self::{
     growth::{TypeGrowth, growth},
     stage::{CensusAnswer, CensusConfig, CensusFailure, CensusStage},
 };
+/// The heap engine: every version-specific read of a heap copy.
+use crate::cpython::heap as engine;
 pub use crate::cpython::heap::{HeapCensus, TypeStats};
 
 /// The consistency of a census of a paused process.

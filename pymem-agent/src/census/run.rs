@@ -9,28 +9,35 @@ use super::{
 };
 use crate::discover::Binary;
 
-/// Pauses `pid`, copies at most `max_bytes` of its heap, resumes it and
-/// counts the copy's objects by type. Blocks for the whole census; never
-/// call it on the observer's loop. A process that cannot be paused (another
-/// tracer holds it) is copied while it runs and its census marked torn.
-pub fn take(pid: u32, binary: &Binary, max_bytes: u64) -> Result<Census, CensusError> {
+/// Pauses `pid`, copies at most `max_bytes` of its heap, calls `at_copy`
+/// (still paused), resumes it and counts the copy's objects by type. Blocks
+/// for the whole census; never call it on the observer's loop. A process
+/// that cannot be paused (another tracer holds it) is copied while it runs
+/// and its census marked torn.
+pub fn take<R: Send + 'static>(
+    pid: u32,
+    binary: &Binary,
+    max_bytes: u64,
+    at_copy: impl FnOnce(u32) -> R + Send + 'static,
+) -> Result<(Census, R), CensusError> {
     let target = engine::CensusTarget::for_process(pid, binary)
         .map_err(|e| CensusError::Unsupported(format!("{e:#}")))?;
     let taken_at = super::unix_seconds_now();
     let paused = pause::while_paused(pid, pause::STOP_TIMEOUT, move || {
-        engine::capture(pid, max_bytes)
+        let image = engine::capture(pid, max_bytes);
+        (image, at_copy(pid))
     })
     .map_err(|e| CensusError::Failed(format!("pausing pid {pid}: {e}")))?;
-    let image = paused
-        .value
-        .map_err(|e| CensusError::Failed(format!("copying the heap of pid {pid}: {e:#}")))?;
+    let (image, at_copy) = paused.value;
+    let image =
+        image.map_err(|e| CensusError::Failed(format!("copying the heap of pid {pid}: {e:#}")))?;
     let consistency = match &paused.pause {
         Ok(()) => PAUSED.to_string(),
         Err(reason) => format!("may be torn: {reason}"),
     };
     let parse_started = Instant::now();
     let heap = engine::take_census(&image, &target)?;
-    Ok(Census {
+    let census = Census {
         pid,
         taken_at,
         consistency,
@@ -39,5 +46,6 @@ pub fn take(pid: u32, binary: &Binary, max_bytes: u64) -> Result<Census, CensusE
         parse_seconds: parse_started.elapsed().as_secs_f64(),
         copied_bytes: image.copied_bytes(),
         heap,
-    })
+    };
+    Ok((census, at_copy))
 }

@@ -9,6 +9,7 @@ use std::{
 };
 
 use log::{debug, info, warn};
+use pymem_common::ProcStats;
 use tokio::sync::oneshot;
 
 use super::{Census, engine::CensusError, run};
@@ -34,6 +35,9 @@ pub struct CensusConfig {
     /// `pymem_objects`/`pymem_object_bytes` for each process's N heaviest
     /// types; 0 = none.
     pub type_metrics: usize,
+    /// A census of each process found older than its observation, for its
+    /// heap baseline.
+    pub baseline: bool,
 }
 
 impl Default for CensusConfig {
@@ -43,6 +47,7 @@ impl Default for CensusConfig {
             concurrency: CONCURRENCY,
             max_bytes: MAX_BYTES,
             type_metrics: 0,
+            baseline: true,
         }
     }
 }
@@ -74,11 +79,21 @@ pub struct CensusJob<T = Binary> {
 }
 
 impl CensusJob {
-    /// Runs the census (blocking: pause, copy, parse).
-    pub fn run(self) -> CensusDone {
+    /// Runs the census (blocking: pause, copy, parse). `counters` reads the
+    /// process's kernel counters; it is called right after the copy, while
+    /// the process is still paused, so that they and the copy agree.
+    pub fn run(self, counters: impl FnOnce(u32) -> ProcStats + Send + 'static) -> CensusDone {
+        let started = Instant::now();
+        let (result, counters_at_copy) =
+            match run::take(self.pid, &self.target, self.max_bytes, counters) {
+                Ok((census, counters)) => (Ok(census), Some(counters)),
+                Err(e) => (Err(e), None),
+            };
         CensusDone {
             pid: self.pid,
-            result: run::take(self.pid, &self.target, self.max_bytes),
+            started,
+            result,
+            counters_at_copy,
         }
     }
 }
@@ -86,7 +101,12 @@ impl CensusJob {
 /// What a job found.
 pub struct CensusDone {
     pub pid: u32,
+    /// When the job started: a process observed since then is another one
+    /// that reuses the pid.
+    pub started: Instant,
     pub result: Result<Census, CensusError>,
+    /// The process's kernel counters as they were when its heap was copied.
+    pub counters_at_copy: Option<ProcStats>,
 }
 
 #[derive(Default)]
@@ -170,6 +190,18 @@ impl<T: Clone> CensusStage<T> {
             return None;
         }
         debug!("automatic census of leak-suspected pid {pid}");
+        self.enqueue(pid, target)
+    }
+
+    /// A census measuring what a process older than its observation held
+    /// before pymem attached (its heap baseline), unless one is under way
+    /// or the build cannot be censused.
+    pub fn baseline(&mut self, pid: u32, target: &T) -> Option<CensusJob<T>> {
+        let process = self.processes.entry(pid).or_default();
+        if process.unsupported.is_some() || process.pending {
+            return None;
+        }
+        debug!("baseline census of pid {pid}");
         self.enqueue(pid, target)
     }
 
@@ -283,7 +315,12 @@ mod tests {
     }
 
     fn done(pid: u32, result: Result<Census, CensusError>) -> CensusDone {
-        CensusDone { pid, result }
+        CensusDone {
+            pid,
+            started: Instant::now(),
+            result,
+            counters_at_copy: None,
+        }
     }
 
     type Answer = oneshot::Receiver<Result<CensusAnswer, CensusFailure>>;
