@@ -59,21 +59,73 @@ pub struct HeapBreakdown {
     pub extension_bytes: u64,
     /// Growth outside pymalloc seen through syscalls (syscall accounting).
     pub syscall_bytes: u64,
+    /// Memory outside pymalloc that was live before observation started,
+    /// measured by the latest census (0 for processes observed from their
+    /// start). Its frees are not seen; each census measures it anew.
+    #[serde(default)]
+    pub before_attach_bytes: u64,
+}
+
+/// What a process held before pymem saw it, from a census: the arena
+/// bytes the counters missed (negative when arenas older than the agent
+/// were freed since) and the memory outside pymalloc older than attach.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeapOffsets {
+    pub arena_bytes: i64,
+    pub before_attach_bytes: u64,
+}
+
+impl HeapOffsets {
+    /// The offsets that make the counters `at_copy` (read while the census
+    /// copied the heap) add up to what the census found.
+    pub fn from_census(arena_bytes: u64, outside_pymalloc_bytes: u64, at_copy: &ProcStats) -> Self {
+        let counted = HeapBreakdown::from_stats(at_copy, &Self::default());
+        let arena_net =
+            i128::from(at_copy.arena_alloc_bytes) - i128::from(at_copy.arena_free_bytes);
+        let arena = (i128::from(arena_bytes) - arena_net).clamp(i64::MIN.into(), i64::MAX.into());
+        let outside = counted.raw_bytes + counted.extension_bytes + counted.syscall_bytes;
+        Self {
+            arena_bytes: arena as i64,
+            before_attach_bytes: outside_pymalloc_bytes.saturating_sub(outside),
+        }
+    }
 }
 
 impl HeapBreakdown {
-    pub fn from_stats(s: &ProcStats) -> Self {
+    pub fn from_stats(s: &ProcStats, offsets: &HeapOffsets) -> Self {
+        let arena = i128::from(s.arena_alloc_bytes) - i128::from(s.arena_free_bytes)
+            + i128::from(offsets.arena_bytes);
         Self {
-            arena_bytes: s.arena_alloc_bytes.saturating_sub(s.arena_free_bytes),
+            arena_bytes: arena.clamp(0, u64::MAX.into()) as u64,
             raw_bytes: s.raw_alloc_bytes.saturating_sub(s.raw_free_bytes),
             extension_bytes: s.ext_alloc_bytes.saturating_sub(s.ext_free_bytes),
             syscall_bytes: s.sys_alloc_bytes.saturating_sub(s.sys_free_bytes),
+            before_attach_bytes: offsets.before_attach_bytes,
         }
     }
 
     pub fn total(&self) -> u64 {
-        self.arena_bytes + self.raw_bytes + self.extension_bytes + self.syscall_bytes
+        self.arena_bytes
+            + self.raw_bytes
+            + self.extension_bytes
+            + self.syscall_bytes
+            + self.before_attach_bytes
     }
+}
+
+/// Where a process's `heap_bytes` starts from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeapBaseline {
+    /// Observed from its start: the counters hold the whole heap.
+    #[default]
+    Observed,
+    /// Older than its observation and not (yet) censused: `heap_bytes` is
+    /// what was allocated since pymem attached, not the whole heap.
+    SinceAttach,
+    /// Older than its observation; a census measured what it held before,
+    /// and the counters keep it up to date since.
+    Census,
 }
 
 /// The trailing samples of one process's heap.
@@ -193,7 +245,8 @@ pub struct ProcessInfo {
     #[serde(default)]
     pub probe_hits_total: u64,
     /// Seconds since pymem started observing the process; memory allocated
-    /// before that is not in `heap_bytes`.
+    /// before that is in `heap_bytes` only once a census measured it
+    /// (`heap_baseline`).
     pub observed_seconds: f64,
     /// Recent heap samples, oldest first: (seconds ago, bytes).
     pub heap_history: Vec<(f64, u64)>,
@@ -206,6 +259,11 @@ pub struct ProcessInfo {
     /// census was tried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub census_unsupported: Option<String>,
+    /// Where `heap_bytes` starts from: the process's whole heap
+    /// (`observed`, `census`) or only what it allocated since pymem attached
+    /// (`since_attach`).
+    #[serde(default)]
+    pub heap_baseline: HeapBaseline,
     /// Container and pod; its fields appear at the top level, and only when
     /// known.
     #[serde(flatten)]

@@ -15,9 +15,31 @@ use pymem_common::{
 pub(super) type StatsMap = PerCpuHashMap<MapData, u32, ProcStats>;
 pub(super) type LiveMap = HashMap<MapData, BlockKey, u64>;
 
+/// A read-only handle of `PROC_STATS` for other threads (the census reads
+/// a process's counters while it holds the process paused).
+#[derive(Clone)]
+pub struct StatsReader(std::sync::Arc<StatsMap>);
+
+impl StatsReader {
+    /// Sums the per-CPU counters of one process.
+    pub fn read(&self, pid: u32) -> Option<ProcStats> {
+        sum_stats(&self.0, pid)
+    }
+}
+
+fn sum_stats(stats: &StatsMap, pid: u32) -> Option<ProcStats> {
+    let per_cpu = stats.get(&pid, 0).ok()?;
+    let mut total = ProcStats::default();
+    for cpu in per_cpu.iter() {
+        total.accumulate(cpu);
+    }
+    Some(total)
+}
+
 /// The maps the observer's calls touch.
 pub(super) struct Maps {
     stats: StatsMap,
+    pub(super) reader: StatsReader,
     tracked: HashMap<MapData, u32, u64>,
     syscall_mode: HashMap<MapData, u32, SyscallModeState>,
     counters: PerCpuArray<MapData, u64>,
@@ -66,7 +88,9 @@ impl Maps {
                 .collect::<Result<_>>()?,
             stats: clone_stats(&stats)?,
         };
+        let reader = StatsReader(std::sync::Arc::new(clone_stats(&stats)?));
         let maps = Self {
+            reader,
             stats: StatsMap::try_from(stats)?,
             tracked: typed(ebpf, map::TRACKED)?,
             syscall_mode: typed(ebpf, map::SYSCALL_MODE)?,
@@ -118,12 +142,7 @@ impl Maps {
 
     /// Sums the per-CPU counters of one process.
     pub(super) fn process_stats(&self, pid: u32) -> Option<ProcStats> {
-        let per_cpu = self.stats.get(&pid, 0).ok()?;
-        let mut total = ProcStats::default();
-        for cpu in per_cpu.iter() {
-            total.accumulate(cpu);
-        }
-        Some(total)
+        sum_stats(&self.stats, pid)
     }
 
     /// One kernel-side counter, summed over CPUs.

@@ -18,6 +18,7 @@ mod sweep;
 mod tracefs;
 
 pub use load::KernelConfig;
+pub use maps::StatsReader;
 
 /// Owns the loaded programs, every attachment and the maps.
 pub struct Probes {
@@ -102,6 +103,11 @@ impl Probes {
     /// Sums the per-CPU counters of one process.
     pub fn process_stats(&self, pid: u32) -> Option<ProcStats> {
         self.maps.process_stats(pid)
+    }
+
+    /// A handle of the per-process counters for another thread.
+    pub fn stats_reader(&self) -> maps::StatsReader {
+        self.maps.reader.clone()
     }
 
     /// Kernel-side drop counters (summed over CPUs).

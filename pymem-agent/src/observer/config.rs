@@ -186,6 +186,13 @@ pub struct CensusArgs {
     /// series: keep N small.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub type_metrics: usize,
+    /// Census each process that was already running (or was forked) when
+    /// pymem found it, once, so that its `heap_bytes` includes what it held
+    /// before (`heap_baseline: census`); each census pauses its process for
+    /// the copy. With false, such processes report the heap allocated since
+    /// attach (`heap_baseline: since_attach`).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub census_baseline: bool,
 }
 
 impl CensusArgs {
@@ -195,6 +202,7 @@ impl CensusArgs {
             concurrency: self.census_concurrency,
             max_bytes: self.census_max_bytes,
             type_metrics: self.type_metrics,
+            baseline: self.census_baseline,
         }
     }
 }

@@ -10,11 +10,11 @@ use log::{debug, info, warn};
 use procfs::Current as _;
 use pymem_common::ProcStats;
 
-use super::{Found, Observed, Observer, stacks::PendingCheck};
+use super::{Found, FoundBy, Observed, Observer, stacks::PendingCheck};
 use crate::{
     discover::{self, PythonProcess, Skip},
     k8s,
-    model::{Accounting, HeapHistory},
+    model::{Accounting, HeapBaseline, HeapHistory, HeapOffsets},
     sites::SiteTracker,
 };
 
@@ -70,7 +70,11 @@ impl Observer {
                     Ok(process) => {
                         let _ = tx.send(Found::Python {
                             process: Box::new(process),
-                            forked: !after_exec,
+                            found_by: if after_exec {
+                                FoundBy::Exec
+                            } else {
+                                FoundBy::Fork
+                            },
                         });
                         return;
                     }
@@ -105,7 +109,7 @@ impl Observer {
                 let found = match discoverer.inspect(pid) {
                     Ok(process) => Found::Python {
                         process: Box::new(process),
-                        forked: false,
+                        found_by: FoundBy::Scan,
                     },
                     Err(skip) => Found::Skipped(pid, skip),
                 };
@@ -149,7 +153,8 @@ impl Observer {
         }
     }
 
-    pub(super) fn observe(&mut self, process: PythonProcess, forked: bool) {
+    pub(super) fn observe(&mut self, process: PythonProcess, found_by: FoundBy) {
+        let forked = found_by == FoundBy::Fork;
         let pid = process.pid;
         if self.observed.contains_key(&pid) {
             return;
@@ -193,12 +198,29 @@ impl Observer {
         // A forked child has no imports ahead of it, and it inherits its
         // parent's breakpoints, which cost it a trap each, uncounted, until
         // its own probes are attached: attach them at once.
+        let age = process_age(pid).unwrap_or(Duration::MAX);
         let probes_due = if forked {
             now
         } else {
-            let age = process_age(pid).unwrap_or(Duration::MAX);
             now + self.config.probe_delay.saturating_sub(age)
         };
+        // A process that ran before it was found (or a forked child, which
+        // holds its parent's heap) allocated what the counters will never
+        // see: a census measures it. A forked child is given a moment, as
+        // most exec something else at once.
+        let older = found_by != FoundBy::Exec;
+        let baseline = if older {
+            HeapBaseline::SinceAttach
+        } else {
+            HeapBaseline::Observed
+        };
+        let baseline_due = (older && self.config.census.baseline).then(|| {
+            now + if forked {
+                FORK_BASELINE_DELAY
+            } else {
+                Duration::ZERO
+            }
+        });
         self.observed.insert(
             pid,
             Observed {
@@ -218,6 +240,9 @@ impl Observer {
                 stack_check: Some(PendingCheck::first(now)),
                 frames: HashMap::new(),
                 arena_size_mismatch: false,
+                baseline,
+                offsets: HeapOffsets::default(),
+                baseline_due,
             },
         );
     }
@@ -253,6 +278,10 @@ impl Observer {
         }
     }
 }
+
+/// How long a forked child runs before its baseline census: most forks
+/// exec another program within it.
+const FORK_BASELINE_DELAY: Duration = Duration::from_secs(1);
 
 /// Time since the process started, from its start time in procfs.
 fn process_age(pid: u32) -> Option<Duration> {

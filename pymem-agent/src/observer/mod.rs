@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use self::config::ObserverConfig;
 use crate::{
-    bpf::{Probes, events::EventStream},
+    bpf::{Probes, StatsReader, events::EventStream},
     census::{
         CensusFailure, CensusStage,
         stage::{CensusDone, CensusJob, CensusReply},
@@ -35,7 +35,7 @@ use crate::{
     cpython::{Frame, Symbolizer},
     discover::{BinaryId, Discoverer, PythonProcess, Skip},
     k8s::{self, PodCache},
-    model::{Accounting, AgentInfo, HeapHistory, Snapshot},
+    model::{Accounting, AgentInfo, HeapBaseline, HeapHistory, HeapOffsets, Snapshot},
     sites::{Site, SiteTracker},
 };
 
@@ -59,13 +59,23 @@ pub enum Query {
 
 pub type QuerySender = mpsc::Sender<Query>;
 
+/// How a process came to be inspected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FoundBy {
+    /// Its exec event: observed from its first allocations.
+    Exec,
+    /// A fork (no exec): it runs its parent's image with the imports done,
+    /// and holds its parent's heap.
+    Fork,
+    /// A scan of /proc: it ran before pymem found it.
+    Scan,
+}
+
 /// Results of work done off the loop.
 enum Found {
-    /// `forked`: found through a fork (no exec), so it runs its parent's
-    /// image with the imports done.
     Python {
         process: Box<PythonProcess>,
-        forked: bool,
+        found_by: FoundBy,
     },
     Skipped(u32, Skip),
     /// The full scan finished; the set of pids seen in /proc.
@@ -102,6 +112,12 @@ struct Observed {
     frames: HashMap<u64, Vec<Frame>>,
     /// Set (and warned about once) when the arena size looks wrong.
     arena_size_mismatch: bool,
+    /// Where `heap_bytes` starts from, and what a census found the process
+    /// held before it was observed.
+    baseline: HeapBaseline,
+    offsets: HeapOffsets,
+    /// When the baseline census is due (None: none wanted, or started).
+    baseline_due: Option<Instant>,
 }
 
 pub struct Observer {
@@ -127,6 +143,9 @@ pub struct Observer {
     /// Object censuses: requests, the running ones, the last two of each
     /// process.
     census: CensusStage,
+    /// The per-process kernel counters, for censuses to read while their
+    /// process is paused.
+    stats_reader: StatsReader,
 }
 
 impl Observer {
@@ -136,6 +155,7 @@ impl Observer {
     ) -> Result<(Self, EventStream, QuerySender)> {
         let (probes, ring) = Probes::load(config.kernel())?;
         let events = EventStream::new(ring)?;
+        let stats_reader = probes.stats_reader();
         let (found_tx, found_rx) = mpsc::unbounded_channel();
         let (query_tx, queries) = mpsc::channel(16);
         Ok((
@@ -155,6 +175,7 @@ impl Observer {
                 queries,
                 stackless_binaries: HashSet::new(),
                 census: CensusStage::new(config.census),
+                stats_reader,
             },
             events,
             query_tx,
@@ -242,11 +263,12 @@ impl Observer {
 
     fn on_found(&mut self, found: Found) {
         match found {
-            Found::Python { process, forked } => self.observe(*process, forked),
+            Found::Python { process, found_by } => self.observe(*process, found_by),
             Found::Skipped(pid, skip) => self.on_skipped(pid, skip),
             Found::ScanDone(pids) => self.on_scan_done(&pids),
             Found::StackCheck(checked) => self.on_layout_checked(*checked),
             Found::Census(done) => {
+                self.rebase(&done);
                 let next = self.census.finished(*done);
                 self.spawn_census(next);
             }
@@ -279,8 +301,56 @@ impl Observer {
     fn spawn_census(&self, job: Option<CensusJob>) {
         let Some(job) = job else { return };
         let tx = self.found_tx.clone();
+        let stats = self.stats_reader.clone();
         tokio::task::spawn_blocking(move || {
-            let _ = tx.send(Found::Census(Box::new(job.run())));
+            // No entry yet: nothing counted yet.
+            let done = job.run(move |pid| stats.read(pid).unwrap_or_default());
+            let _ = tx.send(Found::Census(Box::new(done)));
         });
+    }
+
+    /// Starts the baseline censuses that are due.
+    fn baseline_due(&mut self, now: Instant) {
+        let due: Vec<u32> = self
+            .observed
+            .iter()
+            .filter(|(_, o)| o.baseline_due.is_some_and(|at| at <= now))
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in due {
+            let observed = self.observed.get_mut(&pid).expect("due pid is observed");
+            observed.baseline_due = None;
+            let binary = observed.process.binary.clone();
+            let job = self.census.baseline(pid, &binary);
+            self.spawn_census(job);
+        }
+    }
+
+    /// A census of a process older than its observation says what it held
+    /// before: from now on its heap is the counters plus that. Every later
+    /// census measures it anew (the frees of memory older than the
+    /// observation are not seen by the probes).
+    fn rebase(&mut self, done: &CensusDone) {
+        let (Ok(census), Some(counters)) = (&done.result, &done.counters_at_copy) else {
+            return;
+        };
+        let Some(observed) = self.observed.get_mut(&done.pid) else {
+            return;
+        };
+        if observed.baseline == HeapBaseline::Observed || observed.since > done.started {
+            return;
+        }
+        observed.offsets = HeapOffsets::from_census(
+            census.heap.arena_bytes,
+            census.heap.outside_pymalloc_bytes,
+            counters,
+        );
+        if observed.baseline != HeapBaseline::Census {
+            info!(
+                "pid {}: heap baseline from a census: {} arena bytes and {} bytes outside pymalloc held before it was observed",
+                done.pid, census.heap.arena_bytes, observed.offsets.before_attach_bytes
+            );
+        }
+        observed.baseline = HeapBaseline::Census;
     }
 }

@@ -20,6 +20,7 @@ impl Observer {
     pub(super) fn sample(&mut self) {
         let now = Instant::now();
         self.attach_due(now);
+        self.baseline_due(now);
         self.retry_stack_checks(now);
         let page_size = procfs::page_size();
         let retain = self.config.history.as_secs_f64();
@@ -44,7 +45,7 @@ impl Observer {
             observed.last_sample = now;
             observed.stats = stats;
             check_arena_size(pid, observed);
-            let heap = HeapBreakdown::from_stats(&stats);
+            let heap = HeapBreakdown::from_stats(&stats, &observed.offsets);
             let t = now.duration_since(observed.since).as_secs_f64();
             observed.history.push(t, heap.total(), retain);
             let mut info = process_info(observed, heap, t, &self.config.policy);
@@ -146,6 +147,7 @@ fn process_info(o: &Observed, heap: HeapBreakdown, t: f64, policy: &LeakPolicy) 
         container_info: o.attribution.info(),
         arena_size_mismatch: o.arena_size_mismatch,
         census_unsupported: None,
+        heap_baseline: o.baseline,
     }
 }
 

@@ -19,7 +19,7 @@ use super::{
 use crate::{
     census::CensusReport,
     format,
-    model::{Accounting, ProcessInfo},
+    model::{Accounting, HeapBaseline, ProcessInfo},
     sites::{self, Site},
 };
 
@@ -342,11 +342,12 @@ fn process_summary(p: &ProcessInfo) -> Paragraph<'static> {
             label("Heap"),
             Span::raw(format::bytes(p.heap_bytes)).bold(),
             Span::raw(format!(
-                "  = arenas {} + raw {} + extensions {} + syscalls {}",
+                "  = arenas {} + raw {} + extensions {} + syscalls {}{}",
                 format::bytes(h.arena_bytes),
                 format::bytes(h.raw_bytes),
                 format::bytes(h.extension_bytes),
-                format::bytes(h.syscall_bytes)
+                format::bytes(h.syscall_bytes),
+                baseline_note(p)
             )),
         ]),
         Line::from(vec![
@@ -535,6 +536,18 @@ fn help_line(app: &App) -> Line<'static> {
         ]
     });
     Line::from(spans.collect::<Vec<_>>())
+}
+
+/// What the heap line adds for a process older than its observation.
+fn baseline_note(p: &ProcessInfo) -> String {
+    match p.heap_baseline {
+        HeapBaseline::Observed => String::new(),
+        HeapBaseline::Census => format!(
+            " + before attach {} (census)",
+            format::bytes(p.heap.before_attach_bytes)
+        ),
+        HeapBaseline::SinceAttach => "  (since attach: no census yet)".into(),
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 #[macro_use]
 mod common;
 
+mod baseline;
 mod census;
 mod core;
 mod deploy;

@@ -6,6 +6,10 @@ Reads one command per line on stdin, answers one JSON line on stdout:
   leak_bytes SECONDS PERSEC -> leak 8 KiB bytes objects; answers their exact sizes
   leak_numpy SECONDS PERSEC -> leak 256 KiB numpy arrays; answers their nbytes
   churn SECONDS             -> allocate and free heavily with no net growth
+  hold_dicts N              -> N more small dicts held in a list; answers the
+                               bytes held outside pymalloc (the list's buffer)
+  hold_blobs N SIZE         -> N more SIZE-byte bytes objects held in a list;
+                               answers their exact bytes outside pymalloc
   has_module NAME           -> whether NAME imports here (numpy is optional)
   mmap_via ADDR SIZE COUNT  -> COUNT anonymous private RW mappings of SIZE
                                bytes through the function at ADDR (a PLT stub
@@ -112,6 +116,24 @@ def churn(seconds):
     return {"rounds": rounds}
 
 
+held = []         # hold_dicts / hold_blobs
+
+
+def outside_pymalloc(objects):
+    """Bytes of objects too big for pymalloc (over 512 bytes), by getsizeof."""
+    return sum(n for n in map(sys.getsizeof, objects) if n > 512)
+
+
+def hold_dicts(n):
+    held.extend({"k": i} for i in range(int(n)))
+    return {"held": len(held), "outside_bytes": outside_pymalloc([held])}
+
+
+def hold_blobs(n, size):
+    held.extend(os.urandom(int(size)) for _ in range(int(n)))
+    return {"held": len(held), "outside_bytes": outside_pymalloc([held] + held)}
+
+
 def has_module(name):
     try:
         __import__(name)
@@ -150,6 +172,10 @@ def main():
             out = leak_numpy(*args)
         elif cmd == "churn":
             out = churn(*args)
+        elif cmd == "hold_dicts":
+            out = hold_dicts(*args)
+        elif cmd == "hold_blobs":
+            out = hold_blobs(*args)
         elif cmd == "mmap_via":
             out = mmap_via(*args)
         elif cmd == "exit":
