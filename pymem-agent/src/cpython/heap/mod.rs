@@ -4,7 +4,8 @@
 //! Contract between the engine (this folder) and the census stage
 //! (`crate::census`): the stage pauses the target, calls [`capture`] to copy
 //! its memory, resumes it, then calls [`take_census`] on the copy, off the
-//! observer's event loop.
+//! observer's event loop. The same pass finds what holds the memory
+//! ([`HeapHolders`]): roots by retained size, from the reference graph.
 use serde::{Deserialize, Serialize};
 
 mod census;
@@ -52,4 +53,58 @@ pub struct HeapCensus {
     pub outside_pymalloc_bytes: u64,
     /// What could not be read or validated (skipped pools, cut-off lists).
     pub warnings: Vec<String>,
+    /// What holds the memory (module globals, class attributes, frame
+    /// locals), by retained size.
+    #[serde(default)]
+    pub holders: HeapHolders,
+}
+
+/// The roots that keep the heap alive, heaviest retained first, from a
+/// dominator tree over the reference graph of the census's copy. Only
+/// names (of globals, attributes, locals, types), lengths and sizes: never
+/// values.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeapHolders {
+    /// Roots, heaviest `retained_bytes` first (the heaviest few hundred).
+    pub holders: Vec<Holder>,
+    /// Bytes of the census's objects some root reaches.
+    pub reachable_bytes: u64,
+    /// Bytes of the census's objects no root reaches: garbage awaiting the
+    /// collector, or held by C code or by objects the graph does not follow.
+    pub unreachable_bytes: u64,
+    /// Types whose referents the graph does not decode: their objects
+    /// count their own size and nothing behind them is followed.
+    pub opaque_types: Vec<String>,
+    /// Why the holders are incomplete or missing (an unreadable
+    /// `sys.modules`, a graph cut at its memory budget, …).
+    pub warnings: Vec<String>,
+}
+
+/// One holder: a root, or (in `children`) the objects under one edge of
+/// its dominator subtree grouped by type.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// A root: `module.global` (`__main__.CACHE`), `module.Class.attr`, or
+    /// `thread N / function / local` for a frame local. A child: the edge
+    /// from its parent (`[*]` for container items, `values`, `keys`,
+    /// `.attr` for an attribute).
+    pub name: String,
+    /// The type, as Python names it (`dict`, `module.QualName`).
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// `len()` of a root that is a container; None otherwise (and for
+    /// children, which are groups).
+    pub length: Option<u64>,
+    /// Objects this entry stands for: 1 for a root; for a child, the
+    /// objects of this type under this edge.
+    pub count: u64,
+    /// What would be freed if this root's reference were dropped (for a
+    /// child: the sum over its objects of what only they keep alive).
+    pub retained_bytes: u64,
+    /// Everything reachable from it, shared objects included (immortal and
+    /// shared objects — types, modules, code, interned strings, small ints
+    /// — excluded).
+    pub deep_bytes: u64,
+    /// The heaviest children by retained size, a few levels deep.
+    pub children: Vec<Holder>,
 }
