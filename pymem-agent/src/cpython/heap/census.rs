@@ -7,6 +7,8 @@ use std::collections::{HashMap, HashSet};
 
 use super::{CensusError, CensusTarget, HeapCensus, HeapImage, TypeStats};
 
+mod holders;
+
 const TPFLAGS_INLINE_VALUES: u64 = 1 << 2;
 const TPFLAGS_MANAGED_WEAKREF: u64 = 1 << 3;
 const TPFLAGS_MANAGED_DICT: u64 = 1 << 4;
@@ -55,6 +57,8 @@ enum Kind {
     Tuple,
     Dict,
     Set,
+    /// `numpy.ndarray`: its data buffer is part of its size.
+    NdArray,
     Other,
 }
 
@@ -270,6 +274,8 @@ impl<'a> Census<'a> {
             Kind::Dict
         } else if self.core.set_types.contains(&addr) {
             Kind::Set
+        } else if name == "numpy.ndarray" {
+            Kind::NdArray
         } else {
             Kind::Other
         };
@@ -365,6 +371,7 @@ impl<'a> Census<'a> {
         self.walk_pools(&mut result);
         self.follow_references();
         self.tally(&mut result);
+        result.holders = self.holders();
         result.warnings = std::mem::take(&mut self.warnings);
         Ok(result)
     }
@@ -922,6 +929,11 @@ impl<'a> Census<'a> {
                 let items = image.i64(obj.wrapping_add(16)).map_or(0, bounded) * info.itemsize;
                 (base + items, Vec::new())
             }
+            Kind::NdArray => match self.ndarray_data(obj) {
+                // numpy's `__sizeof__` adds the data an array owns.
+                Some((data, bytes)) => (base + bytes, vec![(data, bytes)]),
+                None => (base, Vec::new()),
+            },
             Kind::Other => {
                 // Types with an item size but no `ob_size` (3.11+ generators
                 // size themselves from their code object) read garbage
@@ -937,6 +949,39 @@ impl<'a> Census<'a> {
                 (base + items, Vec::new())
             }
         }
+    }
+
+    /// The data buffer an array owns (`NPY_ARRAY_OWNDATA`) and its bytes:
+    /// the product of its dimensions times its item size, the smallest
+    /// stride of a contiguous array (the fields numpy's ABI keeps fixed:
+    /// data, nd, dimensions, strides, base, descr, flags).
+    fn ndarray_data(&self, obj: u64) -> Option<(u64, u64)> {
+        const OWNDATA: i32 = 0x4;
+        let image = self.image;
+        let data = image.u64(obj.wrapping_add(16))?;
+        let nd = image.i32(obj.wrapping_add(24))?;
+        let flags = image.i32(obj.wrapping_add(64))?;
+        if flags & OWNDATA == 0 || data == 0 || !(1..=32).contains(&nd) {
+            return None;
+        }
+        let nd = nd as u64;
+        let dims = image.bytes(image.u64(obj.wrapping_add(32))?, nd * 8)?;
+        let strides = image.bytes(image.u64(obj.wrapping_add(40))?, nd * 8)?;
+        let word = |b: &[u8]| i64::from_le_bytes(b.try_into().unwrap_or_default());
+        let mut elements: u64 = 1;
+        for dim in dims.chunks_exact(8).map(word) {
+            elements = elements.checked_mul(u64::try_from(dim).ok()?)?;
+        }
+        let item = strides
+            .chunks_exact(8)
+            .map(word)
+            .map(i64::unsigned_abs)
+            .filter(|&s| s > 0)
+            .min()
+            .unwrap_or(0)
+            .min(64);
+        let bytes = elements.checked_mul(item)?;
+        (bytes < 1 << 40).then_some((data, bytes))
     }
 
     /// A str's `sys.getsizeof` and its separate buffers (legacy data, UTF-8).

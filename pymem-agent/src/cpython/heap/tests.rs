@@ -197,6 +197,33 @@ print(json.dumps(truth), flush=True)
 time.sleep(600)
 "#;
 
+/// `ORDERS`, a list of 200,000 instances, and `TOKENS`, a dict of 100,000
+/// small dicts, with the bytes tracemalloc saw allocated (and kept) while
+/// each was built.
+const HOLDERS: &str = r#"
+import json, sys, time, tracemalloc
+class Order:
+    def __init__(self, i):
+        self.id = 1_000_000 + i
+        self.name = 'order-%08d' % i
+        self.price = i + 0.25
+tracemalloc.start()
+before = tracemalloc.get_traced_memory()[0]
+ORDERS = [Order(i) for i in range(200_000)]
+built = tracemalloc.get_traced_memory()[0]
+TOKENS = {'token-%08d' % i: {'user': 1_000_000 + i, 'ok': True} for i in range(100_000)}
+done = tracemalloc.get_traced_memory()[0]
+tracemalloc.stop()
+truth = {
+    'orders': len(ORDERS),
+    'orders_bytes': built - before,
+    'tokens': len(TOKENS),
+    'tokens_bytes': done - built,
+}
+print(json.dumps(truth), flush=True)
+time.sleep(600)
+"#;
+
 fn stats<'c>(census: &'c HeapCensus, name: &str) -> Option<&'c TypeStats> {
     census.types.iter().find(|t| t.type_name == name)
 }
@@ -298,6 +325,73 @@ fn check_blobs(python: &Python) -> Option<String> {
     (!failures.is_empty()).then(|| failures.join(", "))
 }
 
+fn check_holders(python: &Python) -> Option<String> {
+    let workload = Workload::start(python, HOLDERS);
+    let census = match workload.census(&python.label) {
+        Ok(census) => census,
+        Err(e) => return Some(format!("{e}")),
+    };
+    let truth = &workload.truth;
+    let holders = &census.holders;
+    let top: Vec<String> = holders
+        .holders
+        .iter()
+        .take(5)
+        .map(|h| {
+            format!(
+                "{} {} len {:?} retained {} deep {}",
+                h.name, h.type_name, h.length, h.retained_bytes, h.deep_bytes
+            )
+        })
+        .collect();
+    eprintln!(
+        "{}: holders {top:#?}; truth {truth}; reachable {} unreachable {}; opaque {:?}; warnings {:?}",
+        python.label,
+        holders.reachable_bytes,
+        holders.unreachable_bytes,
+        holders.opaque_types,
+        holders.warnings
+    );
+    if let Some(first) = holders.holders.first() {
+        eprintln!(
+            "{}: children of the first {:#?}",
+            python.label, first.children
+        );
+    }
+    let mut failures = Vec::new();
+    for (rank, (name, len, bytes)) in [
+        ("__main__.ORDERS", "orders", "orders_bytes"),
+        ("__main__.TOKENS", "tokens", "tokens_bytes"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let found = holders.holders.iter().position(|h| h.name == name);
+        match found {
+            Some(i) if i < 2 => {
+                let h = &holders.holders[i];
+                if h.length != Some(get(truth, len)) {
+                    failures.push(format!("{name} length {:?}", h.length));
+                }
+                if !within(h.retained_bytes, get(truth, bytes), 0.15) {
+                    failures.push(format!(
+                        "{name} retained {} vs {}",
+                        h.retained_bytes,
+                        get(truth, bytes)
+                    ));
+                }
+                if h.deep_bytes < h.retained_bytes {
+                    failures.push(format!("{name} deep below retained"));
+                }
+            }
+            other => failures.push(format!(
+                "{name} at rank {other:?}, expected among the top two ({rank})"
+            )),
+        }
+    }
+    (!failures.is_empty()).then(|| failures.join(", "))
+}
+
 fn run_everywhere(check: fn(&Python) -> Option<String>) {
     let failures: Vec<String> = interpreters()
         .iter()
@@ -309,6 +403,11 @@ fn run_everywhere(check: fn(&Python) -> Option<String>) {
 #[test]
 fn census_of_records_and_untracked_dicts_matches_the_process() {
     run_everywhere(check_records);
+}
+
+#[test]
+fn holders_are_the_globals_that_keep_the_heap_with_their_retained_bytes() {
+    run_everywhere(check_holders);
 }
 
 #[test]
