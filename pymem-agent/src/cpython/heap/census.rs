@@ -433,18 +433,26 @@ impl<'a> Census<'a> {
         Some(gc_state + 24)
     }
 
-    fn find_gc_heads(&mut self) -> Result<Vec<u64>, CensusError> {
+    /// Candidate addresses of the main interpreter's state: what
+    /// `_PyRuntime.interpreters.head` holds (its offset from
+    /// `_Py_DebugOffsets`, else each plausible one).
+    fn interpreter_candidates(&self) -> Vec<u64> {
         let image = self.image;
         let runtime = self.target.runtime;
         let head_offsets: Vec<u64> = match self.target.interpreters_head_offset {
             Some(offset) => vec![offset],
             None => (24..=64).step_by(8).collect(),
         };
-        let interps: Vec<u64> = head_offsets
+        head_offsets
             .iter()
             .filter_map(|&offset| image.u64(runtime.wrapping_add(offset)))
             .filter(|&p| p != 0 && p % 8 == 0 && image.contains(p))
-            .collect();
+            .collect()
+    }
+
+    fn find_gc_heads(&mut self) -> Result<Vec<u64>, CensusError> {
+        let runtime = self.target.runtime;
+        let interps = self.interpreter_candidates();
         if let Some(expected) = self.expected_gc_offset() {
             for &interp in &interps {
                 if let Some((heads, _)) = self.gc_heads_at(interp + expected) {

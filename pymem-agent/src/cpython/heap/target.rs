@@ -3,7 +3,11 @@
 use anyhow::{Result, anyhow};
 
 use crate::{
-    cpython::{PyVersion, layout::load_bias},
+    cpython::{
+        PyVersion,
+        layout::load_bias,
+        offsets::{VersionOffsets, offsets_for},
+    },
     discover::Binary,
 };
 
@@ -19,6 +23,10 @@ pub struct CensusTarget {
     pub interpreters_head_offset: Option<u64>,
     /// Exported `*_Type` objects: symbol name and run-time address.
     pub static_types: Vec<(String, u64)>,
+    /// `PyInterpreterState.threads.head` from `_Py_DebugOffsets` (3.13+).
+    pub threads_head_offset: Option<u64>,
+    /// Thread states and frames, for the locals of each thread's frames.
+    pub(crate) frames: Option<VersionOffsets>,
 }
 
 impl CensusTarget {
@@ -43,6 +51,8 @@ impl CensusTarget {
                 .iter()
                 .map(|(name, addr)| (name.clone(), addr.wrapping_add(bias)))
                 .collect(),
+            threads_head_offset: interp.stack_offsets.map(|s| s.interp_threads_head),
+            frames: offsets_for(interp),
         }
     }
 

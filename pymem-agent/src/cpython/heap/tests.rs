@@ -201,7 +201,11 @@ time.sleep(600)
 /// small dicts, with the bytes tracemalloc saw allocated (and kept) while
 /// each was built.
 const HOLDERS: &str = r#"
-import json, sys, time, tracemalloc
+import json, sys, threading, time, tracemalloc
+def hold_batch(ready):
+    batch = [1_000_000 + i for i in range(100_000)]
+    ready.set()
+    time.sleep(600)
 class Order:
     def __init__(self, i):
         self.id = 1_000_000 + i
@@ -214,6 +218,9 @@ built = tracemalloc.get_traced_memory()[0]
 TOKENS = {'token-%08d' % i: {'user': 1_000_000 + i, 'ok': True} for i in range(100_000)}
 done = tracemalloc.get_traced_memory()[0]
 tracemalloc.stop()
+ready = threading.Event()
+threading.Thread(target=hold_batch, args=(ready,), daemon=True).start()
+ready.wait()
 truth = {
     'orders': len(ORDERS),
     'orders_bytes': built - before,
@@ -389,6 +396,14 @@ fn check_holders(python: &Python) -> Option<String> {
             )),
         }
     }
+    match holders
+        .holders
+        .iter()
+        .find(|h| h.name.ends_with("/ hold_batch / batch"))
+    {
+        Some(h) if h.length == Some(100_000) && h.name.starts_with("thread 2 /") => {}
+        other => failures.push(format!("the thread's local: {other:?}")),
+    }
     (!failures.is_empty()).then(|| failures.join(", "))
 }
 
@@ -465,6 +480,8 @@ fn census_of_random_bytes_is_refused_without_panic() {
                 .enumerate()
                 .map(|(i, name)| (name.to_string(), start + 8192 * (i as u64 + 1)))
                 .collect(),
+            threads_head_offset: None,
+            frames: None,
         };
         let result = take_census(&image, &target);
         assert!(

@@ -117,7 +117,8 @@ impl Census<'_> {
                 stop[i as usize] |= STOP;
             }
         }
-        let roots = self.roots(&module_dicts, &index, shared);
+        let mut roots = self.roots(&module_dicts, &index, shared);
+        self.frame_roots(&index, shared, &mut roots, &mut out.warnings);
         let Some(graph) = self.graph(&index, stop, &roots, shared) else {
             out.warnings.push(format!(
                 "the reference graph has more than {MAX_EDGES} edges: holders not computed"
@@ -315,6 +316,132 @@ impl Census<'_> {
             }
         }
         roots
+    }
+
+    /// The locals of every thread's frames, named `thread N / function /
+    /// local` (thread 1 is the oldest, the main thread). Objects a global
+    /// already holds stay that global's.
+    fn frame_roots(
+        &self,
+        index: &HashMap<u64, u32>,
+        shared: SharedTypes,
+        roots: &mut Vec<Root>,
+        warnings: &mut Vec<String>,
+    ) {
+        let Some(offsets) = self.target.frames else {
+            return;
+        };
+        let image = self.image;
+        let minor = self.layout.minor;
+        let held: std::collections::HashSet<u32> = roots.iter().map(|r| r.object).collect();
+        let mut added = std::collections::HashSet::new();
+        // The thread list's head (`_Py_DebugOffsets` says where, 3.13+;
+        // before, the interpreter state's first KiB is searched): a pointer
+        // to a thread state whose `interp` (prev, next, interp lead
+        // every version's PyThreadState) points back and that has no prev.
+        let offsets_to_try: Vec<u64> = match self.target.threads_head_offset {
+            Some(offset) => vec![offset],
+            None => (8..=1024u64).step_by(8).collect(),
+        };
+        let head = self
+            .interpreter_candidates()
+            .into_iter()
+            .find_map(|interp| {
+                offsets_to_try.iter().find_map(|&offset| {
+                    let tstate = image.u64(interp.wrapping_add(offset))?;
+                    (tstate != 0
+                        && tstate % 8 == 0
+                        && image.u64(tstate.wrapping_add(16)) == Some(interp)
+                        && image.u64(tstate) == Some(0))
+                    .then_some(tstate)
+                })
+            });
+        let Some(head) = head else {
+            warnings.push("no thread states found: frame locals are not roots".into());
+            return;
+        };
+        let mut threads = Vec::new();
+        let mut at = head;
+        while at != 0 && threads.len() < 4096 {
+            threads.push(at);
+            at = image.u64(at.wrapping_add(8)).unwrap_or(0);
+        }
+        let (localsplus, names_at) = match minor {
+            ..=10 => (0, offsets.code.filename.wrapping_sub(32)),
+            11..=13 => (72, offsets.code.filename.wrapping_sub(16)),
+            _ => (80, offsets.code.filename.wrapping_sub(16)),
+        };
+        // Frame objects (3.8–3.10) keep their locals at their end.
+        let frame_locals = self
+            .target
+            .static_type("PyFrame_Type")
+            .and_then(|t| self.types.get(&t))
+            .map_or(0, |t| t.basicsize.saturating_sub(8));
+        for (n, &tstate) in threads.iter().rev().enumerate() {
+            let Some(mut frame) = image.u64(tstate.wrapping_add(offsets.tstate_frame)) else {
+                continue;
+            };
+            if offsets.cframe_frame != pymem_common::NO_OFFSET {
+                frame = image
+                    .u64(frame.wrapping_add(offsets.cframe_frame))
+                    .unwrap_or(0);
+            }
+            for _ in 0..1024 {
+                if frame == 0 {
+                    break;
+                }
+                let owner = image
+                    .u8(frame.wrapping_add(offsets.frame_owner))
+                    .unwrap_or(0);
+                let code = image
+                    .u64(frame.wrapping_add(offsets.frame_code))
+                    .unwrap_or(0)
+                    & !7;
+                let back = image
+                    .u64(frame.wrapping_add(offsets.frame_back))
+                    .unwrap_or(0);
+                if u64::from(owner) < offsets.first_shim_owner
+                    && let Some(function) = self
+                        .ascii_text(image.u64(code.wrapping_add(offsets.code.name)).unwrap_or(0))
+                    && let Some(names) = image.u64(code.wrapping_add(names_at))
+                    && image.u64(names.wrapping_add(8)) == self.target.static_type("PyTuple_Type")
+                {
+                    let count = image
+                        .i64(names.wrapping_add(16))
+                        .unwrap_or(0)
+                        .clamp(0, 1 << 16) as u64;
+                    let base = if minor <= 10 {
+                        frame + frame_locals
+                    } else {
+                        frame + localsplus
+                    };
+                    for i in 0..count {
+                        let Some(name) = image
+                            .u64(names + self.core.tuple_items + i * 8)
+                            .and_then(|key| self.ascii_text(key))
+                        else {
+                            continue;
+                        };
+                        // 3.14 tags its stack references in the low bits.
+                        let value = image.u64(base + i * 8).unwrap_or(0) & !3;
+                        let Some(&object) = index.get(&value) else {
+                            continue;
+                        };
+                        if held.contains(&object)
+                            || self.is_shared(value, shared)
+                            || !added.insert(object)
+                        {
+                            continue;
+                        }
+                        roots.push(Root {
+                            name: format!("thread {} / {function} / {name}", n + 1),
+                            object,
+                        });
+                    }
+                }
+                frame = back;
+            }
+        }
     }
 
     fn is_class(&self, obj: u64) -> bool {
