@@ -8,7 +8,7 @@
 //! (the one in the detail view, if any).
 mod app;
 pub mod source;
-mod text;
+pub(crate) mod text;
 mod ui;
 
 use std::{
