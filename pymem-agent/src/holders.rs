@@ -285,6 +285,13 @@ pub(crate) mod tests {
         trim_depth(&mut trimmed, 1);
         assert_eq!(trimmed[0].children[0].name, "[*]");
         assert!(trimmed[0].children[0].children.is_empty());
+
+        // What a snapshot keeps: the first roots, two levels, the totals.
+        let mut kept = sample_holders();
+        keep(&mut kept, 2, 1);
+        assert_eq!(kept.holders.len(), 2);
+        assert_eq!(depth_of(&kept.holders), 2);
+        assert_eq!(kept.reachable_bytes, sample_holders().reachable_bytes);
     }
 
     #[test]
