@@ -32,7 +32,7 @@ use self::{
 use crate::{
     census::CensusReport,
     client::{AgentClient, Caller},
-    format,
+    format, holders,
     model::ProcessInfo,
     observer::config::ObserveArgs,
     sites::Site,
@@ -274,6 +274,11 @@ fn spawn_data_thread(
                 if let Some(pid) = sites_of.filter(|&pid| census.due(pid)) {
                     let types = source
                         .census(pid, CENSUS_EVERY, true, TYPES_SHOWN)
+                        .map(|mut report| {
+                            // The detail view shows a few roots, no children.
+                            holders::keep(&mut report.census.heap.holders, HOLDERS_SHOWN, 0);
+                            report
+                        })
                         .map_err(|e| format!("{e:#}"));
                     if events.send(Event::Types(pid, types)).is_err() {
                         return;
@@ -289,6 +294,8 @@ fn spawn_data_thread(
 const CENSUS_EVERY: Duration = Duration::from_secs(60);
 /// Types the detail view asks for (more than fit any block).
 const TYPES_SHOWN: usize = 50;
+/// Holders (roots) the detail view keeps of each census.
+const HOLDERS_SHOWN: usize = 10;
 
 /// When the detail view's process is due for its next census.
 #[derive(Default)]
