@@ -9,8 +9,8 @@ use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::cpython::heap::{HeapHolders, Holder};
 use crate::census::Census;
+pub use crate::cpython::heap::{HeapHolders, Holder};
 
 /// Roots a snapshot keeps of its census's holders.
 pub const SNAPSHOT_HOLDERS: usize = 50;
@@ -339,7 +339,8 @@ pub(crate) mod tests {
             ..HeapHolders::default()
         };
         let rows = growth(&old, &new);
-        let summary: Vec<(&str, u64, u64, i64, Option<i64>, bool, bool)> = rows
+        type Row<'a> = (&'a str, u64, u64, i64, Option<i64>, bool, bool);
+        let summary: Vec<Row> = rows
             .iter()
             .map(|r| {
                 (
@@ -356,7 +357,15 @@ pub(crate) mod tests {
         assert_eq!(
             summary,
             [
-                ("__main__.CACHE", 1000, 101_000, 100_000, Some(1000), false, false),
+                (
+                    "__main__.CACHE",
+                    1000,
+                    101_000,
+                    100_000,
+                    Some(1000),
+                    false,
+                    false
+                ),
                 ("__main__.FRESH", 0, 400, 400, None, true, false),
                 ("__main__.GONE", 500, 0, -500, None, false, true),
             ],

@@ -205,7 +205,8 @@ pub fn holder_growth_table(rows: &[HolderGrowth], limit: usize) -> String {
             signed_bytes(g.retained_delta),
             length(g.length_before),
             length(g.length),
-            g.length_delta.map_or_else(String::new, |d| format!("{d:+}")),
+            g.length_delta
+                .map_or_else(String::new, |d| format!("{d:+}")),
             truncate(&g.name, HOLDER_WIDTH),
             g.type_name,
         );

@@ -71,7 +71,12 @@ pub fn render_text(report: &HoldersReport, depth: usize) -> String {
             flatten(root, 0, depth, &mut rows);
         }
         let width = |f: &dyn Fn(&(usize, &Holder)) -> usize, header: &str, max: usize| {
-            rows.iter().map(f).max().unwrap_or(0).max(header.len()).min(max)
+            rows.iter()
+                .map(f)
+                .max()
+                .unwrap_or(0)
+                .max(header.len())
+                .min(max)
         };
         let name_width = width(
             &|(level, h)| level * INDENT + h.name.chars().count(),
@@ -134,7 +139,12 @@ fn length(holder: &Holder, level: usize) -> String {
 }
 
 /// `holder` and its children to `depth` levels, in display order.
-fn flatten<'a>(holder: &'a Holder, level: usize, depth: usize, rows: &mut Vec<(usize, &'a Holder)>) {
+fn flatten<'a>(
+    holder: &'a Holder,
+    level: usize,
+    depth: usize,
+    rows: &mut Vec<(usize, &'a Holder)>,
+) {
     rows.push((level, holder));
     if level < depth {
         for child in &holder.children {

@@ -165,8 +165,9 @@ enum Event {
     Data(Result<Vec<ProcessInfo>, String>),
     /// The allocation sites of one process.
     Sites(u32, Result<Vec<Site>, String>),
-    /// The object census of one process.
-    Types(u32, Result<CensusReport, String>),
+    /// The object census of one process (boxed: a census is far bigger
+    /// than the other events).
+    Types(u32, Box<Result<CensusReport, String>>),
 }
 
 /// What the data thread fetches besides the processes: the sites of this
@@ -224,7 +225,7 @@ fn event_loop(
             Event::Resize => {} // the next draw uses the new size
             Event::Data(data) => app.on_data(data),
             Event::Sites(pid, sites) => app.on_sites(pid, sites),
-            Event::Types(pid, types) => app.on_types(pid, types),
+            Event::Types(pid, types) => app.on_types(pid, *types),
         }
         if app.should_quit {
             return Ok(());
@@ -280,7 +281,7 @@ fn spawn_data_thread(
                             report
                         })
                         .map_err(|e| format!("{e:#}"));
-                    if events.send(Event::Types(pid, types)).is_err() {
+                    if events.send(Event::Types(pid, Box::new(types))).is_err() {
                         return;
                     }
                 }
