@@ -291,3 +291,53 @@ fn pymem_holders_json_with_the_embedded_observer_ranks_the_globals() {
     assert_eq!(report.pid, work.pid);
     assert_top_two_are_the_globals(&report.holders.holders, &truth);
 }
+
+fn pymem(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_pymem"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "pymem {args:?}: {stderr}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Two snapshots around 50,000 more orders: each keeps at most 50 holders
+/// two levels deep, and the diff puts ORDERS' growth first (the last part
+/// needs the holders engine).
+#[test]
+fn snapshots_keep_the_holders_and_diff_shows_their_growth() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let (agent, mut work, truth) = observed_workload(&python);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let pid = work.pid.to_string();
+    let port = agent.port.to_string();
+    pymem(&["snapshot", &pid, "-o", a, "--agent", &port]);
+    let grown = work.command("grow 50000")["orders"]["len"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(grown, truth["orders"]["len"].as_u64().unwrap() + 50_000);
+    pymem(&["snapshot", &pid, "-o", b, "--agent", &port]);
+    for path in [a, b] {
+        let snapshot: pymem_agent::cli::snapshot::SiteSnapshot =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let census = snapshot
+            .census
+            .unwrap_or_else(|| panic!("no census: {:?}", snapshot.census_error));
+        let holders = &census.heap.holders.holders;
+        assert!(holders.len() <= 50, "{} holders kept", holders.len());
+        assert!(depth_of(holders) <= 3, "roots and two levels of children");
+    }
+    let diff: Value = serde_json::from_str(&pymem(&["diff", a, b, "--json"])).unwrap();
+    let first = &diff["holders"][0];
+    assert_eq!(first["name"], "__main__.ORDERS", "{:#}", diff["holders"]);
+    assert_eq!(first["length_delta"], 50_000, "{first}");
+    assert!(first["retained_delta"].as_i64().unwrap() > 0, "{first}");
+    let text = pymem(&["diff", a, b]);
+    assert!(
+        text.contains("Holder growth between the censuses:\n"),
+        "{text}"
+    );
+}

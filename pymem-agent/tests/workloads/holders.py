@@ -1,8 +1,9 @@
 """A heap with known holders for pymem's holders tests (Python 3.8+).
 
 Builds, then prints one JSON line of ground truth measured here, inside the
-process (never by pymem), and waits on stdin (any line: the same answer
-again; `exit` or end of input: exits):
+process (never by pymem), and waits on stdin (`grow N`: N more orders in
+ORDERS; any other line: the same answer again, updated; `exit` or end of
+input: exits):
   ORDERS  module global: a list of 200,000 Order instances, each with a
           unique int, str and float attribute
   TOKENS  module global: a dict of 100,000 small dicts
@@ -75,6 +76,11 @@ truth = {
 }
 print(json.dumps(truth), flush=True)
 for line in sys.stdin:
-    if line.strip() == "exit":
+    command = line.split()
+    if command == ["exit"]:
         break
+    if len(command) == 2 and command[0] == "grow":
+        start = len(ORDERS)
+        ORDERS.extend(Order(start + i) for i in range(int(command[1])))
+        truth["orders"]["len"] = len(ORDERS)
     print(json.dumps(truth), flush=True)
