@@ -8,6 +8,7 @@ use ureq::http::StatusCode;
 
 use crate::{
     census::{CensusErrorBody, CensusReport},
+    holders::HoldersReport,
     model::ProcessInfo,
     sites::Site,
 };
@@ -102,6 +103,24 @@ impl AgentClient {
             u8::from(growth)
         );
         self.get_json_within(&path, "the object census", CENSUS_TIMEOUT)
+    }
+
+    /// What holds the memory of `pid`, from a census no older than
+    /// `max_age`: the first `limit` roots (0 = all) with `depth` levels of
+    /// children (None = all), with the census's totals.
+    pub fn holders(
+        &self,
+        pid: u32,
+        max_age: Duration,
+        limit: usize,
+        depth: Option<usize>,
+    ) -> Result<HoldersReport> {
+        let depth = depth.map_or_else(String::new, |d| format!("&depth={d}"));
+        let path = format!(
+            "/api/v1/processes/{pid}/holders?report=1&max_age={}&limit={limit}{depth}",
+            max_age.as_secs_f64(),
+        );
+        self.get_json_within(&path, "the holders", CENSUS_TIMEOUT)
     }
 
     /// Whether an agent answers at all (a quick liveness check).

@@ -8,6 +8,7 @@ pub mod cpython;
 pub mod discover;
 pub mod export;
 pub mod format;
+pub mod holders;
 pub mod k8s;
 pub mod model;
 pub mod observer;

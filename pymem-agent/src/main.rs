@@ -47,6 +47,9 @@ enum Command {
     /// What a process's heap holds: live objects by type (an object
     /// census, which pauses the process while its heap is copied).
     Types(cli::TypesArgs),
+    /// Which variables hold a process's memory: module globals, class
+    /// attributes and frame locals by retained size (from an object census).
+    Holders(cli::HoldersArgs),
 }
 
 #[derive(clap::Args)]
@@ -89,6 +92,7 @@ fn main() -> Result<()> {
         Command::Snapshot(args) => cli::run_snapshot(args),
         Command::Diff(args) => cli::run_diff(args),
         Command::Types(args) => cli::run_types(args),
+        Command::Holders(args) => cli::run_holders(args),
     }
 }
 

@@ -1,5 +1,6 @@
 //! `pymem diff`: what changed between two site snapshots, per Python line,
-//! in the manner of tracemalloc's `Snapshot.compare_to(old, 'lineno')`.
+//! in the manner of tracemalloc's `Snapshot.compare_to(old, 'lineno')`;
+//! with the snapshots' censuses, per type and per holder too.
 use std::{
     collections::{HashMap, HashSet},
     fmt::Write as _,
@@ -7,11 +8,17 @@ use std::{
 
 use serde::Serialize;
 
-use super::{snapshot::SiteSnapshot, table::shown, types::growth_table};
+use super::{
+    snapshot::SiteSnapshot,
+    table::shown,
+    types::{growth_table, signed_bytes},
+};
 use crate::{
     census::{TypeGrowth, growth},
-    format::tracemalloc_size,
+    format::{self, tracemalloc_size},
+    holders::{self, HolderGrowth},
     sites::{Site, location},
+    top::text::truncate,
 };
 
 /// One site in both snapshots (zero where it is absent).
@@ -46,6 +53,10 @@ pub struct SnapshotDiff {
     /// growth first); empty unless both have one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub types: Vec<TypeGrowth>,
+    /// Growth per holder (root) between the censuses, biggest retained
+    /// growth first; empty unless both have a census.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<HolderGrowth>,
 }
 
 type SiteKey<'a> = (&'a str, &'a str, i64);
@@ -89,6 +100,10 @@ pub fn compare(old: &SiteSnapshot, new: &SiteSnapshot) -> SnapshotDiff {
         sites,
         types: match (&old.census, &new.census) {
             (Some(old), Some(new)) => growth(Some(&old.heap), &new.heap),
+            _ => Vec::new(),
+        },
+        holders: match (&old.census, &new.census) {
+            (Some(old), Some(new)) => holders::growth(&old.heap.holders, &new.heap.holders),
             _ => Vec::new(),
         },
     }
@@ -156,6 +171,52 @@ pub fn render_text(diff: &SnapshotDiff, limit: usize) -> String {
     if !diff.types.is_empty() {
         out.push_str("\nType growth between the censuses:\n");
         out.push_str(&growth_table(&diff.types, limit));
+    }
+    if !diff.holders.is_empty() {
+        out.push_str("\nHolder growth between the censuses:\n");
+        out.push_str(&holder_growth_table(&diff.holders, limit));
+    }
+    out
+}
+
+/// Widest holder name before it is cut (with `…`).
+const HOLDER_WIDTH: usize = 60;
+
+/// RETAINED before -> after, +RETAINED, LENGTH before -> after, NAME
+/// (TYPE): biggest retained growth first; `new` and `gone` roots marked.
+pub fn holder_growth_table(rows: &[HolderGrowth], limit: usize) -> String {
+    let shown = shown(rows.len(), limit);
+    let mut out = format!(
+        "{:>10}  {:>10}  {:>11}  {:>8}  {:>8}  {:>9}  HOLDER\n",
+        "BEFORE", "RETAINED", "+RETAINED", "LEN WAS", "LENGTH", "+LENGTH"
+    );
+    let length = |l: Option<u64>| l.map_or_else(|| "-".to_string(), |l| l.to_string());
+    for g in &rows[..shown] {
+        let mark = match (g.new, g.vanished) {
+            (true, _) => " (new)",
+            (_, true) => " (gone)",
+            _ => "",
+        };
+        let _ = writeln!(
+            out,
+            "{:>10}  {:>10}  {:>11}  {:>8}  {:>8}  {:>9}  {} ({}){mark}",
+            format::bytes(g.retained_before),
+            format::bytes(g.retained_bytes),
+            signed_bytes(g.retained_delta),
+            length(g.length_before),
+            length(g.length),
+            g.length_delta
+                .map_or_else(String::new, |d| format!("{d:+}")),
+            truncate(&g.name, HOLDER_WIDTH),
+            g.type_name,
+        );
+    }
+    if rows.len() > shown {
+        let _ = writeln!(
+            out,
+            "({} more holders; --limit 0 shows all)",
+            rows.len() - shown
+        );
     }
     out
 }
@@ -259,6 +320,63 @@ mod tests {
             text.contains("       51000      +50000     2.7 MiB     +2.7 MiB  app.Leak\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn holder_growth_shows_beside_type_growth_new_and_gone_roots_marked() {
+        use crate::holders::{
+            HeapHolders,
+            tests::{census_with, holder},
+        };
+        let census = |roots: Vec<crate::holders::Holder>| {
+            census_with(HeapHolders {
+                holders: roots,
+                ..HeapHolders::default()
+            })
+        };
+        let mut old = snapshot(0.0, 0, vec![]);
+        let mut new = snapshot(5.0, 0, vec![]);
+        old.census = Some(census(vec![
+            holder("__main__.ORDERS", "list", Some(1000), 1 << 20, vec![]),
+            holder("__main__.OLD", "dict", Some(10), 4096, vec![]),
+        ]));
+        new.census = Some(census(vec![
+            holder("__main__.ORDERS", "list", Some(201_000), 33 << 20, vec![]),
+            holder("__main__.TOKENS", "dict", Some(100_000), 20 << 20, vec![]),
+        ]));
+        let diff = compare(&old, &new);
+        let names: Vec<(&str, i64)> = diff
+            .holders
+            .iter()
+            .map(|h| (h.name.as_str(), h.retained_delta))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("__main__.ORDERS", 32 << 20),
+                ("__main__.TOKENS", 20 << 20),
+                ("__main__.OLD", -4096)
+            ]
+        );
+        let text = render_text(&diff, 10);
+        let table = text
+            .split_once("Holder growth between the censuses:\n")
+            .unwrap_or_else(|| panic!("{text}"))
+            .1;
+        assert_eq!(
+            table,
+            concat!(
+                "    BEFORE    RETAINED    +RETAINED   LEN WAS    LENGTH    +LENGTH  HOLDER\n",
+                "   1.0 MiB    33.0 MiB    +32.0 MiB      1000    201000    +200000  __main__.ORDERS (list)\n",
+                "       0 B    20.0 MiB    +20.0 MiB         -    100000             __main__.TOKENS (dict) (new)\n",
+                "   4.0 KiB         0 B     -4.0 KiB        10         -             __main__.OLD (dict) (gone)\n",
+            ),
+            "\n{text}"
+        );
+        let json = serde_json::to_value(&diff).unwrap();
+        assert_eq!(json["holders"][1]["new"], true);
+        assert_eq!(json["holders"][2]["vanished"], true);
+        assert_eq!(json["holders"][0]["length_delta"], 200_000);
     }
 
     #[test]

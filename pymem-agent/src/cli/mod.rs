@@ -1,11 +1,15 @@
 //! `pymem sites`, `pymem snapshot` and `pymem diff`: which Python lines hold
 //! a process's memory, read from a running agent or a saved snapshot.
 pub mod diff;
+pub mod holders;
 pub mod snapshot;
 mod table;
 pub mod types;
 
-pub use self::types::{TypesArgs, run_types};
+pub use self::{
+    holders::{HoldersArgs, run_holders},
+    types::{TypesArgs, run_types},
+};
 
 use std::{
     io::Write as _,

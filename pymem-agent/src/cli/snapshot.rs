@@ -10,7 +10,12 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::{census::Census, client::AgentClient, sites::Site};
+use crate::{
+    census::Census,
+    client::AgentClient,
+    holders::{self, SNAPSHOT_DEPTH, SNAPSHOT_HOLDERS},
+    sites::Site,
+};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SiteSnapshot {
@@ -23,8 +28,9 @@ pub struct SiteSnapshot {
     pub heap_bytes: u64,
     /// Heaviest live bytes first, as the agent lists them.
     pub sites: Vec<Site>,
-    /// The object census taken with the snapshot (its heaviest types), if
-    /// one could be taken.
+    /// The object census taken with the snapshot (its heaviest types, and
+    /// its heaviest holders with two levels of children), if one could be
+    /// taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub census: Option<Census>,
     /// Why there is no census.
@@ -58,7 +64,11 @@ impl SiteSnapshot {
     pub fn take_with_census(agent: &AgentClient, pid: u32) -> Result<Self> {
         let mut snapshot = Self::take(agent, pid)?;
         match agent.census(pid, Duration::ZERO, false, SNAPSHOT_TYPES) {
-            Ok(report) => snapshot.census = Some(report.census),
+            Ok(report) => {
+                let mut census = report.census;
+                holders::keep(&mut census.heap.holders, SNAPSHOT_HOLDERS, SNAPSHOT_DEPTH);
+                snapshot.census = Some(census);
+            }
             Err(e) => snapshot.census_error = Some(format!("{e:#}")),
         }
         Ok(snapshot)

@@ -73,7 +73,7 @@ pub fn run_types(args: TypesArgs) -> Result<()> {
 
 /// The agent at `--agent` (which must answer), else the default one if it
 /// answers, else an observer in this process (root).
-fn connect(agent: &AgentArg) -> Result<Source> {
+pub(super) fn connect(agent: &AgentArg) -> Result<Source> {
     let client = AgentClient::new(agent.agent.as_deref(), Caller::Command);
     if client.answers() {
         return Ok(Source::Agent(client));
@@ -97,12 +97,19 @@ fn census_of(
     growth: bool,
     limit: usize,
 ) -> Result<CensusReport> {
+    discovered(source, pid)?;
+    source.census(pid, max_age, growth, limit)
+}
+
+/// Errors unless `source` sees `pid`: an embedded observer first gets the
+/// time to find it (an agent answers for itself).
+pub(super) fn discovered(source: &Source, pid: u32) -> Result<()> {
     if let Source::Embedded(observer) = source
         && !observer.wait_for(pid, DISCOVERY_TIMEOUT)
     {
         bail!("pid {pid} is not a Python process this observer can see");
     }
-    source.census(pid, max_age, growth, limit)
+    Ok(())
 }
 
 /// One line on the census: what was found and what it cost.
@@ -121,7 +128,7 @@ pub fn census_summary(census: &Census) -> String {
     )
 }
 
-fn seconds(s: f64) -> String {
+pub(super) fn seconds(s: f64) -> String {
     if s < 1.0 {
         format!("{:.0} ms", s * 1000.0)
     } else {

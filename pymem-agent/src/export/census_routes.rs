@@ -1,11 +1,14 @@
-//! Object censuses over HTTP: `/types` (a list of types) and `/census`
-//! (the whole census with its timings), both from one query to the
-//! observer.
+//! Object censuses over HTTP: `/types` (a list of types), `/holders` (a
+//! list of what holds the memory) and `/census` (the whole census with its
+//! timings), each from one query to the observer.
 //!
 //! `?max_age=SECONDS` accepts a census that recent instead of a fresh one
 //! (default 0: always a fresh census, which pauses the process);
 //! `?growth=1` adds `count_delta`/`bytes_delta` since the census before
-//! (biggest count growth first); `?limit=N` keeps the first N types.
+//! (biggest count growth first); `?limit=N` keeps the first N types (or
+//! holders). `/holders` also takes `?depth=N` (levels of children kept
+//! under each root; default all) and `?report=1` (the holders with the
+//! census's totals and warnings about them, as an object).
 use std::time::Duration;
 
 use axum::{
@@ -19,6 +22,7 @@ use serde::Deserialize;
 use super::AppState;
 use crate::{
     census::{CensusAnswer, CensusErrorBody, CensusFailure, CensusReport},
+    holders::HoldersReport,
     observer::Query,
 };
 
@@ -30,11 +34,19 @@ pub(super) struct CensusParams {
     growth: Option<String>,
     #[serde(default)]
     limit: Option<usize>,
+    #[serde(default)]
+    depth: Option<usize>,
+    #[serde(default)]
+    report: Option<String>,
 }
 
 impl CensusParams {
     fn wants_growth(&self) -> bool {
-        matches!(self.growth.as_deref(), Some("1" | "true" | "yes" | ""))
+        is_set(self.growth.as_deref())
+    }
+
+    fn wants_report(&self) -> bool {
+        is_set(self.report.as_deref())
     }
 
     fn max_age(&self) -> Duration {
@@ -47,6 +59,11 @@ impl CensusParams {
     fn limit(&self) -> usize {
         self.limit.unwrap_or(0)
     }
+}
+
+/// `?flag=1`, `?flag=true`, `?flag=yes` or a bare `?flag`.
+fn is_set(flag: Option<&str>) -> bool {
+    matches!(flag, Some("1" | "true" | "yes" | ""))
 }
 
 fn error(status: StatusCode, pid: u32, message: String, unsupported: bool) -> Response {
@@ -135,5 +152,26 @@ pub(super) async fn census(
         ))
         .into_response(),
         Err(response) => response,
+    }
+}
+
+/// `GET /api/v1/processes/{pid}/holders`: `[{name, type, length, count,
+/// retained_bytes, deep_bytes, children}]`, heaviest retained first; with
+/// `?report=1` a [`HoldersReport`] (the census, `roots`, the holders and
+/// `reachable_bytes`, `unreachable_bytes`, `opaque_types`, `warnings`).
+pub(super) async fn holders(
+    State(state): State<AppState>,
+    Path(pid): Path<u32>,
+    UrlQuery(params): UrlQuery<CensusParams>,
+) -> Response {
+    let answer = match query_census(&state, pid, &params).await {
+        Ok(answer) => answer,
+        Err(response) => return response,
+    };
+    let report = HoldersReport::new(&answer.latest, params.limit(), params.depth);
+    if params.wants_report() {
+        Json(report).into_response()
+    } else {
+        Json(report.holders.holders).into_response()
     }
 }

@@ -85,6 +85,10 @@ pub async fn serve(
         .route("/api/v1/processes/{pid}/types", get(census_routes::types))
         .route("/api/v1/processes/{pid}/census", get(census_routes::census))
         .route(
+            "/api/v1/processes/{pid}/holders",
+            get(census_routes::holders),
+        )
+        .route(
             "/api/v1/processes/{pid}/flamegraph.svg",
             get(site_routes::sites_flamegraph),
         )
@@ -93,7 +97,7 @@ pub async fn serve(
 }
 
 async fn index() -> &'static str {
-    "pymem agent\n\n/metrics                            Prometheus metrics\n/api/v1/processes                   observed Python processes (JSON)\n/api/v1/processes/N                 one process\n/api/v1/processes/N/sites           its allocation sites (JSON)\n/api/v1/processes/N/pprof           the same as a pprof profile (gzip profile.proto)\n/api/v1/processes/N/flamegraph.svg  a flame graph of their live bytes\n/api/v1/processes/N/types           object census: live objects by type (JSON; ?growth=1&limit=N&max_age=S)\n/api/v1/processes/N/census          the same census with its timings and totals\n/healthz                            liveness\n"
+    "pymem agent\n\n/metrics                            Prometheus metrics\n/api/v1/processes                   observed Python processes (JSON)\n/api/v1/processes/N                 one process\n/api/v1/processes/N/sites           its allocation sites (JSON)\n/api/v1/processes/N/pprof           the same as a pprof profile (gzip profile.proto)\n/api/v1/processes/N/flamegraph.svg  a flame graph of their live bytes\n/api/v1/processes/N/types           object census: live objects by type (JSON; ?growth=1&limit=N&max_age=S)\n/api/v1/processes/N/holders         what holds the memory: roots by retained size (JSON; ?limit=N&depth=N&max_age=S&report=1)\n/api/v1/processes/N/census          the same census with its timings and totals\n/healthz                            liveness\n"
 }
 
 /// Parses the `--listen` value: `HOST:PORT`, or a bare port on 127.0.0.1.

@@ -8,7 +8,7 @@
 //! (the one in the detail view, if any).
 mod app;
 pub mod source;
-mod text;
+pub(crate) mod text;
 mod ui;
 
 use std::{
@@ -32,7 +32,7 @@ use self::{
 use crate::{
     census::CensusReport,
     client::{AgentClient, Caller},
-    format,
+    format, holders,
     model::ProcessInfo,
     observer::config::ObserveArgs,
     sites::Site,
@@ -165,8 +165,9 @@ enum Event {
     Data(Result<Vec<ProcessInfo>, String>),
     /// The allocation sites of one process.
     Sites(u32, Result<Vec<Site>, String>),
-    /// The object census of one process.
-    Types(u32, Result<CensusReport, String>),
+    /// The object census of one process (boxed: a census is far bigger
+    /// than the other events).
+    Types(u32, Box<Result<CensusReport, String>>),
 }
 
 /// What the data thread fetches besides the processes: the sites of this
@@ -224,7 +225,7 @@ fn event_loop(
             Event::Resize => {} // the next draw uses the new size
             Event::Data(data) => app.on_data(data),
             Event::Sites(pid, sites) => app.on_sites(pid, sites),
-            Event::Types(pid, types) => app.on_types(pid, types),
+            Event::Types(pid, types) => app.on_types(pid, *types),
         }
         if app.should_quit {
             return Ok(());
@@ -274,8 +275,13 @@ fn spawn_data_thread(
                 if let Some(pid) = sites_of.filter(|&pid| census.due(pid)) {
                     let types = source
                         .census(pid, CENSUS_EVERY, true, TYPES_SHOWN)
+                        .map(|mut report| {
+                            // The detail view shows a few roots, no children.
+                            holders::keep(&mut report.census.heap.holders, HOLDERS_SHOWN, 0);
+                            report
+                        })
                         .map_err(|e| format!("{e:#}"));
-                    if events.send(Event::Types(pid, types)).is_err() {
+                    if events.send(Event::Types(pid, Box::new(types))).is_err() {
                         return;
                     }
                 }
@@ -289,6 +295,8 @@ fn spawn_data_thread(
 const CENSUS_EVERY: Duration = Duration::from_secs(60);
 /// Types the detail view asks for (more than fit any block).
 const TYPES_SHOWN: usize = 50;
+/// Holders (roots) the detail view keeps of each census.
+const HOLDERS_SHOWN: usize = 10;
 
 /// When the detail view's process is due for its next census.
 #[derive(Default)]

@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 use crate::{
     census::{CensusFailure, CensusReport},
     client::AgentClient,
+    holders::HoldersReport,
     model::{ProcessInfo, Snapshot},
     observer::{Observer, ObserverConfig, Query, QuerySender, SharedSnapshot},
     sites::Site,
@@ -50,6 +51,24 @@ impl Source {
         match self {
             Self::Agent(agent) => agent.census(pid, max_age, growth, limit),
             Self::Embedded(observer) => observer.census(pid, max_age, growth, limit),
+        }
+    }
+
+    /// What holds the memory of `pid` (see [`AgentClient::holders`]).
+    pub fn holders(
+        &self,
+        pid: u32,
+        max_age: Duration,
+        limit: usize,
+        depth: Option<usize>,
+    ) -> Result<HoldersReport> {
+        match self {
+            Self::Agent(agent) => agent.holders(pid, max_age, limit, depth),
+            Self::Embedded(observer) => {
+                // The holders come with every census; its types are not needed.
+                let report = observer.census(pid, max_age, false, 1)?;
+                Ok(HoldersReport::new(&report.census, limit, depth))
+            }
         }
     }
 

@@ -227,7 +227,23 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App, pid: u32) {
     .areas(chart);
     frame.render_widget(process_summary(p), info);
     render_heap_chart(frame, chart, p);
-    render_types(frame, types, p.pid, &app.types);
+    let holders = app
+        .types
+        .report
+        .as_ref()
+        .map_or(0, |r| r.census.heap.holders.holders.len());
+    if holders == 0 {
+        render_types(frame, types, p.pid, &app.types);
+    } else {
+        // The holders under the types, from the same census.
+        let rows = holders.min(HOLDERS_ROWS) as u16;
+        let [types, below] =
+            Layout::vertical([Constraint::Min(4), Constraint::Length(rows + 3)]).areas(types);
+        render_types(frame, types, p.pid, &app.types);
+        if let Some(report) = &app.types.report {
+            frame.render_widget(holders_table(report, below.width), below);
+        }
+    }
     render_sites(frame, sites, p.pid, &app.sites);
 }
 
@@ -255,6 +271,51 @@ fn render_types(frame: &mut Frame, area: Rect, pid: u32, state: &Types) {
         }
     };
     frame.render_widget(message.wrap(Wrap { trim: true }).block(block), area);
+}
+
+/// Holders the detail view shows under the types.
+const HOLDERS_ROWS: usize = 5;
+
+/// The heaviest holders of the last census: retained bytes, length, name
+/// and type (names and sizes only).
+fn holders_table(report: &CensusReport, width: u16) -> Table<'static> {
+    const LENGTH: u16 = 9;
+    const NUMBER: u16 = 10;
+    const SPACING: u16 = 1;
+    let holders = &report.census.heap.holders;
+    let inner = width.saturating_sub(2);
+    let rest = inner.saturating_sub(NUMBER + LENGTH + 3 * SPACING);
+    let type_width = (rest / 3).min(16);
+    let name_width = rest.saturating_sub(type_width);
+    let header = Row::new([
+        Cell::from(aligned("RETAINED".into(), true)),
+        Cell::from(aligned("LENGTH".into(), true)),
+        Cell::from("HOLDER"),
+        Cell::from("TYPE"),
+    ])
+    .bold();
+    let rows = holders.holders.iter().take(HOLDERS_ROWS).map(move |h| {
+        Row::new([
+            Cell::from(aligned(format::bytes(h.retained_bytes), true)).bold(),
+            Cell::from(aligned(
+                h.length.map_or_else(String::new, |l| l.to_string()),
+                true,
+            )),
+            Cell::from(text::truncate(&h.name, usize::from(name_width))),
+            Cell::from(text::truncate(&h.type_name, usize::from(type_width))),
+        ])
+    });
+    let title = format!(
+        " Top holders · unreachable {} ",
+        format::bytes(holders.unreachable_bytes)
+    );
+    Table::new(
+        rows,
+        [NUMBER, LENGTH, name_width, type_width].map(Constraint::Length),
+    )
+    .column_spacing(SPACING)
+    .header(header)
+    .block(Block::bordered().title(title))
 }
 
 fn types_title(report: Option<&CensusReport>) -> String {
@@ -965,6 +1026,39 @@ mod tests {
         assert!(
             text.contains("No object census (retried each minute): no object"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn detail_view_shows_the_top_holders_under_the_types() {
+        let mut app = detail_with_sites(Ok(sample_sites()));
+        let mut census = sample_census();
+        census.census.heap.holders = crate::holders::tests::sample_holders();
+        app.on_types(300, Ok(census));
+        let lines = screen(&app, 120, 30);
+        let top = row_of(&lines, "Top holders");
+        let block: Vec<&str> = lines[top..top + 6]
+            .iter()
+            .map(|l| l.split_at(l.char_indices().nth(60).unwrap().0).1.trim_end())
+            .collect();
+        assert_eq!(
+            block,
+            [
+                "┌ Top holders · unreachable 2.0 KiB ───────────────────────┐",
+                "│  RETAINED    LENGTH HOLDER                   TYPE        │",
+                "│  32.0 MiB    200000 __main__.ORDERS          list        │",
+                "│  20.0 MiB    100000 __main__.TOKENS          dict        │",
+                "│   3.1 MiB    100000 thread 7 / hold_batch /… list        │",
+                "└──────────────────────────────────────────────────────────┘",
+            ],
+            "\n{}",
+            lines.join("\n")
+        );
+        assert!(row_of(&lines, "Top types") < top, "types first");
+        assert_eq!(
+            sites_block(&lines).len(),
+            11,
+            "the sites block keeps its size"
         );
     }
 

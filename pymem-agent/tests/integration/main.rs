@@ -8,6 +8,7 @@ mod census;
 mod core;
 mod deploy;
 mod guesses;
+mod holders;
 mod matrix;
 mod robustness;
 mod sites;
