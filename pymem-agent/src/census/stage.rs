@@ -114,7 +114,9 @@ struct ProcessCensuses {
     /// Oldest first, at most `KEPT`.
     recent: VecDeque<Arc<Census>>,
     unsupported: Option<String>,
-    waiters: Vec<CensusReply>,
+    /// Each with the oldest start of a census it accepts (it asked at a
+    /// time, for a census no older than its `max_age`).
+    waiters: Vec<(CensusReply, Instant)>,
     /// Queued or running.
     pending: bool,
     last_started: Option<Instant>,
@@ -138,6 +140,9 @@ pub struct CensusStage<T = Binary> {
     /// Pids waiting for a free slot, first come first served.
     queue: VecDeque<(u32, T)>,
     processes: HashMap<u32, ProcessCensuses>,
+    /// Processes whose waiters need a census that starts after the one
+    /// under way: queued again when it ends.
+    again: HashMap<u32, T>,
 }
 
 impl<T: Clone> CensusStage<T> {
@@ -147,6 +152,7 @@ impl<T: Clone> CensusStage<T> {
             running: 0,
             queue: VecDeque::new(),
             processes: HashMap::new(),
+            again: HashMap::new(),
         }
     }
 
@@ -175,7 +181,13 @@ impl<T: Clone> CensusStage<T> {
             let _ = reply.send(Ok(process.answer().expect("a latest census")));
             return None;
         }
-        process.waiters.push(reply);
+        let oldest = Instant::now()
+            .checked_sub(max_age)
+            .unwrap_or_else(Instant::now);
+        process.waiters.push((reply, oldest));
+        if process.pending {
+            self.again.insert(pid, target.clone());
+        }
         self.enqueue(pid, target)
     }
 
@@ -240,7 +252,11 @@ impl<T: Clone> CensusStage<T> {
         // Forgotten meanwhile (the process exited): nobody waits.
         if let Some(process) = self.processes.get_mut(&pid) {
             process.pending = false;
-            let waiters = std::mem::take(&mut process.waiters);
+            // Waiters that asked after this census began (a fresh one while
+            // another was under way) wait for the next.
+            let (mut waiters, mut later): (Vec<_>, Vec<_>) = std::mem::take(&mut process.waiters)
+                .into_iter()
+                .partition(|(_, oldest)| done.started >= *oldest);
             let answer = match done.result {
                 Ok(census) => {
                     info!(
@@ -261,6 +277,7 @@ impl<T: Clone> CensusStage<T> {
                 }
                 Err(CensusError::Unsupported(reason)) => {
                     warn!("no object census of pid {pid}: {reason}");
+                    waiters.extend(std::mem::take(&mut later));
                     process.unsupported = Some(reason.clone());
                     Err(CensusFailure::Unsupported(reason))
                 }
@@ -269,8 +286,16 @@ impl<T: Clone> CensusStage<T> {
                     Err(CensusFailure::Failed(reason))
                 }
             };
-            for waiter in waiters {
+            for (waiter, _) in waiters {
                 let _ = waiter.send(answer.clone());
+            }
+            process.waiters = later;
+            let again = self.again.remove(&pid);
+            if !process.waiters.is_empty()
+                && let Some(target) = again
+            {
+                process.pending = true;
+                self.queue.push_back((pid, target));
             }
         }
         self.next_job()
@@ -279,11 +304,12 @@ impl<T: Clone> CensusStage<T> {
     /// The process is gone: its censuses and queued requests with it.
     pub fn forget(&mut self, pid: u32) {
         if let Some(process) = self.processes.remove(&pid) {
-            for waiter in process.waiters {
+            for (waiter, _) in process.waiters {
                 let _ = waiter.send(Err(CensusFailure::NotObserved));
             }
         }
         self.queue.retain(|(queued, _)| *queued != pid);
+        self.again.remove(&pid);
     }
 
     /// Why the engine cannot read `pid`, once a census said so.
@@ -329,6 +355,31 @@ mod tests {
         let (reply, answer) = oneshot::channel();
         let job = stage.request(pid, &(), Duration::from_secs(max_age), reply);
         (job, answer)
+    }
+
+    #[test]
+    fn a_fresh_request_while_a_census_runs_is_answered_by_the_next() {
+        let mut stage = CensusStage::new(CensusConfig::default());
+        let (job, mut first) = ask(&mut stage, 1, 0);
+        assert!(job.is_some());
+        let started = Instant::now();
+        std::thread::sleep(Duration::from_millis(5));
+        let (none, mut second) = ask(&mut stage, 1, 0);
+        assert!(none.is_none(), "one census of a process at a time");
+        let older = CensusDone {
+            started,
+            ..done(1, Ok(census(1, 100.0)))
+        };
+        let next = stage.finished(older);
+        assert!(first.try_recv().unwrap().is_ok());
+        assert!(
+            second.try_recv().is_err(),
+            "a census begun before the request answered it"
+        );
+        assert!(next.is_some(), "a second census for the later request");
+        assert!(stage.finished(done(1, Ok(census(1, 101.0)))).is_none());
+        let answer = second.try_recv().unwrap().unwrap();
+        assert_eq!(answer.latest.taken_at, 101.0);
     }
 
     #[test]
