@@ -4,10 +4,10 @@
 //! `sys.getsizeof` of what it holds outside pymalloc.
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use pymem_agent::model::{HeapBaseline, ProcessInfo};
+use pymem_agent::model::HeapBaseline;
 
 use crate::common::{
     Agent, OBSERVE_TIMEOUT, Workload, assert_within, debian_python_3_11, heap, pyenv,
@@ -58,29 +58,6 @@ impl Held {
     }
 }
 
-/// The process once its baseline census has been taken.
-fn wait_for_baseline(agent: &Agent, pid: u32) -> ProcessInfo {
-    let deadline = Instant::now() + BASELINE_TIMEOUT;
-    loop {
-        let p = agent.wait_for(pid, OBSERVE_TIMEOUT);
-        if p.heap_baseline == HeapBaseline::Census {
-            return p;
-        }
-        assert_eq!(
-            p.heap_baseline,
-            HeapBaseline::SinceAttach,
-            "pid {pid} was running before the agent:\n{}",
-            agent.log()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "pid {pid}: no baseline census within {BASELINE_TIMEOUT:?}: {p:?}\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// Processes holding `hold` before the agent starts: their `heap_bytes` is
 /// within 10% of their own count once censused, and still after `more`.
 fn heap_of_processes_older_than_the_agent(hold: &str, more: &str, what: &str) {
@@ -95,7 +72,7 @@ fn heap_of_processes_older_than_the_agent(hold: &str, more: &str, what: &str) {
     let agent = Agent::start(&[]);
     for (python, held) in &mut held {
         let label = format!("{what}, {}", python.display());
-        let p = wait_for_baseline(&agent, held.work.pid);
+        let p = agent.wait_for_baseline(held.work.pid, BASELINE_TIMEOUT);
         let p = agent.settled(p.pid);
         let truth = held.truth();
         eprintln!(

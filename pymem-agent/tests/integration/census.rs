@@ -333,6 +333,50 @@ fn censuses_of_a_heap_mutating_at_full_speed_end_cleanly() {
     );
 }
 
+/// Objects overwritten from inside (ctypes) read as garbage: the census and
+/// the holders go on around them, and the agent and the target live.
+#[test]
+fn objects_scribbled_over_neither_crash_nor_hang_census_or_holders() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let (agent, mut work) = observed_workload(&python);
+    let made = work.command("make CensusItem 20000");
+    let scribbled = work.command("scribble 2000");
+    assert_eq!(scribbled["scribbled"], 6000, "{scribbled}");
+    let pid = work.pid;
+    for round in 0..3 {
+        let started = Instant::now();
+        let (status, body) = get(&agent, &format!("/api/v1/processes/{pid}/holders?report=1"));
+        assert_eq!(status, 200, "round {round}: {body}\n{}", agent.log());
+        let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "round {round} took {:?}",
+            started.elapsed()
+        );
+        // The untouched instances are still all counted.
+        let (status, types) = get(
+            &agent,
+            &format!("/api/v1/processes/{pid}/types?max_age=600"),
+        );
+        assert_eq!(status, 200, "{types}");
+        let rows: Vec<TypeRow> = serde_json::from_str(&types).unwrap();
+        let items = row(&rows, "CensusItem");
+        assert!(
+            items.count >= made["count"].as_u64().unwrap(),
+            "{items:?} vs {made}"
+        );
+        eprintln!(
+            "round {round}: {} roots, warnings {}",
+            report["roots"], report["warnings"]
+        );
+        assert!(
+            agent.get("/healthz").is_ok(),
+            "agent alive after round {round}"
+        );
+        assert_runs(&mut work);
+    }
+}
+
 #[test]
 fn census_routes_answer_unknown_pids_and_unsupported_builds_in_json() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");

@@ -294,6 +294,15 @@ fn forked_child_is_observed_and_measured() {
         "the workload runs in the forked child"
     );
     assert_eq!(child.pid, work.pid);
+    // The child holds its parent's heap: a census measures it, then the
+    // counters carry it.
+    agent.wait_for_baseline(work.pid, Duration::from_secs(60));
+    let arenas = work.arena_bytes();
+    let child = agent.settled(work.pid);
+    assert!(
+        child.heap.arena_bytes as f64 >= 0.9 * arenas as f64,
+        "the arenas it inherited are counted: {arenas} B mapped: {child:?}"
+    );
     agent
         .measure(&mut work, "leak_bytes 6 300")
         .assert_heap_grew_by_the_leak("forked child's heap growth");

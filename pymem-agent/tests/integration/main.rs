@@ -4,6 +4,7 @@
 mod common;
 
 mod baseline;
+mod cache_service;
 mod census;
 mod core;
 mod deploy;

@@ -10,6 +10,10 @@ Reads one command per line on stdin, answers one JSON line on stdout:
                       objects at full speed for SECONDS (answers at once)
   ping             -> answers whether the mutator still runs
   bloat MIB        -> about MIB MiB more live small objects (benchmarks)
+  scribble N       -> N lists, dicts and sets whose insides are
+                      overwritten with random words through ctypes (the
+                      collector is disabled first, so that the process
+                      itself never walks them); answers how many
   exit
 Ground truth is measured here, inside the process, never by pymem.
 """
@@ -90,6 +94,26 @@ def bloat(mib):
     return {"objects": count}
 
 
+scribbled = []
+
+
+def scribble(n):
+    import ctypes
+    import random
+
+    gc.disable()
+    rng = random.Random(7)
+    for i in range(int(n)):
+        victims = [[i, str(i)] * 8, {"k%d" % j: j for j in range(8)}, set(range(i, i + 8))]
+        for victim in victims:
+            # Keep the reference count and type; overwrite the rest of the
+            # object's own struct (its sizes, item and table pointers).
+            for offset in range(16, type(victim).__basicsize__, 8):
+                ctypes.c_uint64.from_address(id(victim) + offset).value = rng.getrandbits(64)
+        scribbled.append(victims)
+    return {"scribbled": len(scribbled) * 3}
+
+
 def main():
     print(json.dumps({"ready": True, "pid": os.getpid(), "version": "%d.%d.%d" % sys.version_info[:3]}), flush=True)
     for line in sys.stdin:
@@ -107,7 +131,12 @@ def main():
             out = {"mutating": bool(mutator and mutator.is_alive())}
         elif cmd == "bloat":
             out = bloat(float(parts[1]))
+        elif cmd == "scribble":
+            out = scribble(float(parts[1]))
         elif cmd == "exit":
+            if scribbled:
+                # Finalization would walk the scribbled objects.
+                os._exit(0)
             return
         else:
             out = {"error": "unknown command " + cmd}

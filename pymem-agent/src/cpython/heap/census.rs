@@ -563,6 +563,9 @@ impl<'a> Census<'a> {
             let Some(type_addr) = self.image.u64(block.wrapping_add(offset + 8)) else {
                 return false;
             };
+            if !self.types.contains_key(&type_addr) && self.may_be_type(type_addr) {
+                self.learn_type(type_addr);
+            }
             let Some(info) = self.types.get(&type_addr) else {
                 continue;
             };
@@ -576,6 +579,23 @@ impl<'a> Census<'a> {
             }
         }
         false
+    }
+
+    /// Whether a type pointer of an untracked object is worth validating:
+    /// a class (heap types are GC-tracked, so already counted as objects
+    /// of a metatype) or static data of a module (an extension's static
+    /// types, such as `numpy.ndarray`, whose objects are never on a GC list).
+    fn may_be_type(&self, addr: u64) -> bool {
+        if addr == 0 || addr % 8 != 0 || self.rejected.contains(&addr) {
+            return false;
+        }
+        match self.counted.get(&addr) {
+            Some(metatype) => self
+                .types
+                .get(metatype)
+                .is_some_and(|t| t.flags & TPFLAGS_TYPE_SUBCLASS != 0),
+            None => self.image.contains(addr) && !self.image.is_anonymous(addr),
+        }
     }
 
     /// Whether `obj` of type `info` looks like a live object rather than a
@@ -636,6 +656,9 @@ impl<'a> Census<'a> {
                 let Some(referent_type) = self.image.u64(referent.wrapping_add(8)) else {
                     continue;
                 };
+                if !self.types.contains_key(&referent_type) && self.may_be_type(referent_type) {
+                    self.learn_type(referent_type);
+                }
                 let Some(referent_info) = self.types.get(&referent_type) else {
                     continue;
                 };

@@ -13,7 +13,7 @@ use std::{
 };
 
 use pymem_agent::{
-    model::{Accounting, HeapBreakdown, ProcessInfo},
+    model::{Accounting, HeapBaseline, HeapBreakdown, ProcessInfo},
     sites::Site,
 };
 use serde::de::DeserializeOwned;
@@ -218,6 +218,32 @@ impl Agent {
                 panic!("pid {pid} never got its probes: {p:?}\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until a process older than its observation (found by a scan,
+    /// or forked) has had its baseline census: from then on its heap moves
+    /// only with what it allocates and frees.
+    pub fn wait_for_baseline(&self, pid: u32, timeout: Duration) -> ProcessInfo {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let p = self.wait_for(pid, timeout);
+            if p.heap_baseline == HeapBaseline::Census {
+                return p;
+            }
+            assert_eq!(
+                p.heap_baseline,
+                HeapBaseline::SinceAttach,
+                "pid {pid} was not found running or forked:\n{}",
+                self.log()
+            );
+            if Instant::now() > deadline {
+                panic!(
+                    "pid {pid}: no baseline census within {timeout:?}: {p:?}\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 

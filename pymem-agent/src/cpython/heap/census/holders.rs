@@ -77,11 +77,16 @@ impl Graph {
     }
 }
 
-/// The types whose objects are shared by everyone (besides types).
+/// Types the graph treats apart: shared ones (modules, code; types are
+/// told by their flags) and C types decoded by their layout.
 #[derive(Clone, Copy)]
-struct SharedTypes {
+struct KnownTypes {
     module: Option<u64>,
     code: Option<u64>,
+    /// `functools._lru_cache_wrapper` and its cache's entries.
+    lru_wrapper: Option<u64>,
+    lru_entry: Option<u64>,
+    deque: Option<u64>,
 }
 
 /// A named root: a module global, a class attribute.
@@ -106,9 +111,20 @@ impl Census<'_> {
                 .push("sys.modules not found in the copy: no module globals to start from".into());
             return out;
         };
-        let shared = SharedTypes {
+        let by_name = |wanted: &str| {
+            self.types.keys().copied().find(|&t| {
+                self.image
+                    .u64(t.wrapping_add(super::TP_NAME))
+                    .and_then(|p| self.image.c_string(p, 64))
+                    == Some(wanted)
+            })
+        };
+        let shared = KnownTypes {
             module: self.target.static_type("PyModule_Type"),
             code: self.target.static_type("PyCode_Type"),
+            lru_wrapper: by_name("functools._lru_cache_wrapper"),
+            lru_entry: by_name("functools._lru_list_elem"),
+            deque: by_name("collections.deque"),
         };
         let mut stop = vec![0u8; self.order.len()];
         let module_dicts = self.module_dicts(modules);
@@ -155,6 +171,12 @@ impl Census<'_> {
             .collect();
         holders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         holders.truncate(MAX_ROOTS);
+        let tree = Tree {
+            graph: &graph,
+            children: &children,
+            retained: &retained,
+            known: shared,
+        };
         let mut deep_steps = DEEP_STEPS;
         let mut mark = vec![0u32; n];
         for (rank, &(bytes, i)) in holders.iter().enumerate() {
@@ -169,14 +191,13 @@ impl Census<'_> {
             let mut holder = Holder {
                 name: root.name.clone(),
                 type_name: names.get(self, type_addr),
-                length: self.length(self.order[object as usize], type_addr),
+                length: self.length(self.order[object as usize], type_addr, shared),
                 count: 1,
                 retained_bytes: bytes,
                 deep_bytes: deep.unwrap_or(bytes).max(bytes),
                 children: Vec::new(),
             };
-            holder.children =
-                self.child_groups(&graph, &children, &retained, &[object], DEPTH, &mut names);
+            holder.children = self.child_groups(&tree, &[object], DEPTH, &mut names);
             out.holders.push(holder);
         }
         if deep_steps == 0 {
@@ -256,7 +277,7 @@ impl Census<'_> {
         &self,
         module_dicts: &[(String, u64)],
         index: &HashMap<u64, u32>,
-        shared: SharedTypes,
+        shared: KnownTypes,
     ) -> Vec<Root> {
         let mut roots: Vec<Root> = Vec::new();
         let mut by_object: HashMap<u32, usize> = HashMap::new();
@@ -324,7 +345,7 @@ impl Census<'_> {
     fn frame_roots(
         &self,
         index: &HashMap<u64, u32>,
-        shared: SharedTypes,
+        shared: KnownTypes,
         roots: &mut Vec<Root>,
         warnings: &mut Vec<String>,
     ) {
@@ -444,6 +465,56 @@ impl Census<'_> {
         }
     }
 
+    /// An `lru_cache` wrapper's cache: its first field that is a dict (the
+    /// wrapper's own `__dict__` comes after it in every version).
+    fn lru_cache_dict(&self, obj: u64, info: &super::TypeInfo) -> Option<u64> {
+        let bytes = self
+            .image
+            .bytes(obj.wrapping_add(16), info.basicsize.saturating_sub(16))?;
+        bytes
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
+            .find(|&field| {
+                self.counted
+                    .get(&field)
+                    .and_then(|t| self.types.get(t))
+                    .is_some_and(|t| t.kind == Kind::Dict)
+            })
+    }
+
+    /// The items of a `collections.deque`: blocks of 64 slots between a
+    /// left and a right link, from `leftblock`/`leftindex`, `ob_size` of
+    /// them.
+    fn deque_items(&self, obj: u64, out: &mut Vec<(u64, Via)>) {
+        const BLOCK: u64 = 64;
+        let image = self.image;
+        let (Some(len), Some(mut block), Some(index)) = (
+            image.i64(obj.wrapping_add(16)),
+            image.u64(obj.wrapping_add(24)),
+            image.i64(obj.wrapping_add(40)),
+        ) else {
+            return;
+        };
+        if !(0..super::MAX_ITEMS as i64).contains(&len) || !(0..BLOCK as i64).contains(&index) {
+            return;
+        }
+        let mut slot = index as u64;
+        for _ in 0..len {
+            let Some(item) = image.u64(block.wrapping_add(8 + slot * 8)) else {
+                return;
+            };
+            out.push((item, Via::Item));
+            slot += 1;
+            if slot == BLOCK {
+                slot = 0;
+                match image.u64(block.wrapping_add(8 + BLOCK * 8)) {
+                    Some(next) if next != 0 => block = next,
+                    _ => return,
+                }
+            }
+        }
+    }
+
     fn is_class(&self, obj: u64) -> bool {
         let Some(type_addr) = self.counted.get(&obj) else {
             return false;
@@ -459,7 +530,7 @@ impl Census<'_> {
     }
 
     /// Objects the walk stops at: types, modules, code, interned strings.
-    fn is_shared(&self, obj: u64, shared: SharedTypes) -> bool {
+    fn is_shared(&self, obj: u64, shared: KnownTypes) -> bool {
         let Some(&type_addr) = self.counted.get(&obj) else {
             return true;
         };
@@ -482,9 +553,19 @@ impl Census<'_> {
         false
     }
 
-    /// `len()` of a container.
-    fn length(&self, obj: u64, type_addr: u64) -> Option<u64> {
+    /// `len()` of a container; of an `lru_cache` wrapper, its cache's.
+    fn length(&self, obj: u64, type_addr: u64, known: KnownTypes) -> Option<u64> {
         let info = self.types.get(&type_addr)?;
+        if known.lru_wrapper == Some(type_addr) {
+            let cache = self.lru_cache_dict(obj, info)?;
+            return self.length(cache, self.counted[&cache], known);
+        }
+        if known.deque == Some(type_addr) {
+            return self
+                .image
+                .i64(obj.wrapping_add(16))
+                .and_then(|n| u64::try_from(n).ok());
+        }
         let at = match info.kind {
             Kind::List | Kind::Tuple | Kind::Dict => 16,
             Kind::Set => 24,
@@ -501,7 +582,7 @@ impl Census<'_> {
         index: &HashMap<u64, u32>,
         mut flags: Vec<u8>,
         roots: &[Root],
-        shared: SharedTypes,
+        shared: KnownTypes,
     ) -> Option<Graph> {
         let objects = self.order.len();
         for (i, &obj) in self.order.iter().enumerate() {
@@ -527,7 +608,7 @@ impl Census<'_> {
             }
             weight.push(self.weight(obj, info));
             refs.clear();
-            if !self.referents(obj, type_addr, info, &mut refs) {
+            if !self.referents(obj, type_addr, info, shared, &mut refs) {
                 flags[i] |= OPAQUE;
             }
             let start = targets.len();
@@ -612,10 +693,14 @@ impl Census<'_> {
         obj: u64,
         type_addr: u64,
         info: &super::TypeInfo,
+        known: KnownTypes,
         out: &mut Vec<(u64, Via)>,
     ) -> bool {
         let image = self.image;
         let mut plain = Vec::new();
+        if known.deque == Some(type_addr) {
+            self.deque_items(obj, out);
+        }
         match info.kind {
             Kind::List | Kind::Tuple | Kind::Set => {
                 self.references(obj, type_addr, info, &mut plain);
@@ -639,7 +724,7 @@ impl Census<'_> {
         }
         let heap = info.flags & TPFLAGS_HEAPTYPE != 0;
         let gc = info.flags & TPFLAGS_HAVE_GC != 0;
-        if info.kind == Kind::Other && !heap && !gc {
+        if info.kind == Kind::Other && !heap && !gc && known.lru_entry != Some(type_addr) {
             let name = image
                 .u64(type_addr.wrapping_add(super::TP_NAME))
                 .and_then(|p| image.c_string(p, 64));
@@ -734,13 +819,17 @@ impl Census<'_> {
     /// the edge from their parent and their type, heaviest first.
     fn child_groups(
         &self,
-        graph: &Graph,
-        children: &DominatorChildren,
-        retained: &[u64],
+        tree: &Tree<'_>,
         parents: &[u32],
         depth: usize,
         names: &mut TypeNames,
     ) -> Vec<Holder> {
+        let Tree {
+            graph,
+            children,
+            retained,
+            known,
+        } = *tree;
         if depth == 0 {
             return Vec::new();
         }
@@ -757,7 +846,7 @@ impl Census<'_> {
             let type_addr = self.counted[&obj];
             refs.clear();
             if let Some(info) = self.types.get(&type_addr) {
-                self.referents(obj, type_addr, info, &mut refs);
+                self.referents(obj, type_addr, info, known, &mut refs);
             }
             let via_of: HashMap<u64, Via> = refs.iter().map(|&(r, via)| (r, via)).collect();
             for &kid in kids {
@@ -784,7 +873,7 @@ impl Census<'_> {
                 count: members.len() as u64,
                 retained_bytes: bytes,
                 deep_bytes: bytes,
-                children: self.child_groups(graph, children, retained, &members, depth - 1, names),
+                children: self.child_groups(tree, &members, depth - 1, names),
             })
             .collect()
     }
@@ -801,6 +890,15 @@ impl Census<'_> {
             Via::Indirect => "(through others)".into(),
         }
     }
+}
+
+/// The dominator tree and what the children's grouping reads of it.
+#[derive(Clone, Copy)]
+struct Tree<'g> {
+    graph: &'g Graph,
+    children: &'g DominatorChildren,
+    retained: &'g [u64],
+    known: KnownTypes,
 }
 
 /// Type names, computed once per type.
