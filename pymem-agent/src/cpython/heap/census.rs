@@ -586,7 +586,7 @@ impl<'a> Census<'a> {
     /// of a metatype) or static data of a module (an extension's static
     /// types, such as `numpy.ndarray`, whose objects are never on a GC list).
     fn may_be_type(&self, addr: u64) -> bool {
-        if addr == 0 || addr % 8 != 0 || self.rejected.contains(&addr) {
+        if addr == 0 || !addr.is_multiple_of(8) || self.rejected.contains(&addr) {
             return false;
         }
         match self.counted.get(&addr) {
