@@ -3,7 +3,7 @@
 //! objects outside pymalloc. Every value read from the copy is untrusted:
 //! reads are bounded, loops capped, and a layout that does not validate is
 //! refused rather than guessed.
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use super::{CensusError, CensusTarget, HeapCensus, HeapImage, TypeStats};
 
@@ -154,8 +154,11 @@ struct Census<'a> {
     core: Core,
     types: HashMap<u64, TypeInfo>,
     rejected: HashSet<u64>,
-    /// Every object counted: address → type address.
-    counted: HashMap<u64, u64>,
+    /// Every object counted: address → its index in `order` and
+    /// `node_type` (the holders' graph numbers its nodes so).
+    counted: HashMap<u64, u32>,
+    /// Each counted object's type address, in `order`'s order.
+    node_type: Vec<u64>,
     order: Vec<u64>,
     valid_pools: HashSet<u64>,
     /// `PyHeapTypeObject.ht_name`, found by shape ([`Self::find_ht_name_offset`]).
@@ -181,11 +184,12 @@ impl<'a> Census<'a> {
                 tuple_items: 0,
                 set_types: [0; 2],
             },
-            types: HashMap::new(),
-            rejected: HashSet::new(),
-            counted: HashMap::new(),
+            types: HashMap::default(),
+            rejected: HashSet::default(),
+            counted: HashMap::default(),
+            node_type: Vec::new(),
             order: Vec::new(),
-            valid_pools: HashSet::new(),
+            valid_pools: HashSet::default(),
             ht_name_offset: None,
             warnings: Vec::new(),
         };
@@ -340,9 +344,15 @@ impl<'a> Census<'a> {
         if self.counted.contains_key(&obj) {
             return false;
         }
-        self.counted.insert(obj, type_addr);
+        self.counted.insert(obj, self.order.len() as u32);
         self.order.push(obj);
+        self.node_type.push(type_addr);
         true
+    }
+
+    /// The type of a counted object.
+    fn type_of(&self, obj: u64) -> Option<u64> {
+        self.counted.get(&obj).map(|&i| self.node_type[i as usize])
     }
 
     fn run(&mut self) -> Result<HeapCensus, CensusError> {
@@ -521,7 +531,7 @@ impl<'a> Census<'a> {
 
     fn walk_pools(&mut self, result: &mut HeapCensus) {
         let pool = self.layout.pool_size;
-        let mut arenas = HashSet::new();
+        let mut arenas = HashSet::default();
         let mut invalid = 0u64;
         for region in self.image.regions().iter().filter(|r| r.anonymous) {
             let mut at = region.start.div_ceil(pool) * pool;
@@ -589,10 +599,10 @@ impl<'a> Census<'a> {
         if addr == 0 || !addr.is_multiple_of(8) || self.rejected.contains(&addr) {
             return false;
         }
-        match self.counted.get(&addr) {
+        match self.type_of(addr) {
             Some(metatype) => self
                 .types
-                .get(metatype)
+                .get(&metatype)
                 .is_some_and(|t| t.flags & TPFLAGS_TYPE_SUBCLASS != 0),
             None => self.image.contains(addr) && !self.image.is_anonymous(addr),
         }
@@ -637,7 +647,7 @@ impl<'a> Census<'a> {
         while index < self.order.len() && budget > 0 {
             let obj = self.order[index];
             index += 1;
-            let type_addr = self.counted[&obj];
+            let type_addr = self.node_type[index - 1];
             let Some(info) = self.types.get(&type_addr).cloned() else {
                 continue;
             };
@@ -1075,7 +1085,7 @@ impl<'a> Census<'a> {
     fn find_ht_name_offset(&self) -> Option<u64> {
         let image = self.image;
         let header = self.layout.ascii_header;
-        let mut votes: HashMap<u64, u64> = HashMap::new();
+        let mut votes: HashMap<u64, u64> = HashMap::default();
         let heap_types = self
             .types
             .iter()
@@ -1143,10 +1153,9 @@ impl<'a> Census<'a> {
     }
 
     fn tally(&mut self, result: &mut HeapCensus) {
-        let mut by_type: HashMap<u64, (u64, u64)> = HashMap::new();
+        let mut by_type: HashMap<u64, (u64, u64)> = HashMap::default();
         let mut outside = 0u64;
-        for &obj in &self.order {
-            let type_addr = self.counted[&obj];
+        for (&obj, &type_addr) in self.order.iter().zip(&self.node_type) {
             let Some(info) = self.types.get(&type_addr) else {
                 continue;
             };
@@ -1164,7 +1173,7 @@ impl<'a> Census<'a> {
             }
         }
         let mut fallbacks = Vec::new();
-        let mut named: HashMap<String, TypeStats> = HashMap::new();
+        let mut named: HashMap<String, TypeStats> = HashMap::default();
         for (type_addr, (count, bytes)) in by_type {
             let name = self.type_name(type_addr, &mut fallbacks);
             let stats = named.entry(name.clone()).or_insert(TypeStats {

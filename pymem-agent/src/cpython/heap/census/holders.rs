@@ -11,7 +11,7 @@
 //! them is followed. Types, modules, module dicts, code objects and
 //! interned strings are shared: the walk stops at them and never charges
 //! them to a holder.
-use std::collections::HashMap;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use super::{
     Census, Kind, TPFLAGS_HAVE_GC, TPFLAGS_HEAPTYPE, TPFLAGS_MANAGED_DICT, TPFLAGS_TYPE_SUBCLASS,
@@ -100,12 +100,7 @@ impl Census<'_> {
     /// `warnings`.
     pub(super) fn holders(&self) -> HeapHolders {
         let mut out = HeapHolders::default();
-        let index: HashMap<u64, u32> = self
-            .order
-            .iter()
-            .enumerate()
-            .map(|(i, &addr)| (addr, i as u32))
-            .collect();
+        let index = &self.counted;
         let Some(modules) = self.find_sys_modules() else {
             out.warnings
                 .push("sys.modules not found in the copy: no module globals to start from".into());
@@ -133,9 +128,9 @@ impl Census<'_> {
                 stop[i as usize] |= STOP;
             }
         }
-        let mut roots = self.roots(&module_dicts, &index, shared);
-        self.frame_roots(&index, shared, &mut roots, &mut out.warnings);
-        let Some(graph) = self.graph(&index, stop, &roots, shared) else {
+        let mut roots = self.roots(&module_dicts, index, shared);
+        self.frame_roots(index, shared, &mut roots, &mut out.warnings);
+        let Some(graph) = self.graph(index, stop, &roots, shared) else {
             out.warnings.push(format!(
                 "the reference graph has more than {MAX_EDGES} edges: holders not computed"
             ));
@@ -187,7 +182,7 @@ impl Census<'_> {
             } else {
                 None
             };
-            let type_addr = self.counted[&self.order[object as usize]];
+            let type_addr = self.node_type[object as usize];
             let mut holder = Holder {
                 name: root.name.clone(),
                 type_name: names.get(self, type_addr),
@@ -206,10 +201,10 @@ impl Census<'_> {
                     .into(),
             );
         }
-        let mut opaque: HashMap<u64, u64> = HashMap::new();
+        let mut opaque: HashMap<u64, u64> = HashMap::default();
         for (i, &flags) in graph.flags[..objects].iter().enumerate() {
             if flags & OPAQUE != 0 {
-                *opaque.entry(self.counted[&self.order[i]]).or_default() += graph.weight[i];
+                *opaque.entry(self.node_type[i]).or_default() += graph.weight[i];
             }
         }
         let mut opaque: Vec<(u64, String)> = opaque
@@ -227,7 +222,7 @@ impl Census<'_> {
         let module_type = self.target.static_type("PyModule_Type")?;
         let mut best: Option<(usize, u64)> = None;
         for &obj in &self.order {
-            let type_addr = self.counted[&obj];
+            let type_addr = self.type_of(obj).unwrap_or(0);
             if self.types.get(&type_addr).map(|t| t.kind) != Some(Kind::Dict) {
                 continue;
             }
@@ -280,8 +275,8 @@ impl Census<'_> {
         shared: KnownTypes,
     ) -> Vec<Root> {
         let mut roots: Vec<Root> = Vec::new();
-        let mut by_object: HashMap<u32, usize> = HashMap::new();
-        let mut classes_seen = std::collections::HashSet::new();
+        let mut by_object: HashMap<u32, usize> = HashMap::default();
+        let mut classes_seen = HashSet::default();
         let mut add =
             |roots: &mut Vec<Root>, name: String, object: u32, preferred: bool| match by_object
                 .get(&object)
@@ -354,8 +349,8 @@ impl Census<'_> {
         };
         let image = self.image;
         let minor = self.layout.minor;
-        let held: std::collections::HashSet<u32> = roots.iter().map(|r| r.object).collect();
-        let mut added = std::collections::HashSet::new();
+        let held: HashSet<u32> = roots.iter().map(|r| r.object).collect();
+        let mut added = HashSet::default();
         // The thread list's head (`_Py_DebugOffsets` says where, 3.13+;
         // before, the interpreter state's first KiB is searched): a pointer
         // to a thread state whose `interp` (prev, next, interp lead
@@ -475,9 +470,8 @@ impl Census<'_> {
             .chunks_exact(8)
             .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
             .find(|&field| {
-                self.counted
-                    .get(&field)
-                    .and_then(|t| self.types.get(t))
+                self.type_of(field)
+                    .and_then(|t| self.types.get(&t))
                     .is_some_and(|t| t.kind == Kind::Dict)
             })
     }
@@ -516,10 +510,10 @@ impl Census<'_> {
     }
 
     fn is_class(&self, obj: u64) -> bool {
-        let Some(type_addr) = self.counted.get(&obj) else {
+        let Some(type_addr) = self.type_of(obj) else {
             return false;
         };
-        let Some(info) = self.types.get(type_addr) else {
+        let Some(info) = self.types.get(&type_addr) else {
             return false;
         };
         info.flags & TPFLAGS_TYPE_SUBCLASS != 0
@@ -531,9 +525,13 @@ impl Census<'_> {
 
     /// Objects the walk stops at: types, modules, code, interned strings.
     fn is_shared(&self, obj: u64, shared: KnownTypes) -> bool {
-        let Some(&type_addr) = self.counted.get(&obj) else {
-            return true;
-        };
+        match self.type_of(obj) {
+            Some(type_addr) => self.is_shared_of_type(obj, type_addr, shared),
+            None => true,
+        }
+    }
+
+    fn is_shared_of_type(&self, obj: u64, type_addr: u64, shared: KnownTypes) -> bool {
         let Some(info) = self.types.get(&type_addr) else {
             return true;
         };
@@ -558,7 +556,7 @@ impl Census<'_> {
         let info = self.types.get(&type_addr)?;
         if known.lru_wrapper == Some(type_addr) {
             let cache = self.lru_cache_dict(obj, info)?;
-            return self.length(cache, self.counted[&cache], known);
+            return self.length(cache, self.type_of(cache).unwrap_or(0), known);
         }
         if known.deque == Some(type_addr) {
             return self
@@ -586,7 +584,7 @@ impl Census<'_> {
     ) -> Option<Graph> {
         let objects = self.order.len();
         for (i, &obj) in self.order.iter().enumerate() {
-            if self.is_shared(obj, shared) {
+            if self.is_shared_of_type(obj, self.node_type[i], shared) {
                 flags[i] |= STOP;
             }
         }
@@ -597,7 +595,7 @@ impl Census<'_> {
         let mut refs = Vec::new();
         for (i, &obj) in self.order.iter().enumerate() {
             offsets.push(targets.len() as u32);
-            let type_addr = self.counted[&obj];
+            let type_addr = self.type_of(obj).unwrap_or(0);
             let Some(info) = self.types.get(&type_addr) else {
                 weight.push(0);
                 continue;
@@ -835,7 +833,7 @@ impl Census<'_> {
         }
         let objects = self.order.len() as u32;
         // (edge, type) -> (retained bytes, members)
-        let mut groups: HashMap<(Via, u64), (u64, Vec<u32>)> = HashMap::new();
+        let mut groups: HashMap<(Via, u64), (u64, Vec<u32>)> = HashMap::default();
         let mut refs = Vec::new();
         for &parent in parents {
             let kids = children.of(parent);
@@ -843,19 +841,25 @@ impl Census<'_> {
                 continue;
             }
             let obj = self.order[parent as usize];
-            let type_addr = self.counted[&obj];
+            let type_addr = self.type_of(obj).unwrap_or(0);
             refs.clear();
             if let Some(info) = self.types.get(&type_addr) {
                 self.referents(obj, type_addr, info, known, &mut refs);
             }
-            let via_of: HashMap<u64, Via> = refs.iter().map(|&(r, via)| (r, via)).collect();
+            // Most parents have a few referents: a scan beats a map.
+            let via_of: Option<HashMap<u64, Via>> =
+                (refs.len() > 16).then(|| refs.iter().map(|&(r, via)| (r, via)).collect());
+            let via_for = |addr: u64| match &via_of {
+                Some(map) => map.get(&addr).copied(),
+                None => refs.iter().find(|&&(r, _)| r == addr).map(|&(_, via)| via),
+            };
             for &kid in kids {
                 if kid >= objects {
                     continue;
                 }
                 let kid_addr = graph.address[kid as usize];
-                let via = via_of.get(&kid_addr).copied().unwrap_or(Via::Indirect);
-                let kid_type = self.counted[&kid_addr];
+                let via = via_for(kid_addr).unwrap_or(Via::Indirect);
+                let kid_type = self.type_of(kid_addr).unwrap_or(0);
                 let group = groups.entry((via, kid_type)).or_default();
                 group.0 += retained[kid as usize];
                 group.1.push(kid);
