@@ -3,11 +3,13 @@
 //! what the workload measures in itself (tracemalloc while each structure
 //! was built, `len()`), through the agent's `/holders` and `pymem holders`
 //! (with the agent and with the embedded observer).
-use std::{net::TcpStream, path::Path, process::Command, time::Duration};
+use std::{net::TcpStream, path::Path, process::Command};
 
 use serde_json::Value;
 
-use crate::common::{Agent, OBSERVE_TIMEOUT, Workload, assert_within, free_port, pyenv};
+use crate::common::{
+    Agent, OBSERVE_TIMEOUT, Workload, assert_within, free_port, get, get_ok, pyenv,
+};
 use pymem_agent::{
     census::CensusErrorBody,
     holders::{Holder, HoldersReport},
@@ -28,27 +30,6 @@ fn observed_workload(python: &Path) -> (Agent, Workload, Value) {
     let (work, truth) = holders_workload(python);
     agent.wait_for(work.pid, OBSERVE_TIMEOUT);
     (agent, work, truth)
-}
-
-/// GET `path`: the status and the body, errors included.
-fn get(agent: &Agent, path: &str) -> (u16, String) {
-    let http: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(120)))
-        .build()
-        .into();
-    let mut response = http
-        .get(&agent.url(path))
-        .call()
-        .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", agent.log()));
-    let body = response.body_mut().read_to_string().unwrap();
-    (response.status().as_u16(), body)
-}
-
-fn get_ok<T: serde::de::DeserializeOwned>(agent: &Agent, path: &str) -> T {
-    let (status, body) = get(agent, path);
-    assert_eq!(status, 200, "GET {path}: {body}\n{}", agent.log());
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
 }
 
 /// `pymem holders ARGS`: success, stdout, stderr.

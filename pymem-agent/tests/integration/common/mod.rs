@@ -478,6 +478,29 @@ fn find_host_pid(ancestor: u32, ns_pid: u32) -> u32 {
     panic!("no descendant of {ancestor} with namespace pid {ns_pid}");
 }
 
+/// GET `path` from `agent`: the status and the body, errors included (a
+/// census may take a while).
+pub fn get(agent: &Agent, path: &str) -> (u16, String) {
+    let http: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into();
+    let mut response = http
+        .get(&agent.url(path))
+        .call()
+        .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", agent.log()));
+    let body = response.body_mut().read_to_string().unwrap();
+    (response.status().as_u16(), body)
+}
+
+/// GET `path`, which must answer 200 with JSON of type `T`.
+pub fn get_ok<T: DeserializeOwned>(agent: &Agent, path: &str) -> T {
+    let (status, body) = get(agent, path);
+    assert_eq!(status, 200, "GET {path}: {body}\n{}", agent.log());
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+}
+
 /// Runs `command`, which must succeed; returns its stdout.
 pub fn stdout_of(command: &mut Command) -> String {
     let output = command

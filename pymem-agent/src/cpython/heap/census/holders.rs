@@ -942,28 +942,36 @@ impl DominatorChildren {
 }
 
 fn dominator_children(idom: &[u32], order: &[u32]) -> DominatorChildren {
-    let n = idom.len();
+    let (offsets, nodes) = compressed_rows(idom.len(), || {
+        order.iter().filter_map(|&node| {
+            let parent = idom[node as usize];
+            (parent != u32::MAX && parent != node).then_some((parent, node))
+        })
+    });
+    DominatorChildren { offsets, nodes }
+}
+
+/// Compressed rows of `n` rows from `(row, value)` pairs, which `pairs`
+/// lists twice: once to count, once to fill.
+fn compressed_rows<I: Iterator<Item = (u32, u32)>>(
+    n: usize,
+    pairs: impl Fn() -> I,
+) -> (Vec<u32>, Vec<u32>) {
     let mut counts = vec![0u32; n + 1];
-    for &node in order {
-        let parent = idom[node as usize];
-        if parent != u32::MAX && parent != node {
-            counts[parent as usize + 1] += 1;
-        }
+    for (row, _) in pairs() {
+        counts[row as usize + 1] += 1;
     }
     for i in 0..n {
         counts[i + 1] += counts[i];
     }
     let offsets = counts.clone();
     let mut fill = counts;
-    let mut nodes = vec![0u32; offsets[n] as usize];
-    for &node in order {
-        let parent = idom[node as usize];
-        if parent != u32::MAX && parent != node {
-            nodes[fill[parent as usize] as usize] = node;
-            fill[parent as usize] += 1;
-        }
+    let mut values = vec![0u32; offsets[n] as usize];
+    for (row, value) in pairs() {
+        values[fill[row as usize] as usize] = value;
+        fill[row as usize] += 1;
     }
-    DominatorChildren { offsets, nodes }
+    (offsets, values)
 }
 
 /// Everything reachable from `start`, in bytes; None once the shared step
@@ -1023,25 +1031,11 @@ fn dominators(graph: &Graph, root: u32) -> (Vec<u32>, Vec<u32>) {
     }
     drop(visited);
     // Predecessors of reachable nodes, in compressed rows.
-    let mut counts = vec![0u32; n + 1];
-    for &node in &postorder {
-        for &succ in graph.successors(node) {
-            counts[succ as usize + 1] += 1;
-        }
-    }
-    for i in 0..n {
-        counts[i + 1] += counts[i];
-    }
-    let pred_offsets = counts.clone();
-    let mut fill = counts;
-    let mut preds = vec![0u32; pred_offsets[n] as usize];
-    for &node in &postorder {
-        for &succ in graph.successors(node) {
-            preds[fill[succ as usize] as usize] = node;
-            fill[succ as usize] += 1;
-        }
-    }
-    drop(fill);
+    let (pred_offsets, preds) = compressed_rows(n, || {
+        postorder
+            .iter()
+            .flat_map(|&node| graph.successors(node).iter().map(move |&succ| (succ, node)))
+    });
     let mut idom = vec![u32::MAX; n];
     idom[root as usize] = root;
     let reverse: Vec<u32> = postorder.iter().rev().copied().collect();
