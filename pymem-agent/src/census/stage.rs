@@ -89,6 +89,7 @@ impl CensusJob {
                 Ok((census, counters)) => (Ok(census), Some(counters)),
                 Err(e) => (Err(e), None),
             };
+        run::return_memory();
         CensusDone {
             pid: self.pid,
             started,

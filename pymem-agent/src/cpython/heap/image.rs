@@ -5,11 +5,56 @@ use procfs::process::{MMPermissions, MMapPath, Process};
 
 use crate::cpython::memory::ProcessMemory;
 
+/// A copied mapping's bytes, in an anonymous mapping of the agent's own:
+/// dropping it hands the memory back to the system at once (a freed heap
+/// buffer of this size would stay in the allocator's per-thread arena, and
+/// an agent that censused fifty processes would keep fifty copies' worth).
+pub struct Bytes {
+    map: memmap2::MmapMut,
+    len: usize,
+}
+
+impl Bytes {
+    pub fn zeroed(len: usize) -> std::io::Result<Self> {
+        Ok(Self {
+            map: memmap2::MmapMut::map_anon(len.max(1))?,
+            len,
+        })
+    }
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for Bytes {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.map[..self.len]
+    }
+}
+
+impl From<&[u8]> for Bytes {
+    fn from(data: &[u8]) -> Self {
+        let mut bytes = Self::zeroed(data.len()).expect("an anonymous mapping");
+        bytes.copy_from_slice(data);
+        bytes
+    }
+}
+
+impl Clone for Bytes {
+    fn clone(&self) -> Self {
+        Self::from(&self[..])
+    }
+}
+
 /// One copied mapping.
 #[derive(Clone)]
 pub struct Region {
     pub start: u64,
-    pub bytes: Vec<u8>,
+    pub bytes: Bytes,
     /// Anonymous memory (the heaps); file-backed regions hold the static
     /// objects and read-only strings of the binaries.
     pub anonymous: bool,
@@ -163,7 +208,8 @@ pub fn capture(pid: u32, max_bytes: u64) -> Result<HeapImage> {
     let mut regions = Vec::with_capacity(chosen.len());
     for map in chosen {
         let (start, end) = map.address;
-        let mut bytes = vec![0u8; (end - start) as usize];
+        let mut bytes = Bytes::zeroed((end - start) as usize)
+            .with_context(|| format!("mapping {} bytes for the copy", end - start))?;
         if memory.read_into(start, &mut bytes) == 0 {
             continue;
         }

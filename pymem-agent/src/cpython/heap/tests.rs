@@ -449,7 +449,7 @@ fn census_of_random_bytes_is_refused_without_panic() {
     let start = 0x5555_0000_0000;
     let image = HeapImage::from_regions(vec![Region {
         start,
-        bytes: garbage(7, 8 << 20),
+        bytes: garbage(7, 8 << 20)[..].into(),
         anonymous: true,
     }]);
     let names = [

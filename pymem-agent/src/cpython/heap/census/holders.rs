@@ -20,7 +20,11 @@ use crate::cpython::heap::{HeapHolders, Holder};
 
 /// Roots reported, and children per level.
 const MAX_ROOTS: usize = 200;
-const MAX_CHILDREN: usize = 8;
+/// Children kept at each level below a root, and the roots that get
+/// children at all: every census keeps its holders (a process keeps two
+/// censuses), so the tree stays a few thousand entries.
+const MAX_CHILDREN: [usize; DEPTH] = [8, 4, 3];
+const ROOTS_WITH_CHILDREN: usize = 32;
 /// Levels of children below each root.
 const DEPTH: usize = 3;
 /// Roots whose deep size is computed (a walk each), and the steps all of
@@ -202,7 +206,9 @@ impl Census<'_> {
                 deep_bytes: deep.unwrap_or(bytes).max(bytes),
                 children: Vec::new(),
             };
-            holder.children = self.child_groups(&tree, &[object], DEPTH, &mut names);
+            if rank < ROOTS_WITH_CHILDREN {
+                holder.children = self.child_groups(&tree, &[object], DEPTH, &mut names);
+            }
             out.holders.push(holder);
         }
         if deep_steps == 0 {
@@ -877,7 +883,7 @@ impl Census<'_> {
         }
         let mut groups: Vec<_> = groups.into_iter().collect();
         groups.sort_by_key(|(_, (bytes, _))| std::cmp::Reverse(*bytes));
-        groups.truncate(MAX_CHILDREN);
+        groups.truncate(MAX_CHILDREN[DEPTH - depth]);
         groups
             .into_iter()
             .map(|((via, type_addr), (bytes, members))| Holder {
