@@ -258,15 +258,8 @@ impl Observer {
 
     /// Attaches per-allocation probes to processes past their start-up.
     pub(super) fn attach_due(&mut self, now: Instant) {
-        let due: Vec<u32> = self
-            .observed
-            .iter()
-            .filter(|(_, o)| o.probes_due.is_some_and(|at| at <= now))
-            .map(|(&pid, _)| pid)
-            .collect();
-        for pid in due {
+        for pid in self.take_due(now, |o| &mut o.probes_due) {
             let observed = self.observed.get_mut(&pid).expect("due pid is observed");
-            observed.probes_due = None;
             let binary = observed.process.binary.clone();
             match self.probes.attach_process(pid, &binary) {
                 Ok(()) => observed.accounting = Accounting::Probes,

@@ -309,17 +309,28 @@ impl Observer {
         });
     }
 
+    /// The processes whose `deadline` (a field of theirs) has come, with
+    /// that field cleared.
+    fn take_due(
+        &mut self,
+        now: Instant,
+        deadline: fn(&mut Observed) -> &mut Option<Instant>,
+    ) -> Vec<u32> {
+        let mut due = Vec::new();
+        for (&pid, observed) in self.observed.iter_mut() {
+            let at = deadline(observed);
+            if at.is_some_and(|at| at <= now) {
+                *at = None;
+                due.push(pid);
+            }
+        }
+        due
+    }
+
     /// Starts the baseline censuses that are due.
     fn baseline_due(&mut self, now: Instant) {
-        let due: Vec<u32> = self
-            .observed
-            .iter()
-            .filter(|(_, o)| o.baseline_due.is_some_and(|at| at <= now))
-            .map(|(&pid, _)| pid)
-            .collect();
-        for pid in due {
+        for pid in self.take_due(now, |o| &mut o.baseline_due) {
             let observed = self.observed.get_mut(&pid).expect("due pid is observed");
-            observed.baseline_due = None;
             let binary = observed.process.binary.clone();
             let job = self.census.baseline(pid, &binary);
             self.spawn_census(job);

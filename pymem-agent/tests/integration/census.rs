@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::common::{
-    Agent, OBSERVE_TIMEOUT, Workload, assert_within, free_port, get, get_ok, pyenv,
+    Agent, OBSERVE_TIMEOUT, Workload, assert_within, free_port, get, get_ok, pyenv, stdout_of,
 };
 use pymem_agent::census::{CensusErrorBody, CensusReport, TypeRow, pause::Pause};
 
@@ -441,14 +441,9 @@ fn pymem_types_names_what_is_wrong() {
     }
 }
 
+/// `pymem ARGS`, which must succeed: its stdout.
 fn pymem(args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_pymem"))
-        .args(args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "pymem {args:?}: {stderr}");
-    String::from_utf8(output.stdout).unwrap()
+    stdout_of(Command::new(env!("CARGO_BIN_EXE_pymem")).args(args))
 }
 
 // Needs the heap engine.

@@ -8,7 +8,7 @@ use std::{net::TcpStream, path::Path, process::Command};
 use serde_json::Value;
 
 use crate::common::{
-    Agent, OBSERVE_TIMEOUT, Workload, assert_within, free_port, get, get_ok, pyenv,
+    Agent, OBSERVE_TIMEOUT, Workload, assert_within, free_port, get, get_ok, pyenv, stdout_of,
 };
 use pymem_agent::{
     census::CensusErrorBody,
@@ -273,14 +273,9 @@ fn pymem_holders_json_with_the_embedded_observer_ranks_the_globals() {
     assert_top_two_are_the_globals(&report.holders.holders, &truth);
 }
 
+/// `pymem ARGS`, which must succeed: its stdout.
 fn pymem(args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_pymem"))
-        .args(args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "pymem {args:?}: {stderr}");
-    String::from_utf8(output.stdout).unwrap()
+    stdout_of(Command::new(env!("CARGO_BIN_EXE_pymem")).args(args))
 }
 
 /// Two snapshots around 50,000 more orders: each keeps at most 50 holders

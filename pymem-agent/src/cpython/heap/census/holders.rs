@@ -403,6 +403,7 @@ impl Census<'_> {
             11..=13 => (72, offsets.code.filename.wrapping_sub(16)),
             _ => (80, offsets.code.filename.wrapping_sub(16)),
         };
+        let tuple_type = self.target.static_type("PyTuple_Type");
         // Frame objects (3.8–3.10) keep their locals at their end.
         let frame_locals = self
             .target
@@ -436,7 +437,7 @@ impl Census<'_> {
                     && let Some(function) = self
                         .ascii_text(image.u64(code.wrapping_add(offsets.code.name)).unwrap_or(0))
                     && let Some(names) = image.u64(code.wrapping_add(names_at))
-                    && image.u64(names.wrapping_add(8)) == self.target.static_type("PyTuple_Type")
+                    && image.u64(names.wrapping_add(8)) == tuple_type
                 {
                     let count = image
                         .i64(names.wrapping_add(16))
