@@ -207,6 +207,7 @@ pub(crate) mod tests {
             retained_bytes,
             deep_bytes: retained_bytes + 1000,
             children,
+            writers: Vec::new(),
         }
     }
 

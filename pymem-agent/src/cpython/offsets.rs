@@ -41,6 +41,14 @@ pub struct CodeOffsets {
     /// Payload offset of a compact ASCII str.
     pub(crate) ascii_data: u64,
     pub(crate) format: LineFormat,
+    /// `co_names` (the tuple of global and attribute names the bytecode
+    /// refers to by index) and the tuple naming the locals
+    /// (`co_varnames`; 3.11+ `co_localsplusnames`).
+    pub(crate) names: u64,
+    pub(crate) locals: u64,
+    /// `co_code`, the instructions' bytes object (3.8–3.10; 0 later, when
+    /// they live inside the code object at `code_adaptive`).
+    pub(crate) bytecode: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +94,9 @@ fn offsets(version: PyVersion) -> Option<VersionOffsets> {
         code_adaptive: 0,
         ascii_data: 48,
         format,
+        names: 64,
+        locals: 72,
+        bytecode: 48,
     };
     let new_code = |code_adaptive| CodeOffsets {
         filename: 112,
@@ -95,6 +106,9 @@ fn offsets(version: PyVersion) -> Option<VersionOffsets> {
         code_adaptive,
         ascii_data: 40,
         format: LineFormat::Locations,
+        names: 32,
+        locals: 96,
+        bytecode: 0,
     };
     let frame_object = |runtime_tstate_chain, format, frame_instr| VersionOffsets {
         runtime_tstate_chain,
@@ -146,6 +160,9 @@ fn offsets(version: PyVersion) -> Option<VersionOffsets> {
                 code_adaptive: 184,
                 ascii_data: 48,
                 format: LineFormat::Locations,
+                names: 32,
+                locals: 96,
+                bytecode: 0,
             },
         }),
         (3, 12) => Some(VersionOffsets {

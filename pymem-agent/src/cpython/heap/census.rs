@@ -8,6 +8,7 @@ use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use super::{CensusError, CensusTarget, HeapCensus, HeapImage, TypeStats};
 
 mod holders;
+mod writers;
 
 const TPFLAGS_INLINE_VALUES: u64 = 1 << 2;
 const TPFLAGS_MANAGED_WEAKREF: u64 = 1 << 3;

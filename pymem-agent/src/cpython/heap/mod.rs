@@ -107,4 +107,20 @@ pub struct Holder {
     pub deep_bytes: u64,
     /// The heaviest children by retained size, a few levels deep.
     pub children: Vec<Holder>,
+    /// A root's writers: the lines whose bytecode stores into it (or into
+    /// the attribute of it that holds most of its memory), most specific
+    /// first. Empty when none was found, and for children.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub writers: Vec<Writer>,
+}
+
+/// A line that fills a holder: `CACHE[key] =` in `handle` at app.py:34.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Writer {
+    pub function: String,
+    pub file: String,
+    pub line: i64,
+    /// The store as source: `CACHE[key] =`, `VISITORS.append()`,
+    /// `self.cache =`.
+    pub store: String,
 }

@@ -614,3 +614,96 @@ fn census_of_a_damaged_heap_stops_and_warns() {
     // Either answer is fine; not panicking and returning is the test.
     let _ = take_census(&damaged, &target);
 }
+
+/// Holders filled by known lines (each marked `# fills NAME`), the code
+/// warm enough for 3.11+ to have specialised it, and code that only churns
+/// or reads the same names.
+const WRITERS: &str = r#"
+import json, threading, time
+VISITORS = []
+SESSIONS = {}
+class Registry:
+    def __init__(self):
+        self.by_id = {}
+    def register(self, i, item):
+        self.by_id[i] = item  # fills REGISTRY
+REGISTRY = Registry()
+def remember_visitor(i):
+    VISITORS.append({'id': i, 'name': 'visitor-%d' % i})  # fills VISITORS
+def serve_one(i):
+    tmp = [{'k': j, 'v': i} for j in range(40)]
+    seen = len(VISITORS) + len(SESSIONS)
+    return len(tmp) + seen
+def open_session(i):
+    SESSIONS[i] = 'session-%08d' % i  # fills SESSIONS
+def hold_batch(ready):
+    batch = []
+    for i in range(20_000):
+        batch.append(1_000_000 + i)  # fills batch
+    ready.set()
+    time.sleep(600)
+for i in range(30_000):
+    serve_one(i)
+    remember_visitor(i)
+    open_session(i)
+    REGISTRY.register(i, [i, i + 1])
+ready = threading.Event()
+threading.Thread(target=hold_batch, args=(ready,), daemon=True).start()
+ready.wait()
+print(json.dumps({'visitors': len(VISITORS)}), flush=True)
+time.sleep(600)
+"#;
+
+/// The line of `WRITERS` marked `# fills NAME` (`-c` counts from line 1).
+fn marked_line(name: &str) -> i64 {
+    let marker = format!("# fills {name}");
+    WRITERS
+        .lines()
+        .position(|l| l.ends_with(&marker))
+        .unwrap_or_else(|| panic!("no {marker}")) as i64
+        + 1
+}
+
+fn check_writers(python: &Python) -> Option<String> {
+    let workload = Workload::start(python, WRITERS);
+    let census = match workload.census(&python.label) {
+        Ok(census) => census,
+        Err(e) => return Some(format!("{e}")),
+    };
+    let holders = &census.holders.holders;
+    let mut failures = Vec::new();
+    for (root, marker, store) in [
+        ("__main__.VISITORS", "VISITORS", "VISITORS.append()"),
+        ("__main__.SESSIONS", "SESSIONS", "SESSIONS[key] ="),
+        ("__main__.REGISTRY", "REGISTRY", ".by_id[key] ="),
+        ("thread 2 / hold_batch / batch", "batch", "batch.append()"),
+    ] {
+        let Some(holder) = holders.iter().find(|h| h.name == root) else {
+            failures.push(format!("no root {root}"));
+            continue;
+        };
+        let line = marked_line(marker);
+        let expected = |w: &Writer| w.line == line && w.store == store && w.file == "<string>";
+        if holder.writers.len() != 1 || !expected(&holder.writers[0]) {
+            failures.push(format!(
+                "{root}: writers {:?}, expected {store} at line {line}",
+                holder.writers
+            ));
+        }
+    }
+    eprintln!(
+        "{}: writers {:?}",
+        python.label,
+        holders
+            .iter()
+            .take(6)
+            .map(|h| (&h.name, &h.writers))
+            .collect::<Vec<_>>()
+    );
+    (!failures.is_empty()).then(|| failures.join(", "))
+}
+
+#[test]
+fn writers_are_the_lines_that_fill_each_holder() {
+    run_everywhere(check_writers);
+}

@@ -18,6 +18,8 @@ use super::{
 };
 use crate::cpython::heap::{HeapHolders, Holder};
 
+/// `PyTypeObject.tp_dictoffset`.
+const TP_DICTOFFSET: u64 = 288;
 /// Roots reported, and children per level.
 const MAX_ROOTS: usize = 200;
 /// Children kept at each level below a root, and the roots that get
@@ -96,10 +98,22 @@ struct KnownTypes {
     deque: Option<u64>,
 }
 
-/// A named root: a module global, a class attribute.
+/// A named root: a module global, a class attribute, a frame local.
 struct Root {
     name: String,
     object: u32,
+    scope: Scope,
+}
+
+/// Where a root's name lives, for finding the code that stores into it.
+#[derive(Clone, Debug)]
+pub(super) enum Scope {
+    /// A module global; `file` is the module's `__file__`, if it has one.
+    Global { file: Option<String>, name: String },
+    /// A class attribute, of a class defined in the module at `file`.
+    ClassAttribute { file: Option<String>, name: String },
+    /// A local of the frame running `code`.
+    Local { code: u64, name: String },
 }
 
 impl Census<'_> {
@@ -205,12 +219,15 @@ impl Census<'_> {
                 retained_bytes: bytes,
                 deep_bytes: deep.unwrap_or(bytes).max(bytes),
                 children: Vec::new(),
+                writers: Vec::new(),
             };
             if rank < ROOTS_WITH_CHILDREN {
                 holder.children = self.child_groups(&tree, &[object], DEPTH, &mut names);
             }
             out.holders.push(holder);
         }
+        let scopes: Vec<&Scope> = holders.iter().map(|&(_, i)| &roots[i].scope).collect();
+        self.attach_writers(&mut out.holders, &scopes);
         if deep_steps == 0 {
             out.warnings.push(
                 "deep sizes stopped at their bound: some deep_bytes are only the retained bytes"
@@ -294,20 +311,26 @@ impl Census<'_> {
         let mut by_object: HashMap<u32, usize> = HashMap::default();
         let mut classes_seen = HashSet::default();
         let mut add =
-            |roots: &mut Vec<Root>, name: String, object: u32, preferred: bool| match by_object
-                .get(&object)
-            {
-                Some(&i) if preferred && !roots[i].name.starts_with("__main__.") => {
-                    roots[i].name = name;
-                }
-                Some(_) => {}
-                None => {
-                    by_object.insert(object, roots.len());
-                    roots.push(Root { name, object });
+            |roots: &mut Vec<Root>, name: String, object: u32, scope: Scope, preferred: bool| {
+                match by_object.get(&object) {
+                    Some(&i) if preferred && !roots[i].name.starts_with("__main__.") => {
+                        roots[i].name = name;
+                        roots[i].scope = scope;
+                    }
+                    Some(_) => {}
+                    None => {
+                        by_object.insert(object, roots.len());
+                        roots.push(Root {
+                            name,
+                            object,
+                            scope,
+                        });
+                    }
                 }
             };
         for (module, dict) in module_dicts {
             let main = module == "__main__";
+            let file = self.module_file(*dict);
             for (key, value) in self.dict_entries(*dict) {
                 let Some(name) = self.ascii_text(key) else {
                     continue;
@@ -337,6 +360,10 @@ impl Census<'_> {
                                     &mut roots,
                                     format!("{module}.{name}.{attr_name}"),
                                     attr_object,
+                                    Scope::ClassAttribute {
+                                        file: file.clone(),
+                                        name: attr_name.to_owned(),
+                                    },
                                     main,
                                 );
                             }
@@ -344,7 +371,16 @@ impl Census<'_> {
                     }
                     continue;
                 }
-                add(&mut roots, format!("{module}.{name}"), object, main);
+                add(
+                    &mut roots,
+                    format!("{module}.{name}"),
+                    object,
+                    Scope::Global {
+                        file: file.clone(),
+                        name: name.to_owned(),
+                    },
+                    main,
+                );
             }
         }
         roots
@@ -469,6 +505,10 @@ impl Census<'_> {
                         roots.push(Root {
                             name: format!("thread {} / {function} / {name}", n + 1),
                             object,
+                            scope: Scope::Local {
+                                code,
+                                name: name.to_owned(),
+                            },
                         });
                     }
                 }
@@ -754,6 +794,11 @@ impl Census<'_> {
             {
                 out.push((dict, Via::Field));
             }
+        } else if heap {
+            // 3.8–3.10 (and classes without managed dicts): the instance
+            // dict's values are the instance's attributes, named as 3.11+
+            // names them (the dict itself stays a field).
+            self.instance_dict_named(obj, type_addr, info, out);
         }
         // Fields: every word of the struct past what the container
         // decoding read that holds a live object's address.
@@ -780,6 +825,36 @@ impl Census<'_> {
 
     /// Managed attribute values with the attribute names from the class's
     /// cached keys, when they read.
+    fn instance_dict_named(
+        &self,
+        obj: u64,
+        type_addr: u64,
+        info: &super::TypeInfo,
+        out: &mut Vec<(u64, Via)>,
+    ) {
+        let Some(offset) = self.image.i64(type_addr.wrapping_add(TP_DICTOFFSET)) else {
+            return;
+        };
+        if offset <= 0 || offset as u64 + 8 > info.basicsize {
+            return;
+        }
+        let Some(dict) = self.image.u64(obj.wrapping_add(offset as u64)) else {
+            return;
+        };
+        if dict == 0
+            || self
+                .types
+                .get(&self.type_of(dict).unwrap_or(0))
+                .map(|t| t.kind)
+                != Some(Kind::Dict)
+        {
+            return;
+        }
+        for (key, value) in self.dict_entries(dict) {
+            out.push((value, Via::Attribute(key)));
+        }
+    }
+
     fn managed_values_named(
         &self,
         obj: u64,
@@ -895,6 +970,7 @@ impl Census<'_> {
                 retained_bytes: bytes,
                 deep_bytes: bytes,
                 children: self.child_groups(tree, &members, depth - 1, names),
+                writers: Vec::new(),
             })
             .collect()
     }
