@@ -10,7 +10,7 @@ use crate::{
     census::{CensusErrorBody, CensusReport},
     holders::HoldersReport,
     model::ProcessInfo,
-    sites::Site,
+    sites::{Site, state::SitesReport},
 };
 
 /// The fields of `/api/v1/processes/{pid}` a site snapshot keeps; the rest
@@ -82,9 +82,26 @@ impl AgentClient {
         self.get_json(&format!("/api/v1/processes/{pid}"), "the process")
     }
 
-    /// The allocation sites of `pid`, heaviest live bytes first.
-    pub fn sites(&self, pid: u32) -> Result<Vec<Site>> {
-        self.get_json(&format!("/api/v1/processes/{pid}/sites"), "sites")
+    /// The sites of `pid`, heaviest live bytes first, by heap state from a
+    /// census no older than `max_age` where one can be had.
+    pub fn sites(&self, pid: u32, max_age: Duration) -> Result<Vec<Site>> {
+        Ok(self.sites_report(pid, max_age, None)?.sites)
+    }
+
+    /// The sites of `pid` and how they were attributed; `attribution`
+    /// forces `heap_state` or `allocation_samples`.
+    pub fn sites_report(
+        &self,
+        pid: u32,
+        max_age: Duration,
+        attribution: Option<&str>,
+    ) -> Result<SitesReport> {
+        let forced = attribution.map_or(String::new(), |a| format!("&attribution={a}"));
+        let path = format!(
+            "/api/v1/processes/{pid}/sites?report=1&max_age={}{forced}",
+            max_age.as_secs_f64()
+        );
+        self.get_json_within(&path, "sites", CENSUS_TIMEOUT)
     }
 
     /// An object census of `pid` no older than `max_age` (zero: a fresh
@@ -281,7 +298,7 @@ mod tests {
     fn commands_name_the_absent_agent() {
         let port = free_port();
         let err = AgentClient::new(Some(&port), Caller::Command)
-            .sites(1)
+            .sites(1, Duration::ZERO)
             .unwrap_err();
         assert!(
             format!("{err:#}").starts_with(&format!(

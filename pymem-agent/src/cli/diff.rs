@@ -233,7 +233,7 @@ mod tests {
             line,
             bytes,
             allocated_bytes,
-            stack: Vec::new(),
+            ..Default::default()
         }
     }
 
@@ -245,6 +245,8 @@ mod tests {
             taken_at,
             heap_bytes,
             sites,
+            attribution: None,
+            attribution_note: None,
             census: None,
             census_error: None,
         }

@@ -57,8 +57,32 @@ pub struct SitesArgs {
     /// Write a flame graph of live bytes (SVG) instead of the table.
     #[arg(long, value_name = "FILE")]
     flamegraph: Option<PathBuf>,
+    /// How lines are charged: `heap-state` (an object census, which pauses
+    /// the process briefly: each holder's retained bytes go to the lines
+    /// that fill it), `allocation-samples` (the stacks that made the heap
+    /// grow, no pause, biased toward code that allocates often), or `auto`
+    /// (heap state where a census works).
+    #[arg(long, value_enum, default_value_t = AttributionArg::Auto)]
+    attribution: AttributionArg,
     #[command(flatten)]
     agent: AgentArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttributionArg {
+    Auto,
+    HeapState,
+    AllocationSamples,
+}
+
+impl AttributionArg {
+    fn query(self) -> Option<&'static str> {
+        match self {
+            Self::Auto => None,
+            Self::HeapState => Some("heap_state"),
+            Self::AllocationSamples => Some("allocation_samples"),
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -88,7 +112,7 @@ pub struct DiffArgs {
 
 pub fn run_sites(args: SitesArgs) -> Result<()> {
     let snapshot = match args.target.parse::<u32>() {
-        Ok(pid) => SiteSnapshot::take(&args.agent.api(), pid)?,
+        Ok(pid) => SiteSnapshot::take_attributed(&args.agent.api(), pid, args.attribution.query())?,
         Err(_) => SiteSnapshot::read(Path::new(&args.target))?,
     };
     if let Some(path) = &args.pprof {

@@ -14,7 +14,7 @@ use crate::{
     census::Census,
     client::AgentClient,
     holders::{self, SNAPSHOT_DEPTH, SNAPSHOT_HOLDERS},
-    sites::Site,
+    sites::{Site, state::Attribution},
 };
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -28,6 +28,12 @@ pub struct SiteSnapshot {
     pub heap_bytes: u64,
     /// Heaviest live bytes first, as the agent lists them.
     pub sites: Vec<Site>,
+    /// How the sites were attributed (absent in snapshots of older agents:
+    /// allocation samples), and why not by heap state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<Attribution>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution_note: Option<String>,
     /// The object census taken with the snapshot (its heaviest types, and
     /// its heaviest holders with two levels of children), if one could be
     /// taken.
@@ -38,6 +44,9 @@ pub struct SiteSnapshot {
     pub census_error: Option<String>,
 }
 
+/// How old a census the snapshot may share with its sites.
+const SITES_CENSUS_REUSE: Duration = Duration::from_secs(10);
+
 /// Types a snapshot keeps of its census.
 pub const SNAPSHOT_TYPES: usize = 200;
 
@@ -45,15 +54,27 @@ impl SiteSnapshot {
     /// Reads the process and then its sites from the agent: both within
     /// one sample interval, so the heap and the sites agree.
     pub fn take(agent: &AgentClient, pid: u32) -> Result<Self> {
+        Self::take_attributed(agent, pid, None)
+    }
+
+    /// As `take`, the attribution forced (`heap_state`,
+    /// `allocation_samples`) or not (None).
+    pub fn take_attributed(
+        agent: &AgentClient,
+        pid: u32,
+        attribution: Option<&str>,
+    ) -> Result<Self> {
         let process = agent.process(pid)?;
-        let sites = agent.sites(pid)?;
+        let report = agent.sites_report(pid, Duration::ZERO, attribution)?;
         Ok(Self {
             pid: process.pid,
             comm: process.comm,
             python_version: process.python_version,
             taken_at: unix_seconds_now(),
             heap_bytes: process.heap_bytes,
-            sites,
+            sites: report.sites,
+            attribution: Some(report.attribution),
+            attribution_note: report.note,
             census: None,
             census_error: None,
         })
@@ -63,7 +84,8 @@ impl SiteSnapshot {
     /// census that fails leaves its reason instead.
     pub fn take_with_census(agent: &AgentClient, pid: u32) -> Result<Self> {
         let mut snapshot = Self::take(agent, pid)?;
-        match agent.census(pid, Duration::ZERO, false, SNAPSHOT_TYPES) {
+        // The census the sites were just attributed by, if they were.
+        match agent.census(pid, SITES_CENSUS_REUSE, false, SNAPSHOT_TYPES) {
             Ok(report) => {
                 let mut census = report.census;
                 holders::keep(&mut census.heap.holders, SNAPSHOT_HOLDERS, SNAPSHOT_DEPTH);

@@ -2,18 +2,53 @@
 //! flame graph, all from one query to the observer.
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use std::time::Duration;
+
 use super::{AppState, not_observed};
-use crate::{observer::Query, sites::Site};
+use crate::{
+    census::CensusFailure,
+    observer::Query,
+    sites::{
+        self, Site,
+        state::{Attribution, SitesReport},
+    },
+};
 use axum::{
     Json,
-    extract::{Path, State},
+    extract::{Path, Query as UrlQuery, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
+use serde::Deserialize;
 
-/// The sites of `pid`, heaviest live bytes first, or the error response.
-async fn query_sites(state: &AppState, pid: u32) -> Result<Vec<Site>, Response> {
-    let stopped = || (StatusCode::SERVICE_UNAVAILABLE, "observer stopped\n").into_response();
+/// `?attribution=auto|heap_state|allocation_samples` (default auto: heap
+/// state when a census can be had, samples otherwise), `?max_age=SECONDS`
+/// (a census that recent is reused; default 0, a fresh one, which pauses
+/// the process), `?report=1` (the sites with how they were attributed).
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct SitesParams {
+    #[serde(default)]
+    attribution: Option<String>,
+    #[serde(default)]
+    max_age: Option<f64>,
+    #[serde(default)]
+    report: Option<String>,
+}
+
+impl SitesParams {
+    fn max_age(&self) -> Duration {
+        self.max_age
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map_or(Duration::ZERO, |s| Duration::from_secs_f64(s.min(1e9)))
+    }
+}
+
+fn stopped() -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, "observer stopped\n").into_response()
+}
+
+/// The allocation-sample sites of `pid`, heaviest live bytes first.
+async fn sampled_sites(state: &AppState, pid: u32) -> Result<Vec<Site>, Response> {
     let (reply, answer) = tokio::sync::oneshot::channel();
     if state
         .queries
@@ -30,6 +65,83 @@ async fn query_sites(state: &AppState, pid: u32) -> Result<Vec<Site>, Response> 
     }
 }
 
+/// The sites of `pid` and how they were attributed, or the error response.
+async fn query_sites(
+    state: &AppState,
+    pid: u32,
+    params: &SitesParams,
+) -> Result<SitesReport, Response> {
+    let samples = |note: String, sites: Vec<Site>| SitesReport {
+        pid,
+        attribution: Attribution::AllocationSamples,
+        note: Some(note),
+        census_taken_at: None,
+        unheld_bytes: None,
+        sites,
+    };
+    match params.attribution.as_deref() {
+        None | Some("" | "auto" | "heap_state") => {}
+        Some("allocation_samples") => {
+            let sites = sampled_sites(state, pid).await?;
+            return Ok(samples(
+                "asked for (?attribution=allocation_samples)".into(),
+                sites,
+            ));
+        }
+        Some(other) => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!("attribution is auto, heap_state or allocation_samples, not {other:?}\n"),
+            )
+                .into_response());
+        }
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let query = Query::Census {
+        pid,
+        max_age: params.max_age(),
+        reply,
+    };
+    if state.queries.send(query).await.is_err() {
+        return Err(stopped());
+    }
+    let census = match answer.await {
+        Ok(Ok(answer)) => {
+            let census = answer.latest;
+            sites::state::usable(&census).map(|()| census)
+        }
+        Ok(Err(CensusFailure::NotObserved)) => return Err(not_observed(pid)),
+        Ok(Err(CensusFailure::Unsupported(reason))) => Err(format!("no object census: {reason}")),
+        Ok(Err(CensusFailure::Failed(reason))) => {
+            Err(format!("the object census failed: {reason}"))
+        }
+        Err(_) => return Err(stopped()),
+    };
+    match census {
+        Ok(census) => {
+            let mut by_state = sites::state::from_census(&census);
+            sites::state::with_callers(&mut by_state, &sampled_sites(state, pid).await?);
+            Ok(SitesReport {
+                pid,
+                attribution: Attribution::HeapState,
+                note: None,
+                census_taken_at: Some(census.taken_at),
+                unheld_bytes: Some(sites::state::unheld_bytes(&census)),
+                sites: by_state,
+            })
+        }
+        Err(reason) => {
+            let sites = sampled_sites(state, pid).await?;
+            Ok(samples(
+                format!(
+                    "{reason}; allocation samples favour code that allocates often over code that keeps memory"
+                ),
+                sites,
+            ))
+        }
+    }
+}
+
 /// `pid 4242 (python3, Python 3.11.7)`, or just the pid if the process left
 /// the snapshot meanwhile.
 fn describe(state: &AppState, pid: u32) -> String {
@@ -39,17 +151,27 @@ fn describe(state: &AppState, pid: u32) -> String {
     }
 }
 
-pub(super) async fn sites_json(State(state): State<AppState>, Path(pid): Path<u32>) -> Response {
-    match query_sites(&state, pid).await {
-        Ok(sites) => Json(sites).into_response(),
+pub(super) async fn sites_json(
+    State(state): State<AppState>,
+    Path(pid): Path<u32>,
+    UrlQuery(params): UrlQuery<SitesParams>,
+) -> Response {
+    let report = matches!(params.report.as_deref(), Some("1" | "true" | "yes" | ""));
+    match query_sites(&state, pid, &params).await {
+        Ok(answer) if report => Json(answer).into_response(),
+        Ok(answer) => Json(answer.sites).into_response(),
         Err(response) => response,
     }
 }
 
 /// `go tool pprof http://HOST:9477/api/v1/processes/PID/pprof`
-pub(super) async fn sites_pprof(State(state): State<AppState>, Path(pid): Path<u32>) -> Response {
-    let sites = match query_sites(&state, pid).await {
-        Ok(sites) => sites,
+pub(super) async fn sites_pprof(
+    State(state): State<AppState>,
+    Path(pid): Path<u32>,
+    UrlQuery(params): UrlQuery<SitesParams>,
+) -> Response {
+    let sites = match query_sites(&state, pid, &params).await {
+        Ok(answer) => answer.sites,
         Err(response) => return response,
     };
     let comments = [format!(
@@ -69,9 +191,10 @@ pub(super) async fn sites_pprof(State(state): State<AppState>, Path(pid): Path<u
 pub(super) async fn sites_flamegraph(
     State(state): State<AppState>,
     Path(pid): Path<u32>,
+    UrlQuery(params): UrlQuery<SitesParams>,
 ) -> Response {
-    let sites = match query_sites(&state, pid).await {
-        Ok(sites) => sites,
+    let sites = match query_sites(&state, pid, &params).await {
+        Ok(answer) => answer.sites,
         Err(response) => return response,
     };
     let title = format!("{}: live bytes by allocation site", describe(&state, pid));

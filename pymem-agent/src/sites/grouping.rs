@@ -9,7 +9,7 @@ use crate::cpython::Frame;
 
 /// One line of Python that allocated memory, innermost frame of its
 /// stacks; `stack` is the heaviest full stack through it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Site {
     pub function: String,
     pub file: String,
@@ -19,6 +19,14 @@ pub struct Site {
     /// Bytes allocated here since observation started.
     pub allocated_bytes: u64,
     pub stack: Vec<Frame>,
+    /// Attributed by heap state: the holder this line fills (a root of the
+    /// object census, `__main__.CACHE`), whose retained bytes are `bytes`
+    /// (shared evenly when several lines fill it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// How the line fills it: `CACHE[key] =`, `VISITORS.append()`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 impl Site {
@@ -48,6 +56,7 @@ impl Site {
             bytes,
             allocated_bytes,
             stack,
+            ..Default::default()
         }
     }
 }
@@ -89,6 +98,7 @@ pub fn group_sites(stacks: Vec<(Vec<Frame>, StackBytes)>) -> Vec<Site> {
             bytes: bytes.live,
             allocated_bytes: bytes.allocated,
             stack,
+            ..Default::default()
         })
         .collect();
     sites.sort_by(|a, b| {

@@ -414,6 +414,7 @@ pub mod tests {
                 file: file.into(),
                 line,
             }],
+            ..Default::default()
         }
     }
 

@@ -7,6 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The oldest census the detail view's sites may come from.
+const SITES_CENSUS_AGE: std::time::Duration = std::time::Duration::from_secs(30);
+
 use anyhow::{Result, anyhow, bail};
 use tokio::sync::oneshot;
 
@@ -32,10 +35,13 @@ impl Source {
         }
     }
 
-    /// The allocation sites of `pid`, heaviest live bytes first.
+    /// The sites of `pid`, heaviest live bytes first: from an agent by
+    /// heap state (a census at most `SITES_CENSUS_AGE` old, so that an open
+    /// detail view pauses the process at most that often), embedded from
+    /// allocation samples.
     pub fn sites(&self, pid: u32) -> Result<Vec<Site>> {
         match self {
-            Self::Agent(agent) => agent.sites(pid),
+            Self::Agent(agent) => agent.sites(pid, SITES_CENSUS_AGE),
             Self::Embedded(observer) => observer.sites(pid),
         }
     }

@@ -3,6 +3,7 @@
 #[macro_use]
 mod common;
 
+mod attribution;
 mod baseline;
 mod cache_service;
 mod census;

@@ -14,7 +14,7 @@ use std::{
 
 use pymem_agent::{
     model::{Accounting, HeapBaseline, HeapBreakdown, ProcessInfo},
-    sites::Site,
+    sites::{Site, state::SitesReport},
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -187,9 +187,18 @@ impl Agent {
             .find(|p| p["pid"].as_u64() == Some(u64::from(pid)))
     }
 
-    /// The allocation sites of `pid`, heaviest first.
+    /// The sites of `pid` by allocation samples (the kernel's stacks),
+    /// heaviest first.
     pub fn sites(&self, pid: u32) -> Vec<Site> {
-        self.get_json(&format!("/api/v1/processes/{pid}/sites"))
+        self.get_json(&format!(
+            "/api/v1/processes/{pid}/sites?attribution=allocation_samples"
+        ))
+    }
+
+    /// The sites of `pid` as the agent attributes them by default (heap
+    /// state where a census works), with how they were attributed.
+    pub fn sites_report(&self, pid: u32) -> SitesReport {
+        self.get_json(&format!("/api/v1/processes/{pid}/sites?report=1"))
     }
 
     /// Waits until `pid` is observed.

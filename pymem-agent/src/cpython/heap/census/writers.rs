@@ -284,6 +284,13 @@ fn pick_writers(scope: &Scope, chain: &[String], stores: &[CodeStore]) -> Vec<Wr
         scope,
         stores.iter().filter(|s| scope.is_written_by(s)).collect(),
     ));
+    // Module-level code runs once, at import (`CACHE = {}`): its stores
+    // count only where no function stores into the same holder.
+    for group in &mut groups {
+        if group.iter().any(|s| s.function != "<module>") {
+            group.retain(|s| s.function != "<module>");
+        }
+    }
     let filling = groups
         .iter()
         .map(|g| {

@@ -1,0 +1,214 @@
+//! Which line holds the memory when churn and a leak share a loop (and
+//! size classes), as on a real server: the sites attributed by heap state
+//! against the workload's structure and against tracemalloc in a separate
+//! run of the same workload.
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::common::{
+    Agent,
+    interpreters::{Interpreter, Launch},
+    source_line,
+};
+use pymem_agent::sites::{Site, state::Attribution};
+
+const INTERLEAVED: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/workloads/interleaved.py"
+);
+/// Seconds the loop runs: 100-450 MiB kept on the interpreters here.
+const LOOP_SECONDS: &str = "4";
+
+fn marked(what: &str) -> i64 {
+    let marker = format!("# SITE: {what}");
+    source_line(INTERLEAVED, what, |l| l.ends_with(&marker))
+}
+
+/// The workload under `launch`, started; killed when dropped.
+struct Interleaved {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pid: u32,
+}
+
+impl Interleaved {
+    fn start(launch: &Launch, extra: &[&str]) -> Self {
+        let mut command = match launch {
+            Launch::Host(python) => {
+                let mut c = Command::new(python);
+                c.arg(INTERLEAVED);
+                c
+            }
+            Launch::Chroot { root, python } | Launch::ChrootPidNamespace { root, python } => {
+                std::fs::copy(INTERLEAVED, root.join("tmp/pymem-interleaved.py")).unwrap();
+                let mut c = Command::new("chroot");
+                c.arg(root)
+                    .arg(format!("/usr/bin/{python}"))
+                    .arg("/tmp/pymem-interleaved.py");
+                c
+            }
+        };
+        let mut child = command
+            .arg(LOOP_SECONDS)
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let pid = child.id();
+        let mut workload = Self {
+            child,
+            stdin,
+            stdout,
+            pid,
+        };
+        assert_eq!(workload.line()["ready"], true);
+        workload
+    }
+
+    fn line(&mut self) -> Value {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+    }
+}
+
+impl Drop for Interleaved {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn share(sites: &[Site], line: i64) -> f64 {
+    let total: u64 = sites.iter().map(|s| s.bytes).sum();
+    let at: u64 = sites
+        .iter()
+        .filter(|s| s.line == line && s.file.ends_with("interleaved.py"))
+        .map(|s| s.bytes)
+        .sum();
+    at as f64 / total.max(1) as f64
+}
+
+fn leaking_line_holds_the_memory(interpreter: Interpreter) {
+    let launch = match &interpreter.launch {
+        Ok(launch) => launch.clone(),
+        Err(why) => {
+            eprintln!("SKIP: {why}");
+            return;
+        }
+    };
+    let (leak, churn) = (marked("leak"), marked("churn"));
+
+    // Ground truth, without pymem: tracemalloc's total per iteration (all
+    // the loop keeps is the visitors). Its lines are no referee here: the
+    // interpreter's dict free lists hand the churn's freed dicts to the
+    // leak, and tracemalloc charges a block to its first allocation (on
+    // 3.9 the churning line comes out first).
+    let truth = {
+        let mut traced = Interleaved::start(&launch, &["--tracemalloc"]);
+        traced.line()
+    };
+    let tracemalloc_top = &truth["top"][0];
+    let traced_leak_share = truth["top"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t[1].as_i64() == Some(leak) && t[0].as_str().unwrap().ends_with("interleaved.py"))
+        .map_or(0.0, |t| t[2].as_f64().unwrap())
+        / truth["total"].as_f64().unwrap();
+    let per_visitor = truth["total"].as_f64().unwrap() / truth["iterations"].as_f64().unwrap();
+
+    let agent = Agent::start(&[]);
+    let mut work = Interleaved::start(&launch, &[]);
+    agent.wait_for(work.pid, Duration::from_secs(15));
+    let done = work.line();
+    let iterations = done["iterations"].as_f64().unwrap();
+    let report = agent.sites_report(work.pid);
+    let samples = agent.sites(work.pid);
+    let top: Vec<String> = report
+        .sites
+        .iter()
+        .take(5)
+        .map(|s| {
+            format!(
+                "{}:{} {} {} {:?}",
+                s.file, s.line, s.function, s.bytes, s.holder
+            )
+        })
+        .collect();
+    assert_eq!(
+        report.attribution,
+        Attribution::HeapState,
+        "{:?}: {top:#?}",
+        report.note
+    );
+    let first = &report.sites[0];
+    let (leak_share, churn_share) = (share(&report.sites, leak), share(&report.sites, churn));
+    eprintln!(
+        "{}: {iterations} iterations; heap state: leak {:.1}%, churn {:.1}%, leak {} bytes vs tracemalloc's {:.1} per iteration x {iterations} = {:.0}; allocation samples: leak {:.1}%, churn {:.1}%; tracemalloc: leak line {:.1}% of traced, its top line {tracemalloc_top}; {top:#?}",
+        interpreter.id,
+        leak_share * 100.0,
+        churn_share * 100.0,
+        first.bytes,
+        per_visitor,
+        per_visitor * iterations,
+        share(&samples, leak) * 100.0,
+        share(&samples, churn) * 100.0,
+        traced_leak_share * 100.0,
+    );
+    assert_eq!(
+        (first.function.as_str(), first.line),
+        ("remember_visitor", leak),
+        "{top:#?}"
+    );
+    assert_eq!(first.holder.as_deref(), Some("__main__.VISITORS"));
+    assert!(leak_share >= 0.80, "leak holds {leak_share:.3}: {top:#?}");
+    assert!(
+        churn_share <= 0.10,
+        "churn holds {churn_share:.3}: {top:#?}"
+    );
+    // The leak's size: what tracemalloc traced per iteration.
+    let expected = per_visitor * iterations;
+    let error = (first.bytes as f64 - expected).abs() / expected;
+    assert!(
+        error <= 0.05,
+        "leak {} bytes vs {expected:.0} from tracemalloc: {:.1}% off",
+        first.bytes,
+        error * 100.0
+    );
+}
+
+#[test]
+fn leaking_line_holds_the_memory_pyenv_39() {
+    leaking_line_holds_the_memory(Interpreter::pyenv("3.9"));
+}
+
+#[test]
+fn leaking_line_holds_the_memory_pyenv_311() {
+    leaking_line_holds_the_memory(Interpreter::pyenv("3.11"));
+}
+
+#[test]
+fn leaking_line_holds_the_memory_pyenv_313() {
+    leaking_line_holds_the_memory(Interpreter::pyenv("3.13"));
+}
+
+#[test]
+fn leaking_line_holds_the_memory_debian_static_311() {
+    leaking_line_holds_the_memory(Interpreter::debian_host_311());
+}
+
+#[test]
+fn leaking_line_holds_the_memory_sid_314() {
+    leaking_line_holds_the_memory(Interpreter::debian_rootfs("sid", "3.14", false));
+}
