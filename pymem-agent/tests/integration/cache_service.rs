@@ -11,10 +11,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use pymem_agent::cpython::heap::Holder;
+use pymem_agent::{
+    cpython::heap::Holder,
+    model::Accounting,
+    sites::{Site, state::Attribution},
+};
 
 use crate::common::{
-    Agent, OBSERVE_TIMEOUT, free_port, heap, pip_install_unless_importable, pyenv,
+    Agent, OBSERVE_TIMEOUT, free_port, heap, pip_install_unless_importable, pyenv, source_line,
 };
 
 const SERVICE: &str = concat!(
@@ -190,4 +194,66 @@ fn the_lru_cache_fix_is_listed_with_its_entries_and_stays_flat() {
     // (The heap itself may still grow a little: evicted results are cyclic
     // garbage until the collector's next full pass.)
     eprintln!("heap grew {:.0} B over 1000 requests", after - before);
+}
+
+/// The same service as busy services run: over the probe budget (here a
+/// small one), so the agent accounts its heap by syscalls and samples no
+/// allocation in pymalloc. The sites still name the line that fills CACHE,
+/// and the service's own lines hold most of the live site bytes.
+#[test]
+fn the_caching_line_is_the_top_site_under_syscall_accounting() {
+    let python = require!(
+        python_with_flask_and_pandas(),
+        "pyenv 3.11 with flask and pandas"
+    );
+    let agent = Agent::start(&["--probe-budget", "100", "--probe-burst", "100"]);
+    let service = Service::start(&python, false);
+    agent.wait_for(service.pid(), OBSERVE_TIMEOUT);
+    service.analyze(0, 1000);
+    let process = agent.settled(service.pid());
+    assert_eq!(process.accounting, Accounting::Syscalls, "{process:?}");
+    let caching_line = source_line(SERVICE, "CACHE[key] = result", |l| {
+        l.trim() == "CACHE[key] = result"
+    });
+    let report = agent.sites_report(service.pid());
+    let samples = agent.sites(service.pid());
+    let own = |sites: &[Site]| {
+        let total: u64 = sites.iter().map(|s| s.bytes).sum();
+        let own: u64 = sites
+            .iter()
+            .filter(|s| s.file.ends_with("cache_service.py"))
+            .map(|s| s.bytes)
+            .sum();
+        own as f64 / total.max(1) as f64
+    };
+    let top: Vec<String> = report
+        .sites
+        .iter()
+        .take(5)
+        .map(|s| {
+            format!(
+                "{}:{} {} {} {:?}",
+                s.file, s.line, s.function, s.bytes, s.store
+            )
+        })
+        .collect();
+    eprintln!(
+        "heap {} B; heap state: own lines {:.1}% of live site bytes; allocation samples: own lines {:.1}%; {top:#?}",
+        heap(&process),
+        own(&report.sites) * 100.0,
+        own(&samples) * 100.0
+    );
+    assert_eq!(
+        report.attribution,
+        Attribution::HeapState,
+        "{:?}",
+        report.note
+    );
+    let first = &report.sites[0];
+    assert!(
+        first.file.ends_with("cache_service.py") && first.line == caching_line,
+        "{top:#?}"
+    );
+    assert_eq!(first.holder.as_deref(), Some("__main__.CACHE"));
+    assert!(own(&report.sites) >= 0.60, "{top:#?}");
 }
