@@ -10,6 +10,7 @@ mod census;
 mod core;
 mod deploy;
 mod guesses;
+mod gunicorn;
 mod holders;
 mod matrix;
 mod robustness;
