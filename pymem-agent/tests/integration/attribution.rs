@@ -212,3 +212,83 @@ fn leaking_line_holds_the_memory_debian_static_311() {
 fn leaking_line_holds_the_memory_sid_314() {
     leaking_line_holds_the_memory(Interpreter::debian_rootfs("sid", "3.14", false));
 }
+
+/// A big temporary, built and dropped: while it is held its line is the
+/// top site (a frame local holds it); once released the heap history keeps
+/// the peak and no site holds it any more.
+#[test]
+fn a_released_peak_leaves_no_site() {
+    let python = require!(crate::common::pyenv("3.11"), "pyenv 3.11");
+    const PEAK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/peak.py");
+    let peak_line = source_line(PEAK, "SITE: peak", |l| l.ends_with("# SITE: peak"));
+    let agent = Agent::start(&[]);
+    let mut child = Command::new(&python)
+        .arg(PEAK)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut expect = |what: &str| {
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), what);
+    };
+    expect("built");
+    agent.wait_for(pid, Duration::from_secs(15));
+    let held = agent.sites_report(pid);
+    let heap_held = agent.settled(pid).heap_bytes;
+    writeln!(stdin).unwrap();
+    expect("released");
+    let released = agent.sites_report(pid);
+    let after = agent.settled(pid);
+    let heap_released = after.heap_bytes;
+    let peak_in_history = after
+        .heap_history
+        .iter()
+        .map(|&(_, b)| b)
+        .max()
+        .unwrap_or(0);
+    let _ = child.kill();
+    let _ = child.wait();
+    let top = |sites: &[Site]| -> Vec<String> {
+        sites
+            .iter()
+            .take(3)
+            .map(|s| {
+                format!(
+                    "{}:{} {} {} {:?}",
+                    s.file, s.line, s.function, s.bytes, s.holder
+                )
+            })
+            .collect()
+    };
+    eprintln!(
+        "heap {heap_held} B held, {heap_released} B released; held: {:#?}; released: {:#?}",
+        top(&held.sites),
+        top(&released.sites)
+    );
+    let first = &held.sites[0];
+    assert_eq!(
+        (first.function.as_str(), first.line),
+        ("build_report", peak_line)
+    );
+    assert!(first.bytes > 50 << 20, "{first:?}");
+    assert!(
+        first
+            .holder
+            .as_deref()
+            .is_some_and(|h| h.ends_with("/ build_report / rows")),
+        "{first:?}"
+    );
+    assert!(
+        released
+            .sites
+            .iter()
+            .all(|s| s.line != peak_line && s.bytes < 1 << 20),
+        "{:#?}",
+        top(&released.sites)
+    );
+}

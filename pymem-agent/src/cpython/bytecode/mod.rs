@@ -31,6 +31,7 @@ pub(crate) enum Op {
     StoreGlobal,
     StoreName,
     StoreAttr,
+    StoreFast,
     ExtendedArg,
     Other,
 }
@@ -212,6 +213,7 @@ impl Opcodes {
                     Some((at, Named::Global(instruction.arg), How::Rebind))
                 }
                 Op::StoreAttr => Some((at, Named::Attribute(instruction.arg), How::Rebind)),
+                Op::StoreFast => Some((at, Named::Local(instruction.arg), How::Rebind)),
                 _ => None,
             };
             if let Some((load, named, how)) = found

@@ -19,7 +19,8 @@ OPS = {
     "LOAD_SMALL_INT": "LoadConst", "LOAD_ATTR": "LoadAttr", "LOAD_METHOD": "LoadMethod",
     "STORE_SUBSCR": "StoreSubscr", "BINARY_SUBSCR": "BinarySubscr", "BINARY_OP": "BinaryOperator",
     "BUILD_TUPLE": "BuildTuple", "STORE_GLOBAL": "StoreGlobal", "STORE_NAME": "StoreName",
-    "STORE_ATTR": "StoreAttr", "EXTENDED_ARG": "ExtendedArg", "": "Other",
+    "STORE_ATTR": "StoreAttr", "STORE_FAST": "StoreFast", "EXTENDED_ARG": "ExtendedArg",
+    "": "Other",
 }
 
 

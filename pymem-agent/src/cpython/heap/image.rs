@@ -180,7 +180,7 @@ fn wanted(perms: MMPermissions, path: &MMapPath) -> bool {
         return false;
     }
     match path {
-        MMapPath::Vdso | MMapPath::Vvar | MMapPath::Vsyscall | MMapPath::Stack => false,
+        MMapPath::Vdso | MMapPath::Vvar | MMapPath::Vsyscall => false,
         MMapPath::Path(p) => !p.starts_with("/dev/"),
         _ => true,
     }
@@ -188,7 +188,8 @@ fn wanted(perms: MMPermissions, path: &MMapPath) -> bool {
 
 /// Copies every private readable non-code mapping of `pid` (anonymous:
 /// pymalloc arenas, libc heaps; file-backed: the binaries' .data/.bss with
-/// static types and `_PyRuntime`, and their read-only strings), at most
+/// static types and `_PyRuntime`, and their read-only strings; the main
+/// thread's stack), at most
 /// `max_bytes` in all. Call while the target is paused.
 pub fn capture(pid: u32, max_bytes: u64) -> Result<HeapImage> {
     let maps = Process::new(pid as i32)
@@ -213,10 +214,13 @@ pub fn capture(pid: u32, max_bytes: u64) -> Result<HeapImage> {
         if memory.read_into(start, &mut bytes) == 0 {
             continue;
         }
+        // The main thread's stack holds no objects, but 3.11's thread
+        // state points into it (`cframe` is a local of the eval loop): read
+        // like the binaries' data, never taken for heap.
         regions.push(Region {
             start,
             bytes,
-            anonymous: !matches!(map.pathname, MMapPath::Path(_)),
+            anonymous: !matches!(map.pathname, MMapPath::Path(_) | MMapPath::Stack),
         });
     }
     Ok(HeapImage::from_regions(regions))
