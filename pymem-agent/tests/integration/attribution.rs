@@ -270,6 +270,10 @@ fn a_released_peak_leaves_no_site() {
         top(&held.sites),
         top(&released.sites)
     );
+    assert!(
+        peak_in_history > heap_released + (60 << 20),
+        "the history lost the peak: {peak_in_history} B, {heap_released} B after"
+    );
     let first = &held.sites[0];
     assert_eq!(
         (first.function.as_str(), first.line),
