@@ -10,7 +10,7 @@ use crate::{
     census::{CensusErrorBody, CensusReport},
     holders::HoldersReport,
     model::ProcessInfo,
-    sites::{Site, state::SitesReport},
+    sites::{Site, keys::GroupBy, state::SitesReport},
 };
 
 /// The fields of `/api/v1/processes/{pid}` a site snapshot keeps; the rest
@@ -85,7 +85,7 @@ impl AgentClient {
     /// The sites of `pid`, heaviest live bytes first, by heap state from a
     /// census no older than `max_age` where one can be had.
     pub fn sites(&self, pid: u32, max_age: Duration) -> Result<Vec<Site>> {
-        Ok(self.sites_report(pid, max_age, None)?.sites)
+        Ok(self.sites_report(pid, max_age, None, GroupBy::App)?.sites)
     }
 
     /// The sites of `pid` and how they were attributed; `attribution`
@@ -95,11 +95,14 @@ impl AgentClient {
         pid: u32,
         max_age: Duration,
         attribution: Option<&str>,
+        group_by: GroupBy,
     ) -> Result<SitesReport> {
         let forced = attribution.map_or(String::new(), |a| format!("&attribution={a}"));
+        let key = serde_json::to_value(group_by)?;
         let path = format!(
-            "/api/v1/processes/{pid}/sites?report=1&max_age={}{forced}",
-            max_age.as_secs_f64()
+            "/api/v1/processes/{pid}/sites?report=1&max_age={}&group_by={}{forced}",
+            max_age.as_secs_f64(),
+            key.as_str().unwrap_or("app")
         );
         self.get_json_within(&path, "sites", CENSUS_TIMEOUT)
     }

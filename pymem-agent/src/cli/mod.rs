@@ -19,6 +19,7 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use self::snapshot::SiteSnapshot;
+use crate::sites::keys::GroupBy;
 use crate::{
     client::{AgentClient, Caller},
     format,
@@ -64,6 +65,12 @@ pub struct SitesArgs {
     /// (heap state where a census works).
     #[arg(long, value_enum, default_value_t = AttributionArg::Auto)]
     attribution: AttributionArg,
+    /// What a site is: `app`, the innermost frame of the application's own
+    /// code (outside the standard library, installed packages and the
+    /// import machinery); `lineno`, the innermost frame; `function`; `file`;
+    /// or `traceback`, the whole stack.
+    #[arg(long, value_enum, default_value_t = GroupBy::App)]
+    group_by: GroupBy,
     #[command(flatten)]
     agent: AgentArg,
 }
@@ -112,8 +119,19 @@ pub struct DiffArgs {
 
 pub fn run_sites(args: SitesArgs) -> Result<()> {
     let snapshot = match args.target.parse::<u32>() {
-        Ok(pid) => SiteSnapshot::take_attributed(&args.agent.api(), pid, args.attribution.query())?,
-        Err(_) => SiteSnapshot::read(Path::new(&args.target))?,
+        Ok(pid) => SiteSnapshot::take_attributed(
+            &args.agent.api(),
+            pid,
+            args.attribution.query(),
+            args.group_by,
+        )?,
+        Err(_) => {
+            // A snapshot's sites are as its agent grouped them (by app
+            // unless asked otherwise): coarser keys regroup them.
+            let mut snapshot = SiteSnapshot::read(Path::new(&args.target))?;
+            snapshot.sites = crate::sites::keys::regroup(&snapshot.sites, args.group_by);
+            snapshot
+        }
     };
     if let Some(path) = &args.pprof {
         write_pprof(&snapshot, path)?;

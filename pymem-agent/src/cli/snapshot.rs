@@ -14,7 +14,7 @@ use crate::{
     census::Census,
     client::AgentClient,
     holders::{self, SNAPSHOT_DEPTH, SNAPSHOT_HOLDERS},
-    sites::{Site, state::Attribution},
+    sites::{Site, keys::GroupBy, state::Attribution},
 };
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -54,18 +54,19 @@ impl SiteSnapshot {
     /// Reads the process and then its sites from the agent: both within
     /// one sample interval, so the heap and the sites agree.
     pub fn take(agent: &AgentClient, pid: u32) -> Result<Self> {
-        Self::take_attributed(agent, pid, None)
+        Self::take_attributed(agent, pid, None, GroupBy::App)
     }
 
     /// As `take`, the attribution forced (`heap_state`,
-    /// `allocation_samples`) or not (None).
+    /// `allocation_samples`) or not (None), grouped by `group_by`.
     pub fn take_attributed(
         agent: &AgentClient,
         pid: u32,
         attribution: Option<&str>,
+        group_by: GroupBy,
     ) -> Result<Self> {
         let process = agent.process(pid)?;
-        let report = agent.sites_report(pid, Duration::ZERO, attribution)?;
+        let report = agent.sites_report(pid, Duration::ZERO, attribution, group_by)?;
         Ok(Self {
             pid: process.pid,
             comm: process.comm,

@@ -37,9 +37,19 @@ pub fn sites_table(snapshot: &SiteSnapshot, limit: usize) -> String {
         });
         return out;
     }
-    let width = sites
+    let functions: Vec<String> = sites
         .iter()
-        .map(|s| s.function.len())
+        .map(|s| {
+            if s.import_time {
+                format!("{} (import)", s.function)
+            } else {
+                s.function.clone()
+            }
+        })
+        .collect();
+    let width = functions
+        .iter()
+        .map(String::len)
         .max()
         .unwrap_or(0)
         .max("FUNCTION".len());
@@ -56,7 +66,7 @@ pub fn sites_table(snapshot: &SiteSnapshot, limit: usize) -> String {
             "{:>10}  {:<width$}  {:<location_width$}  FILLS",
             "LIVE", "FUNCTION", "LOCATION"
         );
-        for (site, location) in sites.iter().zip(&locations) {
+        for ((site, location), function) in sites.iter().zip(&locations).zip(&functions) {
             let fills = match (&site.holder, &site.store) {
                 (Some(holder), Some(store)) => format!("{holder} ({store})"),
                 (Some(holder), None) => holder.clone(),
@@ -64,9 +74,8 @@ pub fn sites_table(snapshot: &SiteSnapshot, limit: usize) -> String {
             };
             let _ = writeln!(
                 out,
-                "{:>10}  {:<width$}  {location:<location_width$}  {fills}",
+                "{:>10}  {function:<width$}  {location:<location_width$}  {fills}",
                 format::bytes(site.bytes),
-                site.function,
             );
         }
     } else {
@@ -75,13 +84,12 @@ pub fn sites_table(snapshot: &SiteSnapshot, limit: usize) -> String {
             "{:>10}  {:>10}  {:<width$}  LOCATION",
             "LIVE", "ALLOCATED", "FUNCTION"
         );
-        for site in sites {
+        for (site, function) in sites.iter().zip(&functions) {
             let _ = writeln!(
                 out,
-                "{:>10}  {:>10}  {:<width$}  {}",
+                "{:>10}  {:>10}  {function:<width$}  {}",
                 format::bytes(site.bytes),
                 format::bytes(site.allocated_bytes),
-                site.function,
                 location(&site.file, site.line)
             );
         }

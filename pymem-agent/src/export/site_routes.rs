@@ -10,6 +10,7 @@ use crate::{
     observer::Query,
     sites::{
         self, Site,
+        keys::GroupBy,
         state::{Attribution, SitesReport},
     },
 };
@@ -24,7 +25,9 @@ use serde::Deserialize;
 /// `?attribution=auto|heap_state|allocation_samples` (default auto: heap
 /// state when a census can be had, samples otherwise), `?max_age=SECONDS`
 /// (a census that recent is reused; default 0, a fresh one, which pauses
-/// the process), `?report=1` (the sites with how they were attributed).
+/// the process), `?group_by=app|lineno|function|file|traceback` (default
+/// app: the innermost frame of the application's own code), `?report=1`
+/// (the sites with how they were attributed).
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct SitesParams {
     #[serde(default)]
@@ -33,6 +36,9 @@ pub(super) struct SitesParams {
     max_age: Option<f64>,
     #[serde(default)]
     report: Option<String>,
+    /// `app` (default), `lineno`, `function`, `file`, `traceback`.
+    #[serde(default)]
+    group_by: Option<GroupBy>,
 }
 
 impl SitesParams {
@@ -65,8 +71,19 @@ async fn sampled_sites(state: &AppState, pid: u32) -> Result<Vec<Site>, Response
     }
 }
 
-/// The sites of `pid` and how they were attributed, or the error response.
+/// The sites of `pid` and how they were attributed, grouped as asked, or
+/// the error response.
 async fn query_sites(
+    state: &AppState,
+    pid: u32,
+    params: &SitesParams,
+) -> Result<SitesReport, Response> {
+    let mut report = attributed_sites(state, pid, params).await?;
+    report.sites = sites::keys::regroup(&report.sites, params.group_by.unwrap_or_default());
+    Ok(report)
+}
+
+async fn attributed_sites(
     state: &AppState,
     pid: u32,
     params: &SitesParams,

@@ -27,6 +27,10 @@ pub struct Site {
     /// How the line fills it: `CACHE[key] =`, `VISITORS.append()`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
+    /// Allocated while a module was being imported (its stack runs
+    /// through the import machinery).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub import_time: bool,
 }
 
 impl Site {

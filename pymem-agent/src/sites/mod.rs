@@ -2,6 +2,7 @@
 //! blocks carry the stack that allocated them; when they are freed their
 //! bytes leave that stack again, so sites show memory still held.
 mod grouping;
+pub mod keys;
 pub mod state;
 mod tracker;
 

@@ -67,7 +67,7 @@ pub fn from_census(census: &Census) -> Vec<Site> {
                 allocated_bytes: holder.retained_bytes,
                 stack: vec![frame],
                 holder: Some(holder.name.clone()),
-                store: None,
+                ..Default::default()
             };
             by_line.insert((site.function.clone(), site.file.clone(), 0), site);
             continue;
@@ -241,11 +241,11 @@ mod tests {
             .collect();
         assert_eq!(
             found,
-            vec![("handle", 34, 550), (NO_WRITER, 0, 100), ("warm", 50, 300)]
+            vec![("handle", 34, 550), ("warm", 50, 300), (NO_WRITER, 0, 100)]
         );
         assert_eq!(sites[0].holder.as_deref(), Some("__main__.CACHE"));
-        assert_eq!(sites[1].stack[0].file, "<app.CONFIG>", "a stack of its own");
-        assert_eq!(sites[1].file, "<app.CONFIG>");
+        assert_eq!(sites[2].stack[0].file, "<app.CONFIG>", "a stack of its own");
+        assert_eq!(sites[2].file, "<app.CONFIG>");
         assert_eq!(unheld_bytes(&census), 50);
         assert!(usable(&census).is_ok());
     }
