@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use self::snapshot::SiteSnapshot;
-use crate::sites::keys::GroupBy;
+use crate::sites::{keys::GroupBy, state::Attribution};
 use crate::{
     client::{AgentClient, Caller},
     format,
@@ -176,6 +176,18 @@ pub fn run_diff(args: DiffArgs) -> Result<()> {
             "note: comparing different processes: {} and {}",
             old.describe(),
             new.describe()
+        );
+    }
+    let attribution = |s: &SiteSnapshot| s.attribution.unwrap_or(Attribution::AllocationSamples);
+    if attribution(&old) != attribution(&new) {
+        eprintln!(
+            "note: the snapshots' sites were attributed differently ({:?} then {:?}{}): their lines do not compare",
+            attribution(&old),
+            attribution(&new),
+            new.attribution_note
+                .as_deref()
+                .or(old.attribution_note.as_deref())
+                .map_or(String::new(), |n| format!("; {n}"))
         );
     }
     let mut diff = diff::compare(&old, &new);

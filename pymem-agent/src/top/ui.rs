@@ -518,8 +518,14 @@ fn sites_title(sites: Option<&[Site]>) -> String {
         Some(list) if !list.is_empty() => {
             let live = list.iter().map(|site| site.bytes).sum();
             let lines = if list.len() == 1 { "line" } else { "lines" };
+            // Heap-state sites name the holder each line fills.
+            let how = if list.iter().any(|site| site.holder.is_some()) {
+                "· by heap state "
+            } else {
+                ""
+            };
             format!(
-                " Top allocation sites · {} {lines}, {} live ",
+                " Top allocation sites · {} {lines}, {} live {how}",
                 list.len(),
                 format::bytes(live)
             )

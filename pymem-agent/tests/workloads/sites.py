@@ -3,6 +3,8 @@
 Each function allocates on one known line, marked with a "SITE:" comment
 that the tests look up, so the expected line numbers come from this file.
 Runs until killed; prints "ready" once the first round is done.
+
+    sites.py [ROUNDS_PER_SECOND]   (default 10)
 """
 import sys
 import time
@@ -28,6 +30,7 @@ def churn_only():
 
 
 def main():
+    pause = 1.0 / float(sys.argv[1]) if len(sys.argv) > 1 else 0.1
     first = True
     while True:
         leak_small_objects()
@@ -38,7 +41,7 @@ def main():
             first = False
         # Ten rounds a second: ~500 probe hits/s, within the agent's
         # default budget, so every block outside pymalloc is seen.
-        time.sleep(0.1)
+        time.sleep(pause)
 
 
 main()

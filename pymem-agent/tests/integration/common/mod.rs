@@ -61,9 +61,15 @@ impl Leaker {
     /// Starts `SITES_WORKLOAD`, waits until the agent has its allocation
     /// probes, then lets it leak for `settle`.
     pub fn start(python: &Path, agent: &Agent, settle: Duration) -> Leaker {
+        Self::start_at(python, agent, settle, 10)
+    }
+
+    /// As `start`, `rounds` rounds a second (each leaks ~2 MiB).
+    pub fn start_at(python: &Path, agent: &Agent, settle: Duration, rounds: u32) -> Leaker {
         let mut child = Command::new(python)
             .arg("-u")
             .arg(SITES_WORKLOAD)
+            .arg(rounds.to_string())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
