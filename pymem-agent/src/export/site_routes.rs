@@ -132,7 +132,9 @@ async fn attributed_sites(
         Ok(Err(CensusFailure::Failed(reason))) => {
             Err(format!("the object census failed: {reason}"))
         }
-        Err(_) => return Err(stopped()),
+        // The census was abandoned (its job ended without an answer): the
+        // samples may still be had.
+        Err(_) => Err("the object census was abandoned".into()),
     };
     match census {
         Ok(census) => {

@@ -404,7 +404,10 @@ fn flame_graph_is_well_formed_svg_naming_the_leaks() {
 #[test]
 fn site_metrics_expose_the_top_sites_when_asked() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
-    let (agent, leaker) = start_leaking(&python, &["--site-metrics", "2"]);
+    // Metrics come from allocation samples (no census): the full rate, so
+    // that the blobs' samples pass 1 MiB.
+    let agent = Agent::start(&["--site-metrics", "2"]);
+    let leaker = Leaker::start(&python, &agent, SETTLE);
     let metrics = agent.metrics();
     let pid_label = format!("pid=\"{}\"", leaker.pid);
     let series: Vec<&str> = metrics

@@ -173,7 +173,14 @@ impl Agent {
 
     /// GETs `path` and reads its JSON as a `T`.
     pub fn get_json<T: DeserializeOwned>(&self, path: &str) -> T {
-        let body = self.get(path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let body = self.get(path).unwrap_or_else(|e| {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "GET {path}: {e}; the agent's log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        });
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}:\n{body}"))
     }
 
