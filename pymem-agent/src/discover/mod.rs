@@ -70,7 +70,22 @@ pub struct Discoverer {
 }
 
 impl Discoverer {
+    /// What `pid` runs, read so that the executable, its maps and the
+    /// binary analysed are one program's: a process that execs while it
+    /// is read (`chroot` becoming the Python it runs) is read again.
     pub fn inspect(&self, pid: u32) -> Result<PythonProcess, Skip> {
+        let exe = || std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+        for _ in 0..3 {
+            let before = exe();
+            let found = self.inspect_once(pid);
+            if exe() == before {
+                return found;
+            }
+        }
+        Err(Skip::NotYetMapped)
+    }
+
+    fn inspect_once(&self, pid: u32) -> Result<PythonProcess, Skip> {
         let proc_dir = PathBuf::from(format!("/proc/{pid}"));
         let exe_link = proc_dir.join("exe");
         let exe_target = match std::fs::read_link(&exe_link) {
