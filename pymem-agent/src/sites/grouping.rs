@@ -105,6 +105,13 @@ pub fn group_sites(stacks: Vec<(Vec<Frame>, StackBytes)>) -> Vec<Site> {
             ..Default::default()
         })
         .collect();
+    sort_heaviest_first(&mut sites);
+    sites
+}
+
+/// The order every site list is shown in: live bytes, then allocated bytes
+/// (heaviest first), then `file:line`.
+pub fn sort_heaviest_first(sites: &mut [Site]) {
     sites.sort_by(|a, b| {
         b.bytes
             .cmp(&a.bytes)
@@ -112,7 +119,6 @@ pub fn group_sites(stacks: Vec<(Vec<Frame>, StackBytes)>) -> Vec<Site> {
             .then(a.file.cmp(&b.file))
             .then(a.line.cmp(&b.line))
     });
-    sites
 }
 
 #[cfg(test)]

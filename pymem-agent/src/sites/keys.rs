@@ -119,13 +119,7 @@ pub fn regroup(sites: &[Site], key: GroupBy) -> Vec<Site> {
         }
     }
     let mut out: Vec<Site> = groups.into_values().map(|(site, _)| site).collect();
-    out.sort_by(|a, b| {
-        b.bytes
-            .cmp(&a.bytes)
-            .then(b.allocated_bytes.cmp(&a.allocated_bytes))
-            .then(a.file.cmp(&b.file))
-            .then(a.line.cmp(&b.line))
-    });
+    super::grouping::sort_heaviest_first(&mut out);
     out
 }
 

@@ -94,12 +94,9 @@ pub fn from_census(census: &Census) -> Vec<Site> {
         }
     }
     let mut sites: Vec<Site> = by_line.into_values().collect();
-    sites.sort_by(|a, b| {
-        b.bytes
-            .cmp(&a.bytes)
-            .then(a.file.cmp(&b.file))
-            .then(a.line.cmp(&b.line))
-    });
+    // Each site's allocated bytes are its live bytes: the order is the
+    // samples' order.
+    super::grouping::sort_heaviest_first(&mut sites);
     sites
 }
 
