@@ -18,6 +18,13 @@ const MAX_UNITS: u64 = 1 << 20;
 const MAX_TOTAL_UNITS: u64 = 1 << 26;
 const MAX_LINE_TABLE: u64 = 1 << 20;
 
+/// The static types a code object's fields are checked against.
+#[derive(Clone, Copy)]
+struct SequenceTypes {
+    tuple: Option<u64>,
+    bytes: Option<u64>,
+}
+
 /// One store found in a code object, with its place in the source.
 #[derive(Clone, Debug)]
 pub(super) struct CodeStore {
@@ -47,6 +54,11 @@ impl Census<'_> {
             return Vec::new();
         }
         let offsets = frames.code;
+        // Looked up once: every code object reads two tuples and a bytes.
+        let types = SequenceTypes {
+            tuple: self.target.static_type("PyTuple_Type"),
+            bytes: self.target.static_type("PyBytes_Type"),
+        };
         let mut budget = MAX_TOTAL_UNITS;
         let mut out = Vec::new();
         for (i, &code) in self.order.iter().enumerate() {
@@ -54,8 +66,8 @@ impl Census<'_> {
                 continue;
             }
             let image = self.image;
-            let names = self.name_tuple(image.u64(code.wrapping_add(offsets.names)));
-            let locals = self.name_tuple(image.u64(code.wrapping_add(offsets.locals)));
+            let names = self.name_tuple(image.u64(code.wrapping_add(offsets.names)), types);
+            let locals = self.name_tuple(image.u64(code.wrapping_add(offsets.locals)), types);
             if !names
                 .iter()
                 .chain(&locals)
@@ -63,7 +75,8 @@ impl Census<'_> {
             {
                 continue;
             }
-            let Some(bytecode) = self.bytecode(code, offsets.bytecode, offsets.code_adaptive)
+            let Some(bytecode) =
+                self.bytecode(code, offsets.bytecode, offsets.code_adaptive, types)
             else {
                 continue;
             };
@@ -91,7 +104,7 @@ impl Census<'_> {
             );
             let table = image
                 .u64(code.wrapping_add(offsets.line_table))
-                .and_then(|t| self.bytes_payload(t, MAX_LINE_TABLE))
+                .and_then(|t| self.bytes_payload(t, MAX_LINE_TABLE, types))
                 .unwrap_or(&[]);
             for store in stores {
                 let unit = u64::from(store.index);
@@ -119,12 +132,12 @@ impl Census<'_> {
 
     /// The ASCII names of a tuple of `str` (None for any other item);
     /// empty if `tuple` is not a tuple.
-    fn name_tuple(&self, tuple: Option<u64>) -> Vec<Option<&str>> {
+    fn name_tuple(&self, tuple: Option<u64>, types: SequenceTypes) -> Vec<Option<&str>> {
         let image = self.image;
         let Some(tuple) = tuple else {
             return Vec::new();
         };
-        if image.u64(tuple.wrapping_add(8)) != self.target.static_type("PyTuple_Type") {
+        if types.tuple.is_none() || image.u64(tuple.wrapping_add(8)) != types.tuple {
             return Vec::new();
         }
         let count = image
@@ -142,10 +155,16 @@ impl Census<'_> {
 
     /// A code object's instructions: `co_code`'s payload (3.8–3.10) or the
     /// `ob_size` code units inline at `adaptive` (3.11+).
-    fn bytecode(&self, code: u64, co_code: u64, adaptive: u64) -> Option<&[u8]> {
+    fn bytecode(
+        &self,
+        code: u64,
+        co_code: u64,
+        adaptive: u64,
+        types: SequenceTypes,
+    ) -> Option<&[u8]> {
         if co_code != 0 {
             let bytes = self.image.u64(code.wrapping_add(co_code))?;
-            return self.bytes_payload(bytes, MAX_UNITS * 2);
+            return self.bytes_payload(bytes, MAX_UNITS * 2, types);
         }
         let units = self.image.i64(code.wrapping_add(16))?;
         if !(0..=MAX_UNITS as i64).contains(&units) {
@@ -156,8 +175,8 @@ impl Census<'_> {
     }
 
     /// A `bytes` object's payload, if it is one of at most `max` bytes.
-    fn bytes_payload(&self, bytes: u64, max: u64) -> Option<&[u8]> {
-        if self.image.u64(bytes.wrapping_add(8))? != self.target.static_type("PyBytes_Type")? {
+    fn bytes_payload(&self, bytes: u64, max: u64, types: SequenceTypes) -> Option<&[u8]> {
+        if self.image.u64(bytes.wrapping_add(8))? != types.bytes? {
             return None;
         }
         let size = self.image.i64(bytes.wrapping_add(16))?;
