@@ -50,9 +50,7 @@ impl CensusParams {
     }
 
     fn max_age(&self) -> Duration {
-        self.max_age
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .map_or(Duration::ZERO, |s| Duration::from_secs_f64(s.min(1e9)))
+        max_age(self.max_age)
     }
 
     /// 0: every type.
@@ -62,8 +60,33 @@ impl CensusParams {
 }
 
 /// `?flag=1`, `?flag=true`, `?flag=yes` or a bare `?flag`.
-fn is_set(flag: Option<&str>) -> bool {
+pub(super) fn is_set(flag: Option<&str>) -> bool {
     matches!(flag, Some("1" | "true" | "yes" | ""))
+}
+
+/// `?max_age=SECONDS`: absent, zero, negative or not a number is 0 (a
+/// fresh census).
+pub(super) fn max_age(seconds: Option<f64>) -> Duration {
+    seconds
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map_or(Duration::ZERO, |s| Duration::from_secs_f64(s.min(1e9)))
+}
+
+/// A census of `pid` no older than `max_age` from the observer; None when
+/// no answer comes (the observer stopped, or dropped the request).
+pub(super) async fn ask_census(
+    state: &AppState,
+    pid: u32,
+    max_age: Duration,
+) -> Option<Result<CensusAnswer, CensusFailure>> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let query = Query::Census {
+        pid,
+        max_age,
+        reply,
+    };
+    state.queries.send(query).await.ok()?;
+    answer.await.ok()
 }
 
 fn error(status: StatusCode, pid: u32, message: String, unsupported: bool) -> Response {
@@ -88,37 +111,28 @@ async fn query_census(
             false,
         )
     };
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    let query = Query::Census {
-        pid,
-        max_age: params.max_age(),
-        reply,
-    };
-    if state.queries.send(query).await.is_err() {
-        return Err(stopped());
-    }
-    match answer.await {
-        Ok(Ok(answer)) => Ok(answer),
-        Ok(Err(CensusFailure::NotObserved)) => Err(error(
+    match ask_census(state, pid, params.max_age()).await {
+        Some(Ok(answer)) => Ok(answer),
+        Some(Err(CensusFailure::NotObserved)) => Err(error(
             StatusCode::NOT_FOUND,
             pid,
             format!("pid {pid} is not observed"),
             false,
         )),
         // The request is fine; this server cannot fulfil it for this build.
-        Ok(Err(CensusFailure::Unsupported(reason))) => Err(error(
+        Some(Err(CensusFailure::Unsupported(reason))) => Err(error(
             StatusCode::NOT_IMPLEMENTED,
             pid,
             format!("no object census of pid {pid}: {reason}"),
             true,
         )),
-        Ok(Err(CensusFailure::Failed(reason))) => Err(error(
+        Some(Err(CensusFailure::Failed(reason))) => Err(error(
             StatusCode::INTERNAL_SERVER_ERROR,
             pid,
             format!("the object census of pid {pid} failed: {reason}"),
             false,
         )),
-        Err(_) => Err(stopped()),
+        None => Err(stopped()),
     }
 }
 

@@ -1,10 +1,8 @@
 //! Allocation sites of one process over HTTP: JSON, a pprof profile and a
 //! flame graph, all from one query to the observer.
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use std::time::Duration;
-
-use super::{AppState, not_observed};
+use super::{AppState, census_routes, not_observed};
 use crate::{
     census::CensusFailure,
     observer::Query,
@@ -43,9 +41,7 @@ pub(super) struct SitesParams {
 
 impl SitesParams {
     fn max_age(&self) -> Duration {
-        self.max_age
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .map_or(Duration::ZERO, |s| Duration::from_secs_f64(s.min(1e9)))
+        census_routes::max_age(self.max_age)
     }
 }
 
@@ -113,28 +109,19 @@ async fn attributed_sites(
                 .into_response());
         }
     }
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    let query = Query::Census {
-        pid,
-        max_age: params.max_age(),
-        reply,
-    };
-    if state.queries.send(query).await.is_err() {
-        return Err(stopped());
-    }
-    let census = match answer.await {
-        Ok(Ok(answer)) => {
+    let census = match census_routes::ask_census(state, pid, params.max_age()).await {
+        Some(Ok(answer)) => {
             let census = answer.latest;
             sites::state::usable(&census).map(|()| census)
         }
-        Ok(Err(CensusFailure::NotObserved)) => return Err(not_observed(pid)),
-        Ok(Err(CensusFailure::Unsupported(reason))) => Err(format!("no object census: {reason}")),
-        Ok(Err(CensusFailure::Failed(reason))) => {
+        Some(Err(CensusFailure::NotObserved)) => return Err(not_observed(pid)),
+        Some(Err(CensusFailure::Unsupported(reason))) => Err(format!("no object census: {reason}")),
+        Some(Err(CensusFailure::Failed(reason))) => {
             Err(format!("the object census failed: {reason}"))
         }
-        // The census was abandoned (its job ended without an answer): the
-        // samples may still be had.
-        Err(_) => Err("the object census was abandoned".into()),
+        // No answer: the samples may still be had (and if the observer is
+        // gone, asking for them says so).
+        None => Err("the object census was abandoned".into()),
     };
     match census {
         Ok(census) => {
@@ -175,7 +162,7 @@ pub(super) async fn sites_json(
     Path(pid): Path<u32>,
     UrlQuery(params): UrlQuery<SitesParams>,
 ) -> Response {
-    let report = matches!(params.report.as_deref(), Some("1" | "true" | "yes" | ""));
+    let report = census_routes::is_set(params.report.as_deref());
     match query_sites(&state, pid, &params).await {
         Ok(answer) if report => Json(answer).into_response(),
         Ok(answer) => Json(answer.sites).into_response(),
