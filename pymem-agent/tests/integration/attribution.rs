@@ -11,7 +11,7 @@ use std::{
 use serde_json::Value;
 
 use crate::common::{
-    Agent,
+    Agent, describe_sites,
     interpreters::{Interpreter, Launch},
     source_line,
 };
@@ -39,21 +39,7 @@ struct Interleaved {
 
 impl Interleaved {
     fn start(launch: &Launch, extra: &[&str]) -> Self {
-        let mut command = match launch {
-            Launch::Host(python) => {
-                let mut c = Command::new(python);
-                c.arg(INTERLEAVED);
-                c
-            }
-            Launch::Chroot { root, python } | Launch::ChrootPidNamespace { root, python } => {
-                std::fs::copy(INTERLEAVED, root.join("tmp/pymem-interleaved.py")).unwrap();
-                let mut c = Command::new("chroot");
-                c.arg(root)
-                    .arg(format!("/usr/bin/{python}"))
-                    .arg("/tmp/pymem-interleaved.py");
-                c
-            }
-        };
+        let mut command = launch.python_command(INTERLEAVED);
         let mut child = command
             .arg(LOOP_SECONDS)
             .args(extra)
@@ -135,17 +121,7 @@ fn leaking_line_holds_the_memory(interpreter: Interpreter) {
     let iterations = done["iterations"].as_f64().unwrap();
     let report = agent.sites_report(work.pid);
     let samples = agent.sites(work.pid);
-    let top: Vec<String> = report
-        .sites
-        .iter()
-        .take(5)
-        .map(|s| {
-            format!(
-                "{}:{} {} {} {:?}",
-                s.file, s.line, s.function, s.bytes, s.holder
-            )
-        })
-        .collect();
+    let top = describe_sites(&report.sites, 5);
     assert_eq!(
         report.attribution,
         Attribution::HeapState,
@@ -253,18 +229,7 @@ fn a_released_peak_leaves_no_site() {
         .unwrap_or(0);
     let _ = child.kill();
     let _ = child.wait();
-    let top = |sites: &[Site]| -> Vec<String> {
-        sites
-            .iter()
-            .take(3)
-            .map(|s| {
-                format!(
-                    "{}:{} {} {} {:?}",
-                    s.file, s.line, s.function, s.bytes, s.holder
-                )
-            })
-            .collect()
-    };
+    let top = |sites: &[Site]| describe_sites(sites, 3);
     eprintln!(
         "heap {heap_held} B held, {heap_released} B released; held: {:#?}; released: {:#?}",
         top(&held.sites),

@@ -18,7 +18,8 @@ use pymem_agent::{
 };
 
 use crate::common::{
-    Agent, OBSERVE_TIMEOUT, free_port, heap, pip_install_unless_importable, pyenv, source_line,
+    Agent, OBSERVE_TIMEOUT, describe_sites, free_port, heap, pip_install_unless_importable, pyenv,
+    source_line,
 };
 
 const SERVICE: &str = concat!(
@@ -226,17 +227,7 @@ fn the_caching_line_is_the_top_site_under_syscall_accounting() {
             .sum();
         own as f64 / total.max(1) as f64
     };
-    let top: Vec<String> = report
-        .sites
-        .iter()
-        .take(5)
-        .map(|s| {
-            format!(
-                "{}:{} {} {} {:?}",
-                s.file, s.line, s.function, s.bytes, s.store
-            )
-        })
-        .collect();
+    let top = describe_sites(&report.sites, 5);
     eprintln!(
         "heap {} B; heap state: own lines {:.1}% of live site bytes; allocation samples: own lines {:.1}%; {top:#?}",
         heap(&process),

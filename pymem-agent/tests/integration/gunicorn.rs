@@ -13,7 +13,8 @@ use std::{
 use pymem_agent::sites::state::Attribution;
 
 use crate::common::{
-    Agent, OBSERVE_TIMEOUT, free_port, pip_install_unless_importable, pyenv, source_line,
+    Agent, OBSERVE_TIMEOUT, describe_sites, free_port, pip_install_unless_importable, pyenv,
+    source_line,
 };
 
 const WORKLOADS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads");
@@ -101,12 +102,7 @@ fn each_caching_worker_names_the_caching_line() {
             .iter()
             .filter(|s| s.file.ends_with("gunicorn_app.py"))
             .collect();
-        let top: Vec<String> = report
-            .sites
-            .iter()
-            .take(4)
-            .map(|s| format!("{}:{} {} {}", s.file, s.line, s.function, s.bytes))
-            .collect();
+        let top = describe_sites(&report.sites, 4);
         eprintln!("worker {pid} caches={caches} entries={entries}: {total} B in sites; {top:#?}");
         if caches {
             leaky += 1;

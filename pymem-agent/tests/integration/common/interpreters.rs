@@ -23,19 +23,25 @@ pub enum Launch {
 }
 
 impl Launch {
-    /// Runs memwork.py under this launch; for roots, memwork.py is copied
-    /// into the root's /tmp first.
-    pub fn spawn_workload(&self) -> Workload {
+    /// `python -u SCRIPT` under this launch (SCRIPT a host path); for
+    /// roots, the script is copied into the root's /tmp first and runs
+    /// with a clean environment.
+    pub fn python_command(&self, script: &str) -> Command {
         match self {
-            Launch::Host(python) => Workload::spawn(python),
+            Launch::Host(python) => {
+                let mut command = Command::new(python);
+                command.arg("-u").arg(script);
+                command
+            }
             Launch::Chroot { root, python } => {
-                let script = install_workload(root);
+                let inside = install_script(root, script);
                 let mut chroot = Command::new("chroot");
                 chroot.arg(root).arg(format!("/usr/bin/{python}"));
-                Workload::spawn_with(clean_env(&mut chroot).arg("-u").arg(script))
+                clean_env(&mut chroot).arg("-u").arg(inside);
+                chroot
             }
             Launch::ChrootPidNamespace { root, python } => {
-                let script = install_workload(root);
+                let inside = install_script(root, script);
                 // --mount-proc mounts a new /proc inside the root, in a new
                 // mount namespace, so the host's mounts are untouched.
                 let mut unshare = Command::new("unshare");
@@ -45,9 +51,15 @@ impl Launch {
                     .arg("chroot")
                     .arg(root)
                     .arg(format!("/usr/bin/{python}"));
-                Workload::spawn_with(clean_env(&mut unshare).arg("-u").arg(script))
+                clean_env(&mut unshare).arg("-u").arg(inside);
+                unshare
             }
         }
+    }
+
+    /// Runs memwork.py under this launch.
+    pub fn spawn_workload(&self) -> Workload {
+        Workload::spawn_with(&mut self.python_command(WORKLOAD))
     }
 
     /// How the process runs, for the support table.
@@ -77,12 +89,17 @@ fn clean_env(command: &mut Command) -> &mut Command {
         .env("LANG", "C.UTF-8")
 }
 
-/// Copies memwork.py into `<root>/tmp` and returns its path inside the root.
-fn install_workload(root: &Path) -> &'static str {
-    const INSIDE: &str = "/tmp/pymem-memwork.py";
-    std::fs::copy(WORKLOAD, root.join(INSIDE.trim_start_matches('/')))
-        .unwrap_or_else(|e| panic!("copying memwork.py into {}: {e}", root.display()));
-    INSIDE
+/// Copies `script` into `<root>/tmp` as `pymem-<name>` and returns its path
+/// inside the root.
+fn install_script(root: &Path, script: &str) -> String {
+    let name = Path::new(script)
+        .file_name()
+        .expect("a script file")
+        .to_string_lossy();
+    let inside = format!("/tmp/pymem-{name}");
+    std::fs::copy(script, root.join(inside.trim_start_matches('/')))
+        .unwrap_or_else(|e| panic!("copying {script} into {}: {e}", root.display()));
+    inside
 }
 
 fn workspace_root() -> PathBuf {

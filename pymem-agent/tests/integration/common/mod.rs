@@ -586,6 +586,21 @@ macro_rules! test_each_interpreter {
     };
 }
 
+/// The first `n` of `sites`, one line each (`file:line function bytes
+/// holder store`), for failure messages and logs.
+pub fn describe_sites(sites: &[Site], n: usize) -> Vec<String> {
+    sites
+        .iter()
+        .take(n)
+        .map(|s| {
+            format!(
+                "{}:{} {} {} {:?} {:?}",
+                s.file, s.line, s.function, s.bytes, s.holder, s.store
+            )
+        })
+        .collect()
+}
+
 /// |a - b| <= tolerance * b
 pub fn assert_within(measured: f64, truth: f64, tolerance: f64, what: &str) {
     let error = (measured - truth).abs() / truth.abs().max(1.0);
