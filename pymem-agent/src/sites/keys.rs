@@ -49,10 +49,9 @@ pub fn is_import_time(frames: &[Frame]) -> bool {
         .any(|f| f.file.starts_with("<frozen importlib."))
 }
 
-/// The frame `site` is filed under for `key`, and the stack kept with it
-/// (the frames from that one outward).
-fn key_frame(site: &Site, key: GroupBy) -> (Frame, Vec<Frame>) {
-    let frames = site.frames().into_owned();
+/// The frame a site with `frames` (innermost first) is filed under for
+/// `key`, and the stack kept with it (the frames from that one outward).
+fn key_frame(frames: Vec<Frame>, key: GroupBy) -> (Frame, Vec<Frame>) {
     let innermost = frames[0].clone();
     match key {
         GroupBy::App => match frames
@@ -86,8 +85,11 @@ fn key_frame(site: &Site, key: GroupBy) -> (Frame, Vec<Frame>) {
 pub fn regroup(sites: &[Site], key: GroupBy) -> Vec<Site> {
     let mut groups: HashMap<(Frame, Vec<Frame>), (Site, u64)> = HashMap::new();
     for site in sites {
-        let (frame, stack) = key_frame(site, key);
-        let import_time = is_import_time(&site.frames());
+        let frames = site.frames().into_owned();
+        // A site regrouped again (a snapshot's) may have lost its import
+        // frames to the first grouping: it keeps its mark.
+        let import_time = site.import_time || is_import_time(&frames);
+        let (frame, stack) = key_frame(frames, key);
         let identity = match key {
             GroupBy::Traceback => (frame.clone(), stack.clone()),
             _ => (frame.clone(), Vec::new()),
@@ -183,6 +185,11 @@ mod tests {
         assert_eq!(
             grouped[0].stack[0].line, 34,
             "the stack starts at the app frame"
+        );
+        let again = regroup(&grouped, GroupBy::App);
+        assert!(
+            again.iter().any(|s| s.line == 3 && s.import_time),
+            "regrouping keeps the import mark: {again:?}"
         );
     }
 
