@@ -7,11 +7,11 @@ pub fn line_from_lnotab(table: &[u8], first_line: i64, offset: u64) -> Option<i6
     let mut line = first_line;
     let mut addr: u64 = 0;
     for pair in table.chunks_exact(2) {
-        addr += u64::from(pair[0]);
+        addr = addr.saturating_add(u64::from(pair[0]));
         if addr > offset {
             break;
         }
-        line += i64::from(pair[1] as i8);
+        line = line.saturating_add(i64::from(pair[1] as i8));
     }
     Some(line)
 }
@@ -23,10 +23,10 @@ pub fn line_from_linetable_310(table: &[u8], first_line: i64, offset: u64) -> Op
     let mut end: u64 = 0;
     for pair in table.chunks_exact(2) {
         let start = end;
-        end += u64::from(pair[0]);
+        end = end.saturating_add(u64::from(pair[0]));
         let delta = pair[1] as i8;
         if delta != -128 {
-            line += i64::from(delta);
+            line = line.saturating_add(i64::from(delta));
         }
         if start <= offset && offset < end {
             return (delta != -128).then_some(line);
@@ -50,18 +50,18 @@ pub fn line_from_locations(table: &[u8], first_line: i64, index: u64) -> Option<
         let this_line = match code {
             15 => None,
             14 => {
-                line += reader.signed_varint()?;
+                line = line.saturating_add(reader.signed_varint()?);
                 reader.varint()?; // end line delta
                 reader.varint()?; // column + 1
                 reader.varint()?; // end column + 1
                 Some(line)
             }
             13 => {
-                line += reader.signed_varint()?;
+                line = line.saturating_add(reader.signed_varint()?);
                 Some(line)
             }
             10..=12 => {
-                line += i64::from(code - 10);
+                line = line.saturating_add(i64::from(code - 10));
                 reader.byte()?;
                 reader.byte()?;
                 Some(line)
@@ -71,10 +71,10 @@ pub fn line_from_locations(table: &[u8], first_line: i64, index: u64) -> Option<
                 Some(line)
             }
         };
-        if index < start + length {
+        if index < start.saturating_add(length) {
             return this_line;
         }
-        start += length;
+        start = start.saturating_add(length);
     }
     None
 }

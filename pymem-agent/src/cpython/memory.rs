@@ -81,16 +81,16 @@ impl ProcessMemory {
         let mut read = 0usize;
         while done < buf.len() {
             let want = (buf.len() - done).min(BULK_CHUNK);
-            let got = self.vm_read(addr + done as u64, &mut buf[done..done + want]);
+            let got = self.vm_read(addr.wrapping_add(done as u64), &mut buf[done..done + want]);
             if got > 0 {
                 done += got;
                 read += got;
                 continue;
             }
             // Unreadable page: leave it zeroed and go on at the next one.
-            let here = addr + done as u64;
-            let next_page = (here / PAGE + 1) * PAGE;
-            let skip = ((next_page - here) as usize).min(buf.len() - done);
+            let here = addr.wrapping_add(done as u64);
+            let to_next_page = PAGE - here % PAGE;
+            let skip = (to_next_page as usize).min(buf.len() - done);
             buf[done..done + skip].fill(0);
             done += skip;
         }

@@ -85,7 +85,7 @@ pub(crate) fn offsets_for(interp: &Interpreter) -> Option<VersionOffsets> {
     Some(offsets)
 }
 
-fn offsets(version: PyVersion) -> Option<VersionOffsets> {
+pub(super) fn offsets(version: PyVersion) -> Option<VersionOffsets> {
     let old_code = |format| CodeOffsets {
         filename: 104,
         name: 112,

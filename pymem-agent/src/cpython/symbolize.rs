@@ -97,7 +97,7 @@ impl Symbolizer {
                 (frame.instr & 0xffff_ffff) * 2,
             ),
             LineFormat::Locations => {
-                let start = frame.code + layout.code_adaptive;
+                let start = frame.code.wrapping_add(layout.code_adaptive);
                 let index = frame.instr.saturating_sub(start) / 2;
                 linetable::line_from_locations(&info.line_table, info.first_line, index)
             }
@@ -116,10 +116,10 @@ const MAX_STR_LEN: usize = 4096;
 const MAX_BYTES_LEN: usize = 1 << 20;
 
 fn read_code(mem: &ProcessMemory, layout: &CodeOffsets, code: u64) -> Result<CodeInfo> {
-    let filename = mem.u64(code + layout.filename)?;
-    let name = mem.u64(code + layout.name)?;
-    let first_line = i64::from(mem.i32(code + layout.first_line)?);
-    let table = mem.u64(code + layout.line_table)?;
+    let filename = mem.u64(code.wrapping_add(layout.filename))?;
+    let name = mem.u64(code.wrapping_add(layout.name))?;
+    let first_line = i64::from(mem.i32(code.wrapping_add(layout.first_line))?);
+    let table = mem.u64(code.wrapping_add(layout.line_table))?;
     Ok(CodeInfo {
         function: read_str(mem, layout, name)?,
         file: read_str(mem, layout, filename)?,
@@ -130,18 +130,110 @@ fn read_code(mem: &ProcessMemory, layout: &CodeOffsets, code: u64) -> Result<Cod
 
 /// A compact `str`: length at +16, ASCII payload after the header.
 fn read_str(mem: &ProcessMemory, layout: &CodeOffsets, addr: u64) -> Result<String> {
-    let length = mem.length(addr + 16, MAX_STR_LEN)?;
-    let state = mem.u8(addr + 32)?;
+    let length = mem.length(addr.wrapping_add(16), MAX_STR_LEN)?;
+    let state = mem.u8(addr.wrapping_add(32))?;
     let ascii = state & 0x40 != 0;
     if !ascii {
         return Ok("<non-ascii>".into());
     }
-    let bytes = mem.bytes(addr + layout.ascii_data, length)?;
+    let bytes = mem.bytes(addr.wrapping_add(layout.ascii_data), length)?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// A `bytes` object: size at +16, payload at +32.
 fn read_bytes_object(mem: &ProcessMemory, addr: u64) -> Result<Vec<u8>> {
-    let size = mem.length(addr + 16, MAX_BYTES_LEN)?;
-    Ok(mem.bytes(addr + 32, size)?)
+    let size = mem.length(addr.wrapping_add(16), MAX_BYTES_LEN)?;
+    Ok(mem.bytes(addr.wrapping_add(32), size)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpython::{offsets::offsets, version::PyVersion};
+
+    fn layout(minor: u8) -> CodeOffsets {
+        let version = PyVersion {
+            major: 3,
+            minor,
+            micro: 0,
+        };
+        offsets(version).expect("a table for 3.8-3.14").code
+    }
+
+    /// Bytes that no interpreter wrote: a fixed xorshift stream.
+    fn garbage(len: usize) -> Vec<u8> {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    fn put(buf: &mut [u8], at: u64, value: u64) {
+        let at = at as usize;
+        buf[at..at + 8].copy_from_slice(&value.to_le_bytes());
+    }
+
+    /// Frames a hostile process could hand the kernel: code pointers at the
+    /// top of the address space, into nothing, and at a "code object" whose
+    /// name is huge and whose line table is 1 MiB of noise, each with
+    /// extreme instruction pointers. Each symbolises to something, and the
+    /// agent does not panic (this process stands in for the target).
+    #[test]
+    fn hostile_frames_symbolise_without_panicking() {
+        let table_len = MAX_BYTES_LEN;
+        let mut table = vec![0u8; 32 + table_len];
+        put(&mut table, 16, table_len as u64);
+        table[32..].copy_from_slice(&garbage(table_len));
+        let mut name = vec![0u8; 64];
+        put(&mut name, 16, u64::MAX);
+        for minor in 8..=14 {
+            let layout = layout(minor);
+            let mut code = vec![0u8; 512];
+            put(&mut code, layout.name, name.as_ptr() as u64);
+            put(&mut code, layout.filename, name.as_ptr() as u64);
+            put(&mut code, layout.line_table, table.as_ptr() as u64);
+            let mut symbolizer = Symbolizer::new(std::process::id(), layout).unwrap();
+            for code_at in [u64::MAX, u64::MAX - 64, 8, code.as_ptr() as u64] {
+                for instr in [
+                    0,
+                    1,
+                    u64::MAX,
+                    u64::MAX / 2,
+                    code_at,
+                    code_at.wrapping_add(4096),
+                ] {
+                    let frame = symbolizer.frame(&PyFrame {
+                        code: code_at,
+                        instr,
+                    });
+                    assert_eq!(frame.function, "<unknown>", "3.{minor} {code_at:#x}");
+                }
+            }
+            // The same code object with a readable name: the noise still
+            // gives a line or the first line, never a panic.
+            let mut good_name = vec![0u8; 128];
+            put(&mut good_name, 16, 4);
+            good_name[32] = 0x40 | 0x20 | 0x04 | 0x01;
+            let data = layout.ascii_data as usize;
+            good_name[data..data + 4].copy_from_slice(b"evil");
+            put(&mut code, layout.name, good_name.as_ptr() as u64);
+            put(&mut code, layout.filename, good_name.as_ptr() as u64);
+            let mut symbolizer = Symbolizer::new(std::process::id(), layout).unwrap();
+            for instr in [0, 7, u64::MAX, code.as_ptr() as u64 + 100] {
+                let frame = symbolizer.frame(&PyFrame {
+                    code: code.as_ptr() as u64,
+                    instr,
+                });
+                assert_eq!(
+                    (frame.function.as_str(), frame.file.as_str()),
+                    ("evil", "evil")
+                );
+            }
+        }
+    }
 }
