@@ -200,6 +200,17 @@ impl<'a> Census<'a> {
                 .ok_or_else(|| unsupported(format!("the binary exports no {name}")))
         };
         let type_type = symbol("PyType_Type")?;
+        // Types become ready as the interpreter starts: before that the
+        // census cannot read this process yet, which says nothing of the
+        // build.
+        let starting = |name: &str| {
+            CensusError::Failed(format!(
+                "{name} is not ready yet: the interpreter is still starting"
+            ))
+        };
+        if census.unready(type_type) {
+            return Err(starting("PyType_Type"));
+        }
         let raw = census
             .raw_type(type_type)
             .filter(|(name, _)| name == "type")
@@ -227,6 +238,7 @@ impl<'a> Census<'a> {
                         info.basicsize, info.itemsize, census.target.version
                     )));
                 }
+                None if census.unready(addr) => return Err(starting(symbol_name)),
                 None => {
                     return Err(unsupported(format!(
                         "{symbol_name} does not read as a type object"
@@ -245,6 +257,14 @@ impl<'a> Census<'a> {
             census.learn_type(*addr);
         }
         Ok(census)
+    }
+
+    /// A static type object that `PyType_Ready` has not prepared yet: its
+    /// flags readable, the ready bit clear.
+    fn unready(&self, addr: u64) -> bool {
+        self.image
+            .u64(addr.wrapping_add(TP_FLAGS))
+            .is_some_and(|flags| flags & TPFLAGS_READY == 0)
     }
 
     /// A type object's name and sizes, if `addr` reads as one.
@@ -387,17 +407,20 @@ impl<'a> Census<'a> {
         Ok(result)
     }
 
-    /// A GC list head whose neighbours point back at it.
+    /// A GC list head at least one of whose neighbours points back at it.
+    /// One is enough: a process paused inside `gc_list_append` (the last
+    /// node already linked forward to the new one, the head's back link
+    /// not yet moved) has a torn head for a few instructions; the walk
+    /// then stops at the tear and says so.
     fn is_list_head(&self, head: u64) -> bool {
         let image = self.image;
         let (Some(next), Some(prev)) = (image.u64(head), image.u64(head.wrapping_add(8))) else {
             return false;
         };
         let (next, prev) = (next & NEXT_MASK, prev & PREV_MASK);
-        next != 0
-            && prev != 0
-            && image.u64(next.wrapping_add(8)).map(|p| p & PREV_MASK) == Some(head)
-            && image.u64(prev).map(|n| n & NEXT_MASK) == Some(head)
+        let forward = || image.u64(next.wrapping_add(8)).map(|p| p & PREV_MASK) == Some(head);
+        let backward = || image.u64(prev).map(|n| n & NEXT_MASK) == Some(head);
+        next != 0 && prev != 0 && (forward() || backward())
     }
 
     /// The generation heads of a GC state whose first generation is at
@@ -490,8 +513,11 @@ impl<'a> Census<'a> {
                 }
             }
         }
-        Err(CensusError::Unsupported(format!(
-            "no GC generation lists found in the interpreter state of this {} build",
+        // Not a verdict on the build: an interpreter still starting has no
+        // GC state yet, and one paused mid-collection may have none that
+        // reads as lists. The next census tries again.
+        Err(CensusError::Failed(format!(
+            "no GC generation lists found in the interpreter state of this {} build (still starting, or paused mid-collection?)",
             self.target.version
         )))
     }

@@ -569,6 +569,46 @@ fn census_of_a_damaged_heap_stops_and_warns() {
         assert!(census.gc_tracked < clean.gc_tracked);
     }
 
+    // Paused inside `gc_list_append`: a generation's last node already
+    // links forward to a new node, the head's back link still names that
+    // last node. The census goes on, cut short at the tear.
+    let mut torn = image.clone();
+    let heads = census::gc_heads(&torn, &target).unwrap();
+    let (list, last) = heads
+        .iter()
+        .take(3)
+        .map(|&head| (head, torn.u64(head + 8).unwrap() & !3))
+        .find(|&(head, last)| last != head)
+        .expect("a generation with objects");
+    let elsewhere = heads
+        .iter()
+        .filter(|&&head| head != list)
+        .map(|&head| torn.u64(head).unwrap() & !1)
+        .find(|&first| !heads.contains(&first))
+        .expect("another generation with objects");
+    let flags = torn.u64(last).unwrap() & 1;
+    torn.write_u64(last, elsewhere | flags);
+    let census = take_census(&torn, &target).unwrap();
+    assert!(
+        census.warnings.iter().any(|w| w.contains("broken link")),
+        "{:?}",
+        census.warnings
+    );
+
+    // No GC state at all (an interpreter still starting): a failure that
+    // a later census may not meet, not a verdict on the build.
+    let mut unborn = image.clone();
+    for head in census::gc_heads(&unborn, &target).unwrap() {
+        unborn.write_u64(head, 0);
+        unborn.write_u64(head + 8, 0);
+    }
+    let result = take_census(&unborn, &target);
+    assert!(
+        matches!(&result, Err(CensusError::Failed(why)) if why.contains("no GC generation lists")),
+        "{:?}",
+        result.err()
+    );
+
     // Free lists that loop: every pool's first free block points at itself.
     let mut damaged = image.clone();
     let pool = if target.version.minor >= 10 {
