@@ -10,6 +10,7 @@ pub mod export;
 pub mod format;
 pub mod holders;
 pub mod k8s;
+pub mod limits;
 pub mod model;
 pub mod observer;
 pub mod sites;
