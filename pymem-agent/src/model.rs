@@ -214,6 +214,18 @@ impl Trend {
             && self.fit >= policy.min_fit
             && self.slope * window >= policy.min_growth_bytes
     }
+
+    /// Seconds until `usage_bytes` reaches `limit_bytes` at this slope
+    /// (0 when already there), for a suspected leak only: a flat or
+    /// shrinking heap never reaches its limit, and a rising but noisy one
+    /// (churn, a poor linear fit) would give an alarming figure that means
+    /// nothing.
+    pub fn time_to_limit(&self, limit_bytes: u64, usage_bytes: u64, leak: bool) -> Option<f64> {
+        if !leak || self.slope <= 0.0 || !self.slope.is_finite() {
+            return None;
+        }
+        Some(limit_bytes.saturating_sub(usage_bytes) as f64 / self.slope)
+    }
 }
 
 /// One process as the API and the exporters see it.
@@ -264,6 +276,29 @@ pub struct ProcessInfo {
     /// (`since_attach`).
     #[serde(default)]
     pub heap_baseline: HeapBaseline,
+    /// The memory limit that applies (the smallest cgroup `memory.max` or
+    /// `memory.limit_in_bytes` up the process's hierarchy, else the host's
+    /// `MemTotal`), and where it comes from (`memory_limit_source`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
+    /// `cgroup v2 memory.max DIR`, `cgroup v1 memory.limit_in_bytes DIR` or
+    /// `host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_source: Option<String>,
+    /// The smallest cgroup v2 `memory.high` up the hierarchy, when set
+    /// below the limit: the kernel throttles and reclaims above it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_high_bytes: Option<u64>,
+    /// Memory used in the cgroup whose limit applies (`memory.current`,
+    /// `memory.usage_in_bytes`; `MemTotal - MemAvailable` for the host): all
+    /// of its processes, page cache included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_usage_bytes: Option<u64>,
+    /// Seconds until `memory_usage_bytes` reaches `memory_limit_bytes` at
+    /// the heap's growth rate, 0 when already there; only while
+    /// `leak_suspected`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_limit_seconds: Option<f64>,
     /// Container and pod; its fields appear at the top level, and only when
     /// known.
     #[serde(flatten)]
@@ -397,5 +432,35 @@ mod tests {
         assert!(!flat.trend(10.0).is_leak(&policy));
         let shrinking = history((0..=20).map(|t| (t as f64, 1e9 - t as f64 * 1e6)));
         assert!(!shrinking.trend(10.0).is_leak(&policy));
+    }
+
+    #[test]
+    fn time_to_limit_only_for_a_leak_and_zero_at_the_limit() {
+        let growing = Trend {
+            slope: 1e6,
+            fit: 0.99,
+            span: 10.0,
+        };
+        assert_eq!(
+            growing.time_to_limit(300_000_000, 100_000_000, true),
+            Some(200.0)
+        );
+        assert_eq!(
+            growing.time_to_limit(300_000_000, 300_000_000, true),
+            Some(0.0)
+        );
+        assert_eq!(
+            growing.time_to_limit(300_000_000, 400_000_000, true),
+            Some(0.0)
+        );
+        assert_eq!(
+            growing.time_to_limit(300_000_000, 100_000_000, false),
+            None,
+            "not a suspected leak"
+        );
+        for slope in [0.0, -1e6, f64::NAN, f64::INFINITY] {
+            let trend = Trend { slope, ..growing };
+            assert_eq!(trend.time_to_limit(300, 100, true), None, "{slope}");
+        }
     }
 }

@@ -35,6 +35,7 @@ use crate::{
     cpython::{Frame, Symbolizer},
     discover::{BinaryId, Discoverer, PythonProcess, Skip},
     k8s::{self, PodCache},
+    limits::LimitReader,
     model::{Accounting, AgentInfo, HeapBaseline, HeapHistory, HeapOffsets, Snapshot},
     sites::{Site, SiteTracker},
 };
@@ -146,6 +147,8 @@ pub struct Observer {
     /// The per-process kernel counters, for censuses to read while their
     /// process is paused.
     stats_reader: StatsReader,
+    /// Memory limits of the observed processes' cgroups, read each sample.
+    limits: LimitReader,
 }
 
 impl Observer {
@@ -176,6 +179,7 @@ impl Observer {
                 stackless_binaries: HashSet::new(),
                 census: CensusStage::new(config.census),
                 stats_reader,
+                limits: LimitReader::new(),
             },
             events,
             query_tx,

@@ -13,6 +13,7 @@ use crate::{
     census::TypeStats,
     cpython::arena,
     discover::BinaryId,
+    limits::MemoryLimit,
     model::{HeapBreakdown, LeakPolicy, ProcessInfo, Snapshot, SourceTotals},
 };
 
@@ -27,6 +28,7 @@ impl Observer {
         let mut processes = Vec::with_capacity(self.observed.len());
         let mut gone = Vec::new();
         let mut automatic = Vec::new();
+        self.limits.start_tick();
         for (&pid, observed) in self.observed.iter_mut() {
             let Ok(statm) = procfs::process::Process::new(pid as i32).and_then(|p| p.statm())
             else {
@@ -48,7 +50,10 @@ impl Observer {
             let heap = HeapBreakdown::from_stats(&stats, &observed.offsets);
             let t = now.duration_since(observed.since).as_secs_f64();
             observed.history.push(t, heap.total(), retain);
-            let mut info = process_info(observed, heap, t, &self.config.policy);
+            // Read each tick, as statm is: a process can be moved to
+            // another cgroup, and limits and usage change.
+            let limit = self.limits.of_process(pid);
+            let mut info = process_info(observed, heap, t, &self.config.policy, limit);
             info.census_unsupported = self.census.unsupported(pid).map(str::to_owned);
             if info.leak_suspected {
                 automatic.push((pid, observed.process.binary.clone()));
@@ -115,8 +120,18 @@ impl Observer {
     }
 }
 
-fn process_info(o: &Observed, heap: HeapBreakdown, t: f64, policy: &LeakPolicy) -> ProcessInfo {
+fn process_info(
+    o: &Observed,
+    heap: HeapBreakdown,
+    t: f64,
+    policy: &LeakPolicy,
+    limit: Option<MemoryLimit>,
+) -> ProcessInfo {
     let trend = o.history.trend(policy.window.as_secs_f64());
+    let leak_suspected = trend.is_leak(policy);
+    let time_to_limit_seconds = limit.as_ref().and_then(|limit| {
+        trend.time_to_limit(limit.limit_bytes, limit.usage_bytes?, leak_suspected)
+    });
     let allocated = SourceTotals::allocated(&o.stats);
     let freed = SourceTotals::freed(&o.stats);
     ProcessInfo {
@@ -130,7 +145,7 @@ fn process_info(o: &Observed, heap: HeapBreakdown, t: f64, policy: &LeakPolicy) 
         heap,
         growth_bytes_per_second: trend.slope,
         rss_bytes: o.rss_bytes,
-        leak_suspected: trend.is_leak(policy),
+        leak_suspected,
         allocated_bytes_total: allocated.total(),
         freed_bytes_total: freed.total(),
         allocated_bytes_by_source: allocated,
@@ -148,6 +163,11 @@ fn process_info(o: &Observed, heap: HeapBreakdown, t: f64, policy: &LeakPolicy) 
         arena_size_mismatch: o.arena_size_mismatch,
         census_unsupported: None,
         heap_baseline: o.baseline,
+        memory_limit_bytes: limit.as_ref().map(|l| l.limit_bytes),
+        memory_high_bytes: limit.as_ref().and_then(|l| l.high_bytes),
+        memory_usage_bytes: limit.as_ref().and_then(|l| l.usage_bytes),
+        memory_limit_source: limit.map(|l| l.source),
+        time_to_limit_seconds,
     }
 }
 
