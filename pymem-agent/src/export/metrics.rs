@@ -99,6 +99,18 @@ struct Aggregate {
     probe_hits: u64,
     allocated: BTreeMap<&'static str, u64>,
     freed: BTreeMap<&'static str, u64>,
+    /// The smallest limit, the largest usage and the soonest time to a
+    /// limit among the processes: the one to worry about first.
+    memory_limit: Option<f64>,
+    memory_usage: Option<f64>,
+    time_to_limit: Option<f64>,
+}
+
+fn fold(current: Option<f64>, value: Option<f64>, pick: fn(f64, f64) -> f64) -> Option<f64> {
+    match (current, value) {
+        (Some(a), Some(b)) => Some(pick(a, b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// Renders the Prometheus text format from a snapshot.
@@ -149,6 +161,18 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
             &with_source,
         )?,
     )?;
+    let memory_limit = gauge(
+        "pymem_memory_limit_bytes",
+        "Memory limit that applies to the process: the smallest cgroup memory.max (v2) or memory.limit_in_bytes (v1) up its hierarchy, else the host's MemTotal",
+    )?;
+    let memory_usage = gauge(
+        "pymem_memory_usage_bytes",
+        "Memory used in the cgroup whose limit applies (memory.current, memory.usage_in_bytes; MemTotal - MemAvailable for the host), page cache included",
+    )?;
+    let time_to_limit = gauge(
+        "pymem_memory_limit_eta_seconds",
+        "Seconds until the memory limit is reached at the heap's growth rate (0: reached); only for processes with a suspected leak",
+    )?;
     let probe_hits = registered(
         &registry,
         IntCounterVec::new(
@@ -178,6 +202,10 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
         for (source, bytes) in p.freed_bytes_by_source.by_label() {
             *agg.freed.entry(source).or_default() += bytes;
         }
+        let as_f64 = |v: Option<u64>| v.map(|v| v as f64);
+        agg.memory_limit = fold(agg.memory_limit, as_f64(p.memory_limit_bytes), f64::min);
+        agg.memory_usage = fold(agg.memory_usage, as_f64(p.memory_usage_bytes), f64::max);
+        agg.time_to_limit = fold(agg.time_to_limit, p.time_to_limit_seconds, f64::min);
     }
     for (key, agg) in &groups {
         let values: Vec<&str> = key.iter().map(String::as_str).collect();
@@ -189,6 +217,15 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
             .with_label_values(&values)
             .set(agg.syscall_accounting);
         probe_hits.with_label_values(&values).inc_by(agg.probe_hits);
+        for (gauge, value) in [
+            (&memory_limit, agg.memory_limit),
+            (&memory_usage, agg.memory_usage),
+            (&time_to_limit, agg.time_to_limit),
+        ] {
+            if let Some(value) = value {
+                gauge.with_label_values(&values).set(value);
+            }
+        }
         for (counters, totals) in [(&allocated, &agg.allocated), (&freed, &agg.freed)] {
             for (source, bytes) in totals {
                 let mut with = values.clone();
@@ -380,6 +417,69 @@ mod tests {
             "heap_history": [],
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn limit_series_only_where_known_and_the_eta_only_for_leaks() {
+        let mut limited = process(42);
+        limited.memory_limit_bytes = Some(314_572_800);
+        limited.memory_usage_bytes = Some(104_857_600);
+        limited.memory_limit_source = Some("cgroup v2 memory.max /sys/fs/cgroup/app".into());
+        limited.time_to_limit_seconds = Some(21.5);
+        let mut host = process(43);
+        host.memory_limit_bytes = Some(1 << 34);
+        host.memory_usage_bytes = Some(1 << 32);
+        let unknown = process(44);
+        let snapshot = Snapshot {
+            processes: vec![limited, host, unknown],
+            ..Snapshot::default()
+        };
+        let text = render_metrics(&snapshot, &DEFAULT_LABELS).unwrap();
+        let series = |name: &str, pid: u32| -> Option<String> {
+            text.lines()
+                .find(|l| {
+                    l.starts_with(&format!("{name}{{")) && l.contains(&format!("pid=\"{pid}\""))
+                })
+                .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+        };
+        assert_eq!(
+            series("pymem_memory_limit_bytes", 42).as_deref(),
+            Some("314572800")
+        );
+        assert_eq!(
+            series("pymem_memory_usage_bytes", 42).as_deref(),
+            Some("104857600")
+        );
+        assert_eq!(
+            series("pymem_memory_limit_eta_seconds", 42).as_deref(),
+            Some("21.5")
+        );
+        assert_eq!(
+            series("pymem_memory_limit_bytes", 43).as_deref(),
+            Some("17179869184")
+        );
+        assert_eq!(
+            series("pymem_memory_limit_eta_seconds", 43),
+            None,
+            "no leak"
+        );
+        assert_eq!(
+            series("pymem_memory_limit_bytes", 44),
+            None,
+            "unknown limit"
+        );
+
+        // Without pid, one command's processes: the soonest ETA, the
+        // smallest limit.
+        let text = render_metrics(&snapshot, &[ProcessLabel::Comm]).unwrap();
+        assert!(
+            text.contains("pymem_memory_limit_bytes{comm=\"python3\"} 314572800"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pymem_memory_limit_eta_seconds{comm=\"python3\"} 21.5"),
+            "{text}"
+        );
     }
 
     #[test]
