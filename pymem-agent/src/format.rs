@@ -43,6 +43,25 @@ pub fn duration(seconds: f64) -> String {
     }
 }
 
+/// A time to come in its largest whole unit, rounded down (sooner, never
+/// later), in at most four characters: `45s`, `42m`, `3h`, `12d`, `2y`
+/// (999y at most); `-` for none.
+pub fn eta(seconds: Option<f64>) -> String {
+    const DAY: u64 = 86400;
+    const YEAR: u64 = 365 * DAY;
+    let Some(seconds) = seconds.filter(|s| s.is_finite()) else {
+        return "-".to_string();
+    };
+    let s = seconds.max(0.0) as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..DAY => format!("{}h", s / 3600),
+        DAY..YEAR => format!("{}d", s / DAY),
+        _ => format!("{}y", (s / YEAR).min(999)),
+    }
+}
+
 /// tracemalloc's `_format_size`: three significant digits below 100 of a
 /// unit (`12.5 MiB`), else four or five digits (`9876 KiB`), with an
 /// explicit sign for differences. Kept identical so that pymem's diff reads
@@ -96,6 +115,23 @@ mod tests {
         assert_eq!(duration(45.2), "45s");
         assert_eq!(duration(185.0), "3m 05s");
         assert_eq!(duration(7620.0), "2h 07m");
+    }
+
+    #[test]
+    fn etas_keep_their_largest_unit_rounded_down() {
+        assert_eq!(eta(None), "-");
+        assert_eq!(eta(Some(f64::NAN)), "-");
+        assert_eq!(eta(Some(f64::INFINITY)), "-");
+        assert_eq!(eta(Some(0.0)), "0s");
+        assert_eq!(eta(Some(-3.0)), "0s");
+        assert_eq!(eta(Some(59.9)), "59s");
+        assert_eq!(eta(Some(2520.0)), "42m");
+        assert_eq!(eta(Some(3599.0)), "59m");
+        assert_eq!(eta(Some(3.0 * 3600.0 + 1800.0)), "3h");
+        assert_eq!(eta(Some(12.0 * 86400.0)), "12d");
+        assert_eq!(eta(Some(364.9 * 86400.0)), "364d");
+        assert_eq!(eta(Some(800.0 * 86400.0)), "2y");
+        assert_eq!(eta(Some(1e15)), "999y");
     }
 
     #[test]

@@ -92,26 +92,28 @@ fn sort_arrow(sort: SortKey) -> &'static str {
     if sort.descending() { "▼" } else { "▲" }
 }
 
-/// The table's columns: title, the sort key it shows, right-aligned.
-const COLUMNS: [(&str, Option<SortKey>, bool); 8] = [
+/// The table's columns: title, the sort key it shows, right-aligned. ETA:
+/// the time until the memory limit at the leak's growth rate.
+const COLUMNS: [(&str, Option<SortKey>, bool); 9] = [
     ("PID", Some(SortKey::Pid), true),
     ("COMMAND", None, false),
     ("PYTHON", None, false),
     ("HEAP", Some(SortKey::Heap), true),
     ("RSS", Some(SortKey::Rss), true),
     ("GROWTH", Some(SortKey::Growth), true),
+    ("ETA", None, true),
     ("HEAP HISTORY", None, false),
     ("LEAK", None, false),
 ];
 const COMMAND_COLUMN: usize = 1;
-const HISTORY_COLUMN: usize = 6;
+const HISTORY_COLUMN: usize = 7;
 
 /// Widths for a table `total` cells wide. Numbers get their full width
 /// always (a cut number misleads); the command and the sparkline share
 /// what is left, the command first.
-fn column_widths(total: u16) -> [u16; 8] {
-    // PID ▲ / 4194304, 3.10.13, 1023.9 MiB, +1023.9 MiB/min, LEAK
-    let mut widths = [8, 0, 7, 10, 10, 15, 0, 4];
+fn column_widths(total: u16) -> [u16; 9] {
+    // PID ▲ / 4194304, 3.10.13, 1023.9 MiB, +1023.9 MiB/min, 364d, LEAK
+    let mut widths = [8, 0, 7, 10, 10, 15, 4, 0, 4];
     let spacing = COLUMN_SPACING * (widths.len() as u16 - 1);
     let rest = total.saturating_sub(widths.iter().sum::<u16>() + spacing);
     let history = rest
@@ -169,9 +171,20 @@ fn process_row(p: &ProcessInfo, history_width: usize) -> Row<'static> {
             format::rate_per_minute(p.growth_bytes_per_second),
             true,
         )),
+        eta_cell(p.time_to_limit_seconds),
         Cell::from(text::sparkline(&history, history_width)).fg(ACCENT),
         leak_cell(p.leak_suspected),
     ])
+}
+
+/// Under an hour to the limit is what the alert fires on: marked alike.
+fn eta_cell(seconds: Option<f64>) -> Cell<'static> {
+    let cell = Cell::from(aligned(format::eta(seconds), true));
+    if seconds.is_some_and(|s| s < 3600.0) {
+        cell.fg(ALERT).bold()
+    } else {
+        cell
+    }
 }
 
 fn leak_cell(leak: bool) -> Cell<'static> {
@@ -214,8 +227,10 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App, pid: u32) {
         frame.render_widget(Paragraph::new(gone), area);
         return;
     };
+    // Four lines and the borders, and one for the memory limit when known.
+    let info_height = if p.memory_limit_bytes.is_some() { 7 } else { 6 };
     let [info, chart, sites] = Layout::vertical([
-        Constraint::Length(6),
+        Constraint::Length(info_height),
         Constraint::Fill(1),
         Constraint::Fill(1),
     ])
@@ -387,7 +402,7 @@ fn process_summary(p: &ProcessInfo) -> Paragraph<'static> {
         Span::raw("no leak suspected")
     };
     let h = &p.heap;
-    let lines = vec![
+    let mut lines = vec![
         Line::from(vec![label("Command"), Span::raw(command(p).to_string())]),
         Line::from(vec![
             label("Python"),
@@ -420,10 +435,41 @@ fn process_summary(p: &ProcessInfo) -> Paragraph<'static> {
             verdict,
         ]),
     ];
+    if let Some(limit) = limit_line(p) {
+        lines.push(Line::from(vec![label("Limit"), limit]));
+    }
     let title = format!(" pid {} · {} ", p.pid, p.comm);
     Paragraph::new(lines)
         .block(Block::bordered().title(title))
         .wrap(Wrap { trim: true })
+}
+
+/// The memory limit, where it comes from, its usage and when the leak
+/// reaches it; `None` when no limit is known.
+fn limit_line(p: &ProcessInfo) -> Option<Span<'static>> {
+    let limit = p.memory_limit_bytes?;
+    let mut text = format::bytes(limit);
+    if let Some(source) = &p.memory_limit_source {
+        text.push_str(&format!(" ({source})"));
+    }
+    if let Some(usage) = p.memory_usage_bytes {
+        let share = usage as f64 / limit.max(1) as f64 * 100.0;
+        text.push_str(&format!("   used {} ({share:.0}%)", format::bytes(usage)));
+    }
+    if let Some(high) = p.memory_high_bytes {
+        text.push_str(&format!("   soft limit {}", format::bytes(high)));
+    }
+    let span = match p.time_to_limit_seconds {
+        Some(seconds) => {
+            text.push_str(&format!("   reached in {}", format::eta(Some(seconds))));
+            Span::raw(text).bold()
+        }
+        None => {
+            text.push_str("   not approached (no leak)");
+            Span::raw(text)
+        }
+    };
+    Some(span)
 }
 
 fn accounting_label(accounting: Accounting) -> &'static str {
@@ -1065,6 +1111,73 @@ mod tests {
             sites_block(&lines).len(),
             11,
             "the sites block keeps its size"
+        );
+    }
+
+    /// The sample processes with the leaking worker 42 minutes from its
+    /// cgroup's limit and the server under the host's memory.
+    fn app_with_limits() -> App {
+        let mut processes = sample_processes();
+        for p in &mut processes {
+            match p.pid {
+                300 => {
+                    p.memory_limit_bytes = Some(512 << 20);
+                    p.memory_limit_source =
+                        Some("cgroup v2 memory.max /sys/fs/cgroup/worker".into());
+                    p.memory_usage_bytes = Some(128 << 20);
+                    p.memory_high_bytes = Some(384 << 20);
+                    p.time_to_limit_seconds = Some(42.0 * 60.0 + 30.0);
+                }
+                200 => {
+                    p.memory_limit_bytes = Some(16 << 30);
+                    p.memory_limit_source = Some("host".into());
+                    p.memory_usage_bytes = Some(4 << 30);
+                }
+                _ => {}
+            }
+        }
+        let mut app = app_with_samples();
+        app.on_data(Ok(processes));
+        app
+    }
+
+    #[test]
+    fn eta_column_shows_the_time_to_the_limit_or_a_dash() {
+        let app = app_with_limits();
+        let lines = screen(&app, 140, 12);
+        let text = lines.join("\n");
+        assert!(lines[1].contains("ETA"), "{text}");
+        let worker = &lines[row_of(&lines, "worker.py")];
+        assert_shows(worker, &["+120.0 MiB/min", "42m", "LEAK"]);
+        for other in ["http.server", "batch.py"] {
+            let line = &lines[row_of(&lines, other)];
+            assert!(line.contains(" - "), "no ETA: {line}");
+        }
+        let x = worker.find("42m").unwrap();
+        let x = worker[..x].chars().count() as u16;
+        let y = row_of(&lines, "worker.py") as u16;
+        assert_eq!(buffer_fg(&app, 140, 12, x, y), ALERT, "under an hour");
+        let narrow = screen(&app, 80, 8);
+        let worker = &narrow[row_of(&narrow, "worker")];
+        assert_shows(worker, &["+120.0 MiB/min", "42m", "LEAK"]);
+    }
+
+    #[test]
+    fn detail_view_shows_the_memory_limit() {
+        let mut app = app_with_limits();
+        press(&mut app, KeyCode::Enter);
+        app.on_sites(300, Ok(sample_sites()));
+        let text = screen(&app, 160, 30).join("\n");
+        assert_shows(
+            &text,
+            &[
+                "Limit",
+                "512.0 MiB (cgroup v2 memory.max /sys/fs/cgroup/worker)",
+                "used 128.0 MiB (25%)",
+                "soft limit 384.0 MiB",
+                "reached in 42m",
+                "append_result",
+            ],
         );
     }
 
