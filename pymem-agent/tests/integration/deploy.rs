@@ -343,7 +343,7 @@ fn ensure_prometheus_package() {
 }
 
 #[test]
-fn alert_rules_pass_promtool_and_the_leak_alert_fires_in_its_unit_tests() {
+fn alert_rules_pass_promtool_and_the_leak_and_limit_alerts_fire_in_their_unit_tests() {
     let promtool = promtool();
     let dir = repo("deploy/prometheus");
     stdout_of(
@@ -369,6 +369,111 @@ fn alert_rules_pass_promtool_and_the_leak_alert_fires_in_its_unit_tests() {
             })
     });
     assert!(leak_fires, "a unit test expects the leak alert to fire");
+
+    // The limit alert fires in one unit test, and in another stays quiet
+    // while a time to the limit is over an hour all along.
+    let mut limit_fires = false;
+    let mut quiet_over_an_hour = false;
+    for test in tests["tests"].as_array().unwrap() {
+        let interval = minutes(test["interval"].as_str().unwrap());
+        let etas: Vec<Vec<Option<f64>>> = test["input_series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| {
+                s["series"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("pymem_memory_limit_eta_seconds{")
+            })
+            .map(|s| expand_series(s["values"].as_str().unwrap()))
+            .collect();
+        for case in test["alert_rule_test"].as_array().unwrap() {
+            if case["alertname"] != "PythonMemoryLimitSoon" {
+                continue;
+            }
+            if !case["exp_alerts"].as_array().unwrap().is_empty() {
+                limit_fires = true;
+                continue;
+            }
+            let until = (minutes(case["eval_time"].as_str().unwrap()) / interval) as usize;
+            quiet_over_an_hour |= etas.iter().any(|values| {
+                values.len() > until
+                    && values[..=until]
+                        .iter()
+                        .all(|v| v.is_some_and(|eta| eta > 3600.0))
+            });
+        }
+    }
+    assert!(
+        limit_fires,
+        "a unit test expects PythonMemoryLimitSoon to fire"
+    );
+    assert!(
+        quiet_over_an_hour,
+        "a unit test expects PythonMemoryLimitSoon not to fire for a time to the limit over an hour"
+    );
+}
+
+/// `12m` (or `1h`, `30s`) in minutes, as promtool's durations are written
+/// in these tests.
+fn minutes(duration: &str) -> f64 {
+    let (number, unit) = duration.split_at(duration.len() - 1);
+    let number: f64 = number.parse().unwrap();
+    match unit {
+        "s" => number / 60.0,
+        "m" => number,
+        "h" => number * 60.0,
+        _ => panic!("duration {duration}"),
+    }
+}
+
+/// promtool's expanding notation: `a`, `_` (no sample), `axN`, `_xN` and
+/// `a+bxN` / `a-bxN` (N + 1 samples).
+fn expand_series(values: &str) -> Vec<Option<f64>> {
+    let mut out = Vec::new();
+    for token in values.split_whitespace() {
+        let Some((start, times)) = token.split_once('x') else {
+            out.push(token.parse().ok());
+            continue;
+        };
+        let times: usize = times.parse().unwrap();
+        if start == "_" {
+            out.extend(std::iter::repeat_n(None, times));
+            continue;
+        }
+        let split = start[1..].find(['+', '-']).map(|at| at + 1);
+        let (first, step) = match split {
+            Some(at) => (
+                start[..at].parse::<f64>().unwrap(),
+                start[at..].parse::<f64>().unwrap(),
+            ),
+            None => (start.parse::<f64>().unwrap(), 0.0),
+        };
+        out.extend((0..=times).map(|i| Some(first + step * i as f64)));
+    }
+    out
+}
+
+#[test]
+fn promtool_series_notation_expands_like_promtool() {
+    assert_eq!(
+        expand_series("1 _ 3+2x2 7200-60x1 5x1 _x2"),
+        [
+            1.0,
+            f64::NAN,
+            3.0,
+            5.0,
+            7.0,
+            7200.0,
+            7140.0,
+            5.0,
+            5.0,
+            f64::NAN,
+            f64::NAN
+        ]
+        .map(|v| (!v.is_nan()).then_some(v))
+    );
 }
 
 /// `NAME: &str = "value"` (Rust) or `ARG NAME=value` (Dockerfile).
