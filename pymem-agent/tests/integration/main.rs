@@ -12,6 +12,7 @@ mod deploy;
 mod guesses;
 mod gunicorn;
 mod holders;
+mod limits;
 mod matrix;
 mod robustness;
 mod sites;
