@@ -17,6 +17,7 @@ mod reaper;
 mod sweep;
 mod tracefs;
 
+pub use links::GcAttach;
 pub use load::KernelConfig;
 pub use maps::StatsReader;
 
@@ -35,13 +36,14 @@ impl Probes {
         self.links.ensure_binary(binary)
     }
 
-    /// Attaches the budgeted per-allocation probes of one process and ends
-    /// its syscall accounting. Missing stubs only lose that source (logged);
-    /// attach failures undo everything.
-    pub fn attach_process(&mut self, pid: u32, binary: &Binary) -> Result<()> {
-        self.links.attach_process(pid, binary)?;
+    /// Attaches the budgeted per-allocation probes of one process (and the
+    /// collector's, where it has them) and ends its syscall accounting.
+    /// Missing stubs only lose that source (logged); attach failures undo
+    /// everything.
+    pub fn attach_process(&mut self, pid: u32, binary: &Binary) -> Result<GcAttach> {
+        let gc = self.links.attach_process(pid, binary)?;
         self.maps.end_syscall_mode(pid);
-        Ok(())
+        Ok(gc)
     }
 
     /// Marks a process as observed (exit and fork events are reported for

@@ -118,6 +118,16 @@ struct Observed {
     offsets: HeapOffsets,
     /// When the baseline census is due (None: none wanted, or started).
     baseline_due: Option<Instant>,
+    /// Whether the collector's probes count, on what, or why not.
+    gc: GcStatus,
+}
+
+/// The collector's probes of one process.
+#[derive(Clone, Debug, Default)]
+struct GcStatus {
+    state: crate::model::GcState,
+    source: Option<String>,
+    reason: Option<String>,
 }
 
 pub struct Observer {

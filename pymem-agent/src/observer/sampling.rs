@@ -13,7 +13,7 @@ use crate::{
     census::TypeStats,
     cpython::arena,
     discover::BinaryId,
-    model::{HeapBreakdown, LeakPolicy, ProcessInfo, Snapshot, SourceTotals},
+    model::{GcInfo, HeapBreakdown, LeakPolicy, ProcessInfo, Snapshot, SourceTotals},
 };
 
 impl Observer {
@@ -148,6 +148,12 @@ fn process_info(o: &Observed, heap: HeapBreakdown, t: f64, policy: &LeakPolicy) 
         arena_size_mismatch: o.arena_size_mismatch,
         census_unsupported: None,
         heap_baseline: o.baseline,
+        gc: GcInfo::from_stats(
+            &o.stats,
+            o.gc.state,
+            o.gc.source.clone(),
+            o.gc.reason.clone(),
+        ),
     }
 }
 
