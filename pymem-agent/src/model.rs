@@ -395,6 +395,9 @@ impl SourceTotals {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct AgentInfo {
     pub events_lost_total: u64,
+    /// Ring-buffer records skipped because they were not events.
+    #[serde(default)]
+    pub malformed_records_total: u64,
     pub live_map_full_total: u64,
     pub attached_binaries: usize,
     pub probe_links: usize,

@@ -218,6 +218,11 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
         agent.events_lost_total,
     )?;
     plain_counter(
+        "pymem_malformed_event_records_total",
+        "Ring buffer records skipped because they were not events",
+        agent.malformed_records_total,
+    )?;
+    plain_counter(
         "pymem_live_map_full_total",
         "Allocations not tracked because a kernel live-block map was full",
         agent.live_map_full_total,

@@ -220,6 +220,7 @@ impl Observer {
                     for event in batch? {
                         self.on_event(event);
                     }
+                    self.info.malformed_records_total = events.malformed_records();
                 }
                 Some(found) = self.found_rx.recv() => self.on_found(found),
                 Some(query) = self.queries.recv() => self.on_query(query),
