@@ -99,6 +99,11 @@ impl Observer {
     }
 
     pub(super) fn sweep(&mut self) {
+        for observed in self.observed.values_mut() {
+            for stack_id in observed.sites.prune(DEAD_STACKS_KEPT) {
+                observed.frames.remove(&stack_id);
+            }
+        }
         if self.exits_since_sweep == 0 {
             return;
         }
@@ -114,6 +119,10 @@ impl Observer {
         self.discoverer.retain(|id| binaries.contains(id));
     }
 }
+
+/// Stacks per process that hold no live bytes any more, kept for their
+/// allocation totals (the ones that allocated most).
+const DEAD_STACKS_KEPT: usize = 2048;
 
 fn process_info(o: &Observed, heap: HeapBreakdown, t: f64, policy: &LeakPolicy) -> ProcessInfo {
     let trend = o.history.trend(policy.window.as_secs_f64());
