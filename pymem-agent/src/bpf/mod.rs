@@ -139,6 +139,12 @@ impl Probes {
         self.links.probe_links()
     }
 
+    /// Deletes the captured stacks none of `in_use` names (once they were
+    /// unreferenced at the previous call too), off this thread.
+    pub fn prune_stacks(&self, in_use: std::collections::HashSet<u64>) {
+        self.sweeper.prune_stacks(in_use);
+    }
+
     /// Deletes live-block entries and counters of processes that are gone
     /// (exits race with in-flight probes; this sweeps what they left). The
     /// work is done by a background thread: this returns at once, and asks

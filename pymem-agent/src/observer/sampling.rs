@@ -99,11 +99,16 @@ impl Observer {
     }
 
     pub(super) fn sweep(&mut self) {
+        let mut stacks_in_use = HashSet::new();
         for observed in self.observed.values_mut() {
             for stack_id in observed.sites.prune(DEAD_STACKS_KEPT) {
                 observed.frames.remove(&stack_id);
             }
+            stacks_in_use.extend(observed.sites.stacks().map(|(id, _)| id));
         }
+        // The kernel's stacks are shared by every process: those no site
+        // refers to would fill the map for good.
+        self.probes.prune_stacks(stacks_in_use);
         if self.exits_since_sweep == 0 {
             return;
         }
