@@ -299,10 +299,75 @@ pub struct ProcessInfo {
     /// `leak_suspected`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_to_limit_seconds: Option<f64>,
+    /// The garbage collector's activity, as far as the probes see it.
+    #[serde(default)]
+    pub gc: GcInfo,
     /// Container and pod; its fields appear at the top level, and only when
     /// known.
     #[serde(flatten)]
     pub container_info: ContainerInfo,
+}
+
+/// Whether the collector's probes count a process's collections.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GcState {
+    /// Not yet: they are attached with the per-allocation probes, after
+    /// the process's start-up (`--probe-delay`).
+    #[default]
+    Pending,
+    /// Attached: the figures grow with each collection.
+    Counting,
+    /// Detached with the per-allocation probes (the process went over its
+    /// probe budget): the figures are those until then.
+    Stopped,
+    /// This build offers no way to see its collector (`reason`).
+    Unavailable,
+}
+
+/// Garbage collections of one process since its collector's probes were
+/// attached.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct GcInfo {
+    pub state: GcState,
+    /// What the probes sit on: `usdt` (`python:gc__start`/`gc__done`) or
+    /// the collector function's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Why the collector is not seen, or why counting stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Collections per generation (0, 1, 2).
+    pub collections: [u64; 3],
+    /// Time spent collecting.
+    pub seconds: f64,
+    /// Objects the collections found unreachable (collected and
+    /// uncollectable together: what the probes report).
+    pub unreachable_objects: u64,
+}
+
+impl GcInfo {
+    /// The figures of the counters `s`, in state `state`.
+    pub fn from_stats(
+        s: &ProcStats,
+        state: GcState,
+        source: Option<String>,
+        reason: Option<String>,
+    ) -> Self {
+        Self {
+            state,
+            source,
+            reason,
+            collections: s.gc_collections,
+            seconds: s.gc_ns as f64 / 1e9,
+            unreachable_objects: s.gc_unreachable_objects,
+        }
+    }
+
+    /// Whether the figures count anything (probes attached now or before).
+    pub fn has_figures(&self) -> bool {
+        matches!(self.state, GcState::Counting | GcState::Stopped)
+    }
 }
 
 /// The container and Kubernetes pod of a process: all `None` outside
@@ -365,6 +430,9 @@ impl SourceTotals {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct AgentInfo {
     pub events_lost_total: u64,
+    /// Ring-buffer records skipped because they were not events.
+    #[serde(default)]
+    pub malformed_records_total: u64,
     pub live_map_full_total: u64,
     pub attached_binaries: usize,
     pub probe_links: usize,

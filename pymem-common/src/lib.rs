@@ -145,6 +145,15 @@ pub struct ProcStats {
     pub arena_size_mismatches: u64,
     /// Bytes of those mappings (their mean size tells the real arena size).
     pub arena_size_mismatch_bytes: u64,
+    /// Garbage collections started, per generation (0, 1, 2), seen by the
+    /// GC probes while they were attached.
+    pub gc_collections: [u64; 3],
+    /// Nanoseconds between the start and the end of those collections.
+    pub gc_ns: u64,
+    /// Objects the ended collections found unreachable (collected plus
+    /// uncollectable: what CPython's `gc__done` probe and its collector
+    /// return report).
+    pub gc_unreachable_objects: u64,
 }
 
 impl ProcStats {
@@ -168,6 +177,11 @@ impl ProcStats {
         self.untracked_allocs += other.untracked_allocs;
         self.arena_size_mismatches += other.arena_size_mismatches;
         self.arena_size_mismatch_bytes += other.arena_size_mismatch_bytes;
+        for (mine, theirs) in self.gc_collections.iter_mut().zip(other.gc_collections) {
+            *mine += theirs;
+        }
+        self.gc_ns += other.gc_ns;
+        self.gc_unreachable_objects += other.gc_unreachable_objects;
     }
 }
 
@@ -248,6 +262,7 @@ pub mod names {
             PENDING_ARENA = "PENDING_ARENA",
             PENDING_RAW = "PENDING_RAW",
             PENDING_MMAP = "PENDING_MMAP",
+            PENDING_GC = "PENDING_GC",
             BUDGET = "BUDGET",
             SYSCALL_MODE = "SYSCALL_MODE",
             PY_LAYOUT = "PY_LAYOUT",
@@ -306,11 +321,12 @@ pub mod counter {
     pub const RAW_LIVE: u32 = 10;
     pub const EXT_LIVE: u32 = 11;
     pub const SYS_LIVE: u32 = 12;
-    pub const LEN: u32 = 13;
+    pub const PENDING_GC: u32 = 13;
+    pub const LEN: u32 = 14;
 
     /// The counters of failures per map, with the map's name: a full ring
     /// buffer is `EVENTS_LOST`.
-    pub const MAP_ERRORS: [(u32, &str); 12] = [
+    pub const MAP_ERRORS: [(u32, &str); 13] = [
         (EVENTS_LOST, map::EVENTS),
         (PROC_STATS, map::PROC_STATS),
         (PENDING_ARENA, map::PENDING_ARENA),
@@ -323,6 +339,7 @@ pub mod counter {
         (RAW_LIVE, map::RAW_LIVE),
         (EXT_LIVE, map::EXT_LIVE),
         (SYS_LIVE, map::SYS_LIVE),
+        (PENDING_GC, map::PENDING_GC),
     ];
 
     /// The map a counter counts failures of ("" for `LIVE_MAP_FULL`, which
@@ -352,6 +369,102 @@ pub mod cookie {
     pub const TRACK: u64 = 5;
     /// `PyTraceMalloc_Untrack`.
     pub const UNTRACK: u64 = 6;
+    /// A garbage collection starts; the cookie's upper bits say where its
+    /// generation is ([`super::probe_arg`]).
+    pub const GC_START: u64 = 7;
+    /// A garbage collection ends; the upper bits say where the count of
+    /// unreachable objects is.
+    pub const GC_DONE: u64 = 8;
+
+    /// The kind of probe a cookie names (its upper bits may carry more).
+    pub const fn kind(cookie: u64) -> u64 {
+        cookie & 0xff
+    }
+}
+
+/// Where a probe finds one integer argument: a register, or memory at a
+/// register plus a displacement (USDT's `-4@112(%rsp)`, `-8@%r12`), or a
+/// constant. Packed into the upper bits of an attach cookie so that the one
+/// entry program can read it:
+/// bits 8–15 the register ([`probe_arg::reg`]), bit 16 "read memory", bits
+/// 17–20 the size in bytes, bit 21 signed, bits 32–63 the displacement (or
+/// the constant).
+pub mod probe_arg {
+    /// Registers, by the agent's numbering (x86-64 `pt_regs` fields).
+    pub mod reg {
+        pub const NONE: u64 = 0;
+        pub const RAX: u64 = 1;
+        pub const RBX: u64 = 2;
+        pub const RCX: u64 = 3;
+        pub const RDX: u64 = 4;
+        pub const RSI: u64 = 5;
+        pub const RDI: u64 = 6;
+        pub const RBP: u64 = 7;
+        pub const RSP: u64 = 8;
+        pub const R8: u64 = 9;
+        pub const R9: u64 = 10;
+        pub const R10: u64 = 11;
+        pub const R11: u64 = 12;
+        pub const R12: u64 = 13;
+        pub const R13: u64 = 14;
+        pub const R14: u64 = 15;
+        pub const R15: u64 = 16;
+    }
+
+    const MEMORY: u64 = 1 << 16;
+    const SIGNED: u64 = 1 << 21;
+
+    /// The cookie of probe `kind` reading its argument as described.
+    pub const fn encode(
+        kind: u64,
+        register: u64,
+        memory: bool,
+        size: u64,
+        signed: bool,
+        displacement: i32,
+    ) -> u64 {
+        (kind & 0xff)
+            | ((register & 0xff) << 8)
+            | if memory { MEMORY } else { 0 }
+            | ((size & 0xf) << 17)
+            | if signed { SIGNED } else { 0 }
+            | ((displacement as u32 as u64) << 32)
+    }
+
+    pub const fn register(cookie: u64) -> u64 {
+        (cookie >> 8) & 0xff
+    }
+
+    pub const fn is_memory(cookie: u64) -> bool {
+        cookie & MEMORY != 0
+    }
+
+    pub const fn size(cookie: u64) -> u64 {
+        (cookie >> 17) & 0xf
+    }
+
+    pub const fn is_signed(cookie: u64) -> bool {
+        cookie & SIGNED != 0
+    }
+
+    pub const fn displacement(cookie: u64) -> i64 {
+        (cookie >> 32) as u32 as i32 as i64
+    }
+
+    /// Sign- or zero-extends the low `size` bytes of `raw` as the cookie
+    /// says.
+    pub const fn extend(cookie: u64, raw: u64) -> i64 {
+        let bits = size(cookie) * 8;
+        if bits == 0 || bits >= 64 {
+            return raw as i64;
+        }
+        let shift = 64 - bits;
+        if is_signed(cookie) {
+            ((raw << shift) as i64) >> shift
+        } else {
+            ((raw << shift) >> shift) as i64
+        }
+    }
 }
 
 #[cfg(feature = "user")]

@@ -84,6 +84,10 @@ pub static PENDING_RAW: LruHashMap<u64, PendingCall> = LruHashMap::with_max_entr
 #[map]
 pub static PENDING_MMAP: LruHashMap<u64, PendingMmap> = LruHashMap::with_max_entries(16384, 0);
 
+/// Garbage collections in flight: thread (`pid_tgid`) -> start time (ns).
+#[map]
+pub static PENDING_GC: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
+
 #[map]
 pub static BUDGET: HashMap<u32, BudgetState> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
 

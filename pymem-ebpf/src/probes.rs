@@ -2,6 +2,7 @@
 mod arena;
 mod budgeted;
 mod extension;
+mod gc;
 mod lifecycle;
 mod raw;
 mod syscalls;

@@ -15,7 +15,17 @@ use log::{debug, info};
 use pymem_common::{cookie, names::program};
 
 use super::{multi, reaper::Reaper};
-use crate::discover::{Binary, BinaryId, elf::ProbePoint};
+use crate::{
+    cpython::gc::{GcHooks, GcProbe},
+    discover::{Binary, BinaryId, elf::ProbePoint},
+};
+
+/// Whether a process's collector is probed: by what, or why not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GcAttach {
+    Attached(String),
+    Unavailable(String),
+}
 
 /// One attachment the agent may close again.
 enum Link {
@@ -133,10 +143,12 @@ impl Links {
         Ok(())
     }
 
-    /// Attaches the budgeted per-allocation probes of one process. Missing
-    /// stubs only lose that source (logged); attach failures undo
-    /// everything.
-    pub(super) fn attach_process(&mut self, pid: u32, binary: &Binary) -> Result<()> {
+    /// Attaches the budgeted per-allocation probes of one process, with
+    /// the collector's probes where the binary has them. Missing stubs only
+    /// lose that source (logged); attach failures undo everything. The
+    /// collector's probes are given up, not the rest, when they alone do
+    /// not attach.
+    pub(super) fn attach_process(&mut self, pid: u32, binary: &Binary) -> Result<GcAttach> {
         let interp = binary.interpreter.clone();
         let stubs = &interp.stubs;
         // Frees and untracks first: a block freed between two attachments
@@ -163,47 +175,102 @@ impl Links {
                 );
                 continue;
             };
-            entries.push((point, cookie));
+            let probe = multi::MultiProbe {
+                file_offset: point.file_offset,
+                cookie,
+                ref_ctr_offset: 0,
+            };
+            entries.push((point, probe));
             if matches!(cookie, cookie::MALLOC | cookie::CALLOC | cookie::REALLOC) {
-                returns.push(point);
+                returns.push((point, multi::MultiProbe { cookie: 0, ..probe }));
             }
         }
-        let links = match &self.multi {
+        let gc = match &interp.gc {
+            GcHooks::Found {
+                source,
+                entries: gc_entries,
+                returns: gc_returns,
+            } => {
+                let as_probe = |p: &GcProbe| {
+                    (
+                        p.point,
+                        multi::MultiProbe {
+                            file_offset: p.point.file_offset,
+                            cookie: p.cookie,
+                            ref_ctr_offset: p.semaphore_offset,
+                        },
+                    )
+                };
+                let gc_entries: Vec<_> = gc_entries.iter().map(as_probe).collect();
+                let gc_returns: Vec<_> = gc_returns.iter().map(as_probe).collect();
+                let with_gc = |base: &[(ProbePoint, multi::MultiProbe)], gc: &[_]| {
+                    base.iter().chain(gc).copied().collect::<Vec<_>>()
+                };
+                match self.attach_probes(
+                    pid,
+                    binary,
+                    &with_gc(&entries, &gc_entries),
+                    &with_gc(&returns, &gc_returns),
+                ) {
+                    Ok(links) => {
+                        self.processes.insert(pid, links);
+                        return Ok(GcAttach::Attached(source.clone()));
+                    }
+                    Err(e) => {
+                        debug!("pid {pid}: the collector's probes do not attach: {e:#}");
+                        GcAttach::Unavailable(format!("its probes did not attach: {e:#}"))
+                    }
+                }
+            }
+            GcHooks::Unavailable(why) => GcAttach::Unavailable(why.clone()),
+        };
+        let links = self.attach_probes(pid, binary, &entries, &returns)?;
+        self.processes.insert(pid, links);
+        Ok(gc)
+    }
+
+    fn attach_probes(
+        &mut self,
+        pid: u32,
+        binary: &Binary,
+        entries: &[(ProbePoint, multi::MultiProbe)],
+        returns: &[(ProbePoint, multi::MultiProbe)],
+    ) -> Result<Vec<Link>> {
+        match &self.multi {
             Some(programs) => {
-                let entry_offsets: Vec<(u64, u64)> = entries
-                    .iter()
-                    .map(|(point, cookie)| (point.file_offset, *cookie))
-                    .collect();
-                let return_offsets: Vec<u64> = returns.iter().map(|p| p.file_offset).collect();
-                programs
+                let entries: Vec<_> = entries.iter().map(|(_, probe)| *probe).collect();
+                let returns: Vec<_> = returns.iter().map(|(_, probe)| *probe).collect();
+                Ok(programs
                     .attach(&multi::MultiAttach {
                         pid,
                         path: &binary.open_path,
-                        entries: &entry_offsets,
-                        returns: &return_offsets,
+                        entries: &entries,
+                        returns: &returns,
                     })?
                     .into_iter()
                     .map(Link::Multi)
-                    .collect()
+                    .collect())
             }
             None => {
                 // Kernels without multi-uprobe links: one perf-event uprobe
-                // per hook.
+                // per hook. aya cannot raise a USDT semaphore.
+                if entries.iter().any(|(_, probe)| probe.ref_ctr_offset != 0) {
+                    return Err(anyhow!(
+                        "USDT probes with semaphores need multi-uprobe links (Linux 6.6+)"
+                    ));
+                }
                 let scope =
                     UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| anyhow!("pid 0"))?);
                 let wanted = entries
                     .iter()
-                    .map(|(point, cookie)| (program::BUDGETED_ENTRY, *point, Some(*cookie)))
-                    .chain(
-                        returns
-                            .iter()
-                            .map(|point| (program::RAW_ALLOC_RET, *point, None)),
-                    );
-                self.attach_all(&binary.open_path, scope, wanted)?
+                    .map(|(point, probe)| (program::BUDGETED_ENTRY, *point, Some(probe.cookie)))
+                    .chain(returns.iter().map(|(point, probe)| {
+                        let cookie = (probe.cookie != 0).then_some(probe.cookie);
+                        (program::RAW_ALLOC_RET, *point, cookie)
+                    }));
+                self.attach_all(&binary.open_path, scope, wanted)
             }
-        };
-        self.processes.insert(pid, links);
-        Ok(())
+        }
     }
 
     /// Hands the links to the detach threads.

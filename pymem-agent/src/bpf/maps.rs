@@ -50,10 +50,11 @@ pub(super) struct Maps {
 }
 
 /// What the background sweep deletes from: the live-block maps (nothing
-/// else uses them) and its own handle of `PROC_STATS`.
+/// else uses them) and its own handles of `PROC_STATS` and `STACKS`.
 pub(super) struct SweptMaps {
     pub live: Vec<(&'static str, LiveMap)>,
     pub stats: StatsMap,
+    pub stacks: HashMap<MapData, u64, PyStack>,
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
@@ -75,18 +76,30 @@ fn clone_stats(stats: &Map) -> Result<StatsMap> {
     Ok(StatsMap::try_from(Map::PerCpuHashMap(data))?)
 }
 
+/// A second handle of `STACKS` (its fd duplicated), for the sweep.
+fn clone_stacks(stacks: &Map) -> Result<HashMap<MapData, u64, PyStack>> {
+    let Map::HashMap(data) = stacks else {
+        return Err(anyhow!("{} is not a hash map", map::STACKS));
+    };
+    let fd = data.fd().as_fd().try_clone_to_owned()?;
+    let data = MapData::from_fd(fd).context("duplicating STACKS")?;
+    Ok(HashMap::try_from(Map::HashMap(data))?)
+}
+
 impl Maps {
     /// Takes the maps out of `ebpf`; the ring buffer is returned on its own
     /// since a task of its own reads it.
     pub(super) fn take(ebpf: &mut Ebpf) -> Result<(Self, SweptMaps, RingBuf<MapData>)> {
         let events = typed(ebpf, map::EVENTS)?;
         let stats = take(ebpf, map::PROC_STATS)?;
+        let stacks = take(ebpf, map::STACKS)?;
         let swept = SweptMaps {
             live: [map::ARENAS, map::RAW_LIVE, map::EXT_LIVE, map::SYS_LIVE]
                 .into_iter()
                 .map(|name| Ok((name, typed(ebpf, name)?)))
                 .collect::<Result<_>>()?,
             stats: clone_stats(&stats)?,
+            stacks: clone_stacks(&stacks)?,
         };
         let reader = StatsReader(std::sync::Arc::new(clone_stats(&stats)?));
         let maps = Self {
@@ -96,7 +109,7 @@ impl Maps {
             syscall_mode: typed(ebpf, map::SYSCALL_MODE)?,
             counters: typed(ebpf, map::COUNTERS)?,
             layouts: typed(ebpf, map::PY_LAYOUT)?,
-            stacks: typed(ebpf, map::STACKS)?,
+            stacks: HashMap::try_from(stacks).with_context(|| format!("map {}", map::STACKS))?,
             budget: typed(ebpf, map::BUDGET)?,
             sampler: typed(ebpf, map::SAMPLER)?,
         };

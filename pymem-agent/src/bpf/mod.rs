@@ -17,6 +17,7 @@ mod reaper;
 mod sweep;
 mod tracefs;
 
+pub use links::GcAttach;
 pub use load::KernelConfig;
 pub use maps::StatsReader;
 
@@ -35,13 +36,14 @@ impl Probes {
         self.links.ensure_binary(binary)
     }
 
-    /// Attaches the budgeted per-allocation probes of one process and ends
-    /// its syscall accounting. Missing stubs only lose that source (logged);
-    /// attach failures undo everything.
-    pub fn attach_process(&mut self, pid: u32, binary: &Binary) -> Result<()> {
-        self.links.attach_process(pid, binary)?;
+    /// Attaches the budgeted per-allocation probes of one process (and the
+    /// collector's, where it has them) and ends its syscall accounting.
+    /// Missing stubs only lose that source (logged); attach failures undo
+    /// everything.
+    pub fn attach_process(&mut self, pid: u32, binary: &Binary) -> Result<GcAttach> {
+        let gc = self.links.attach_process(pid, binary)?;
         self.maps.end_syscall_mode(pid);
-        Ok(())
+        Ok(gc)
     }
 
     /// Marks a process as observed (exit and fork events are reported for
@@ -135,6 +137,12 @@ impl Probes {
 
     pub fn probe_links(&self) -> usize {
         self.links.probe_links()
+    }
+
+    /// Deletes the captured stacks none of `in_use` names (once they were
+    /// unreferenced at the previous call too), off this thread.
+    pub fn prune_stacks(&self, in_use: std::collections::HashSet<u64>) {
+        self.sweeper.prune_stacks(in_use);
     }
 
     /// Deletes live-block entries and counters of processes that are gone

@@ -39,10 +39,19 @@ pub struct MultiPrograms {
 pub struct MultiAttach<'a> {
     pub pid: u32,
     pub path: &'a Path,
-    /// File offsets of the entry probes and the cookie each carries.
-    pub entries: &'a [(u64, u64)],
-    /// File offsets whose returns are probed.
-    pub returns: &'a [u64],
+    pub entries: &'a [MultiProbe],
+    /// Probes on the returns of the functions at these offsets.
+    pub returns: &'a [MultiProbe],
+}
+
+/// One probe of a multi-uprobe link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MultiProbe {
+    pub file_offset: u64,
+    pub cookie: u64,
+    /// File offset of a USDT semaphore the kernel raises while the probe
+    /// is attached in the process (0: none).
+    pub ref_ctr_offset: u64,
 }
 
 impl MultiPrograms {
@@ -86,23 +95,15 @@ impl MultiPrograms {
     pub fn attach(&self, attach: &MultiAttach<'_>) -> Result<Vec<OwnedFd>> {
         let mut links = Vec::new();
         if !attach.entries.is_empty() {
-            let offsets: Vec<u64> = attach.entries.iter().map(|(offset, _)| *offset).collect();
-            let cookies: Vec<u64> = attach.entries.iter().map(|(_, cookie)| *cookie).collect();
             links.push(
-                create_link(&self.entry, attach, &offsets, Some(&cookies), 0)
+                create_link(&self.entry, attach, attach.entries, 0)
                     .context("multi-uprobe link of the entries")?,
             );
         }
         if !attach.returns.is_empty() {
             links.push(
-                create_link(
-                    &self.ret,
-                    attach,
-                    attach.returns,
-                    None,
-                    BPF_F_UPROBE_MULTI_RETURN,
-                )
-                .context("multi-uprobe link of the returns")?,
+                create_link(&self.ret, attach, attach.returns, BPF_F_UPROBE_MULTI_RETURN)
+                    .context("multi-uprobe link of the returns")?,
             );
         }
         Ok(links)
@@ -195,11 +196,14 @@ fn load_program(obj: &aya_obj::Object, name: &str) -> Result<OwnedFd> {
 fn create_link(
     program: &OwnedFd,
     attach: &MultiAttach<'_>,
-    offsets: &[u64],
-    cookies: Option<&[u64]>,
+    probes: &[MultiProbe],
     flags: u32,
 ) -> Result<OwnedFd> {
     let path = CString::new(attach.path.as_os_str().as_bytes())?;
+    let offsets: Vec<u64> = probes.iter().map(|p| p.file_offset).collect();
+    let cookies: Vec<u64> = probes.iter().map(|p| p.cookie).collect();
+    let ref_ctrs: Vec<u64> = probes.iter().map(|p| p.ref_ctr_offset).collect();
+    let any_ref_ctr = ref_ctrs.iter().any(|&offset| offset != 0);
     // SAFETY: see load_program.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
     // SAFETY: plain integers and pointers that outlive the call.
@@ -210,7 +214,12 @@ fn create_link(
         let multi = &mut link.__bindgen_anon_3.uprobe_multi;
         multi.path = path.as_ptr() as u64;
         multi.offsets = offsets.as_ptr() as u64;
-        multi.cookies = cookies.map_or(0, |c| c.as_ptr() as u64);
+        multi.cookies = cookies.as_ptr() as u64;
+        multi.ref_ctr_offsets = if any_ref_ctr {
+            ref_ctrs.as_ptr() as u64
+        } else {
+            0
+        };
         multi.cnt = offsets.len() as u32;
         multi.flags = flags;
         multi.pid = attach.pid;

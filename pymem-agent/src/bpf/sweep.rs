@@ -1,5 +1,6 @@
-//! Deleting what exited processes left in the kernel's maps, off the
-//! observer's thread: the maps are walked one bpf syscall per key.
+//! Deleting what exited processes left in the kernel's maps, and the
+//! stacks no observed process refers to any more, off the observer's
+//! thread: the maps are walked one bpf syscall per key.
 use std::{
     collections::HashSet,
     sync::{
@@ -31,6 +32,9 @@ struct Shared {
 struct State {
     /// The processes alive at the last request not yet started.
     request: Option<HashSet<u32>>,
+    /// The stack ids observed processes refer to, at the last request of a
+    /// stack sweep not yet started.
+    stacks_in_use: Option<HashSet<u64>>,
     /// Processes tracked and not forgotten. Their entries are kept even
     /// when a request predates them.
     tracked: HashSet<u32>,
@@ -70,6 +74,14 @@ impl Sweeper {
         self.shared.wake.notify_one();
     }
 
+    /// Asks for the stacks nobody refers to to be deleted (those still
+    /// unreferenced at the next request too: a stack captured just now may
+    /// not have reached the observer yet) and returns at once.
+    pub(super) fn prune_stacks(&self, in_use: HashSet<u64>) {
+        self.shared.lock().stacks_in_use = Some(in_use);
+        self.shared.wake.notify_one();
+    }
+
     /// Stops the worker, abandoning a sweep in flight.
     pub(super) fn finish(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
@@ -97,14 +109,17 @@ impl Shared {
         self.stop.load(Ordering::Relaxed)
     }
 
-    fn next_request(&self) -> Option<HashSet<u32>> {
+    fn next_request(&self) -> Option<Work> {
         let mut state = self.lock();
         loop {
             if self.stopping() {
                 return None;
             }
-            if let Some(alive) = state.request.take() {
-                return Some(alive);
+            if state.request.is_some() || state.stacks_in_use.is_some() {
+                return Some(Work {
+                    alive: state.request.take(),
+                    stacks_in_use: state.stacks_in_use.take(),
+                });
             }
             state = self
                 .wake
@@ -124,7 +139,26 @@ impl Shared {
     }
 
     fn run(&self, mut maps: SweptMaps) {
-        while let Some(alive) = self.next_request() {
+        let mut unreferenced = HashSet::new();
+        while let Some(work) = self.next_request() {
+            if let Some(in_use) = work.stacks_in_use {
+                let found: Vec<u64> = maps.stacks.keys().flatten().collect();
+                let stale = stale_stacks(&found, &in_use, &mut unreferenced);
+                let mut removed = 0;
+                for id in &stale {
+                    if self.stopping() {
+                        return;
+                    }
+                    removed += usize::from(maps.stacks.remove(id).is_ok());
+                }
+                if removed > 0 {
+                    debug!(
+                        "pruned {removed} of {} stacks nobody refers to",
+                        found.len()
+                    );
+                }
+            }
+            let Some(alive) = work.alive else { continue };
             for (name, map) in &mut maps.live {
                 let keys: Vec<_> = map.keys().flatten().collect();
                 let dead = self.dead(&alive, keys.iter().map(|key| key.tgid));
@@ -150,9 +184,42 @@ impl Shared {
     }
 }
 
+/// What one wake-up of the worker does.
+#[derive(Debug, PartialEq, Eq)]
+struct Work {
+    alive: Option<HashSet<u32>>,
+    stacks_in_use: Option<HashSet<u64>>,
+}
+
+/// Of the stacks `found`, those unreferenced now and at the previous
+/// prune (`unreferenced`, updated to those unreferenced for the first
+/// time now).
+fn stale_stacks(found: &[u64], in_use: &HashSet<u64>, unreferenced: &mut HashSet<u64>) -> Vec<u64> {
+    let (stale, fresh): (Vec<u64>, Vec<u64>) = found
+        .iter()
+        .copied()
+        .filter(|id| !in_use.contains(id))
+        .partition(|id| unreferenced.contains(id));
+    *unreferenced = fresh.into_iter().collect();
+    stale
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stack is deleted only when two prunes in a row find nobody
+    /// refers to it: one captured since the last prune is spared once.
+    #[test]
+    fn stacks_go_when_unreferenced_twice_in_a_row() {
+        let mut unreferenced = HashSet::new();
+        let in_use: HashSet<u64> = [1].into();
+        assert!(stale_stacks(&[1, 2, 3], &in_use, &mut unreferenced).is_empty());
+        let in_use: HashSet<u64> = [1, 3].into();
+        assert_eq!(stale_stacks(&[1, 2, 3, 4], &in_use, &mut unreferenced), [2]);
+        assert_eq!(unreferenced, HashSet::from([4]));
+        assert_eq!(stale_stacks(&[1, 3, 4], &in_use, &mut unreferenced), [4]);
+    }
 
     /// Entries of processes neither alive at the request nor tracked since
     /// are deleted; a process tracked after the request keeps its own.
@@ -179,7 +246,13 @@ mod tests {
         sweeper.tracked(2);
         sweeper.request(|pid| pid == 1);
         sweeper.request(|pid| pid == 2);
-        assert_eq!(shared.next_request(), Some(HashSet::from([2])));
+        assert_eq!(
+            shared.next_request(),
+            Some(Work {
+                alive: Some(HashSet::from([2])),
+                stacks_in_use: None
+            })
+        );
         shared.stop.store(true, Ordering::Relaxed);
         assert_eq!(shared.next_request(), None);
     }

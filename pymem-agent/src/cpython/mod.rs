@@ -24,6 +24,7 @@
 pub mod arena;
 pub mod bytecode;
 pub mod debug_offsets;
+pub mod gc;
 pub mod heap;
 pub mod layout;
 pub mod layout_check;

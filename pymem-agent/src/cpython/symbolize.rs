@@ -37,13 +37,34 @@ struct CodeInfo {
     file: String,
     first_line: i64,
     line_table: Vec<u8>,
+    /// The words of the object this was read from (type, name, file name,
+    /// line table pointers): an address reused by another object reads
+    /// otherwise.
+    identity: CodeIdentity,
 }
 
-/// Reads code objects out of one process, cached by address.
+/// What tells one code object from another at the same address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CodeIdentity {
+    type_pointer: u64,
+    name: u64,
+    filename: u64,
+    line_table: u64,
+}
+
+/// Code objects cached per process, and bytes of line tables among them:
+/// past either, the cache starts afresh (a process creating code without
+/// end, or a hostile one, cannot grow the agent).
+const MAX_CACHED_CODE: usize = 20_000;
+const MAX_CACHED_TABLE_BYTES: usize = 32 << 20;
+
+/// Reads code objects out of one process, cached by address and checked
+/// on each use.
 pub struct Symbolizer {
     mem: ProcessMemory,
     layout: CodeOffsets,
     code: HashMap<u64, Option<CodeInfo>>,
+    table_bytes: usize,
 }
 
 impl Symbolizer {
@@ -53,6 +74,7 @@ impl Symbolizer {
             mem,
             layout,
             code: HashMap::new(),
+            table_bytes: 0,
         })
     }
 
@@ -73,12 +95,23 @@ impl Symbolizer {
             instr: frame.instr,
         };
         let layout = self.layout;
-        let mem = &self.mem;
-        let info = self
-            .code
-            .entry(frame.code)
-            .or_insert_with(|| read_code(mem, &layout, frame.code).ok());
-        let Some(info) = info else {
+        let stale = match self.code.get(&frame.code) {
+            Some(Some(info)) => {
+                identity(&self.mem, &layout, frame.code).ok() != Some(info.identity)
+            }
+            Some(None) => false,
+            None => true,
+        };
+        if stale {
+            if self.code.len() >= MAX_CACHED_CODE || self.table_bytes >= MAX_CACHED_TABLE_BYTES {
+                self.code.clear();
+                self.table_bytes = 0;
+            }
+            let info = read_code(&self.mem, &layout, frame.code).ok();
+            self.table_bytes += info.as_ref().map_or(0, |i| i.line_table.len());
+            self.code.insert(frame.code, info);
+        }
+        let Some(Some(info)) = self.code.get(&frame.code) else {
             return Frame {
                 function: "<unknown>".into(),
                 file: "<unknown>".into(),
@@ -115,16 +148,24 @@ const MAX_STR_LEN: usize = 4096;
 /// Largest `bytes` read (line tables).
 const MAX_BYTES_LEN: usize = 1 << 20;
 
+fn identity(mem: &ProcessMemory, layout: &CodeOffsets, code: u64) -> Result<CodeIdentity> {
+    Ok(CodeIdentity {
+        type_pointer: mem.u64(code.wrapping_add(8))?,
+        name: mem.u64(code.wrapping_add(layout.name))?,
+        filename: mem.u64(code.wrapping_add(layout.filename))?,
+        line_table: mem.u64(code.wrapping_add(layout.line_table))?,
+    })
+}
+
 fn read_code(mem: &ProcessMemory, layout: &CodeOffsets, code: u64) -> Result<CodeInfo> {
-    let filename = mem.u64(code.wrapping_add(layout.filename))?;
-    let name = mem.u64(code.wrapping_add(layout.name))?;
+    let identity = identity(mem, layout, code)?;
     let first_line = i64::from(mem.i32(code.wrapping_add(layout.first_line))?);
-    let table = mem.u64(code.wrapping_add(layout.line_table))?;
     Ok(CodeInfo {
-        function: read_str(mem, layout, name)?,
-        file: read_str(mem, layout, filename)?,
+        function: read_str(mem, layout, identity.name)?,
+        file: read_str(mem, layout, identity.filename)?,
         first_line,
-        line_table: read_bytes_object(mem, table)?,
+        line_table: read_bytes_object(mem, identity.line_table)?,
+        identity,
     })
 }
 
@@ -234,6 +275,19 @@ mod tests {
                     ("evil", "evil")
                 );
             }
+            // Another object at the same address (the first freed, its
+            // memory reused): read anew, not named from the cache.
+            let mut other_name = good_name.clone();
+            other_name[data..data + 4].copy_from_slice(b"good");
+            put(&mut code, layout.name, other_name.as_ptr() as u64);
+            let frame = symbolizer.frame(&PyFrame {
+                code: code.as_ptr() as u64,
+                instr: 0,
+            });
+            assert_eq!(
+                frame.function, "good",
+                "3.{minor}: a stale cache entry was used"
+            );
         }
     }
 }

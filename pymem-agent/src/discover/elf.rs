@@ -17,6 +17,7 @@ use object::{
 use crate::cpython::{
     BinaryImage, PyVersion, StackDebugOffsets,
     debug_offsets::read_debug_offsets,
+    gc::{self, GcHooks},
     version::{is_free_threaded, read_version},
 };
 
@@ -61,6 +62,8 @@ pub struct Interpreter {
     pub stack_offsets: Option<StackDebugOffsets>,
     /// Link address of the first loadable segment (0 for PIE and .so).
     pub first_load_vaddr: u64,
+    /// The garbage collector's probes.
+    pub gc: GcHooks,
 }
 
 /// Symbols whose definition marks a file as a CPython interpreter (an
@@ -145,6 +148,7 @@ pub fn analyze_bytes(data: &[u8], name_hint: &str) -> Result<Interpreter> {
             .map(|segment| segment.address())
             .min()
             .unwrap_or(0),
+        gc: gc::hooks(elf, version),
     })
 }
 

@@ -1,6 +1,7 @@
 //! Finding CPython processes: procfs for the processes, ELF analysis for the
 //! interpreter binary each one runs (cached per binary inode).
 pub mod elf;
+pub mod usdt;
 
 use std::{
     collections::HashMap,

@@ -255,6 +255,11 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
         agent.events_lost_total,
     )?;
     plain_counter(
+        "pymem_malformed_event_records_total",
+        "Ring buffer records skipped because they were not events",
+        agent.malformed_records_total,
+    )?;
+    plain_counter(
         "pymem_live_map_full_total",
         "Allocations not tracked because a kernel live-block map was full",
         agent.live_map_full_total,
@@ -308,10 +313,67 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
     .set(1);
     register_site_metrics(&registry, snapshot)?;
     register_type_metrics(&registry, snapshot)?;
+    register_gc_metrics(&registry, snapshot, labels)?;
 
     let mut out = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut out)?;
     Ok(String::from_utf8(out)?)
+}
+
+/// The garbage collector's series, for the processes whose collections
+/// are (or were) counted, summed per label set like the others.
+fn register_gc_metrics(
+    registry: &Registry,
+    snapshot: &Snapshot,
+    labels: &[ProcessLabel],
+) -> Result<()> {
+    let names: Vec<&str> = labels.iter().map(|l| l.name()).collect();
+    let mut with_generation = names.clone();
+    with_generation.push("generation");
+    let collections = registered(
+        registry,
+        IntCounterVec::new(
+            Opts::new(
+                "pymem_gc_collections_total",
+                "Garbage collections by generation since the collector's probes were attached",
+            ),
+            &with_generation,
+        )?,
+    )?;
+    let seconds = registered(
+        registry,
+        prometheus::CounterVec::new(
+            Opts::new(
+                "pymem_gc_seconds_total",
+                "Time spent in garbage collections since the collector's probes were attached",
+            ),
+            &names,
+        )?,
+    )?;
+    let unreachable = registered(
+        registry,
+        IntCounterVec::new(
+            Opts::new(
+                "pymem_gc_unreachable_objects_total",
+                "Objects garbage collections found unreachable (collected and uncollectable)",
+            ),
+            &names,
+        )?,
+    )?;
+    for p in snapshot.processes.iter().filter(|p| p.gc.has_figures()) {
+        let values: Vec<String> = labels.iter().map(|l| l.value(p)).collect();
+        let values: Vec<&str> = values.iter().map(String::as_str).collect();
+        for (generation, count) in ["0", "1", "2"].iter().zip(p.gc.collections) {
+            let mut with = values.clone();
+            with.push(generation);
+            collections.with_label_values(&with).inc_by(count);
+        }
+        seconds.with_label_values(&values).inc_by(p.gc.seconds);
+        unreachable
+            .with_label_values(&values)
+            .inc_by(p.gc.unreachable_objects);
+    }
+    Ok(())
 }
 
 /// `collector`, registered in `registry`: a clone that shares its values

@@ -10,11 +10,12 @@ use log::{debug, info, warn};
 use procfs::Current as _;
 use pymem_common::ProcStats;
 
-use super::{Found, FoundBy, Observed, Observer, stacks::PendingCheck};
+use super::{Found, FoundBy, GcStatus, Observed, Observer, stacks::PendingCheck};
 use crate::{
+    bpf::GcAttach,
     discover::{self, PythonProcess, Skip},
     k8s,
-    model::{Accounting, HeapBaseline, HeapHistory, HeapOffsets},
+    model::{Accounting, GcState, HeapBaseline, HeapHistory, HeapOffsets},
     sites::SiteTracker,
 };
 
@@ -30,6 +31,13 @@ impl Observer {
         match self.probes.switch_to_syscalls(pid, arena_size) {
             Ok(()) => {
                 observed.accounting = Accounting::Syscalls;
+                if observed.gc.state == GcState::Counting {
+                    observed.gc.state = GcState::Stopped;
+                    observed.gc.reason = Some(
+                        "detached with the per-allocation probes: the process went over its probe budget"
+                            .into(),
+                    );
+                }
                 self.info.budget_switches_total += 1;
                 info!(
                     "pid {pid} ({}): over its allocation-probe budget ({} hits/s, burst {}) after {hits} hits; now accounting memory outside pymalloc by brk/mmap syscalls",
@@ -243,6 +251,7 @@ impl Observer {
                 baseline,
                 offsets: HeapOffsets::default(),
                 baseline_due,
+                gc: GcStatus::default(),
             },
         );
     }
@@ -262,7 +271,24 @@ impl Observer {
             let observed = self.observed.get_mut(&pid).expect("due pid is observed");
             let binary = observed.process.binary.clone();
             match self.probes.attach_process(pid, &binary) {
-                Ok(()) => observed.accounting = Accounting::Probes,
+                Ok(gc) => {
+                    observed.accounting = Accounting::Probes;
+                    observed.gc = match gc {
+                        GcAttach::Attached(source) => GcStatus {
+                            state: GcState::Counting,
+                            source: Some(source),
+                            reason: None,
+                        },
+                        GcAttach::Unavailable(why) => {
+                            debug!("pid {pid}: garbage collections not counted: {why}");
+                            GcStatus {
+                                state: GcState::Unavailable,
+                                source: None,
+                                reason: Some(why),
+                            }
+                        }
+                    };
+                }
                 Err(e) => {
                     let comm = observed.process.comm.clone();
                     self.attach_failed(pid, &comm, e);

@@ -119,6 +119,16 @@ struct Observed {
     offsets: HeapOffsets,
     /// When the baseline census is due (None: none wanted, or started).
     baseline_due: Option<Instant>,
+    /// Whether the collector's probes count, on what, or why not.
+    gc: GcStatus,
+}
+
+/// The collector's probes of one process.
+#[derive(Clone, Debug, Default)]
+struct GcStatus {
+    state: crate::model::GcState,
+    source: Option<String>,
+    reason: Option<String>,
 }
 
 pub struct Observer {
@@ -214,6 +224,7 @@ impl Observer {
                     for event in batch? {
                         self.on_event(event);
                     }
+                    self.info.malformed_records_total = events.malformed_records();
                 }
                 Some(found) = self.found_rx.recv() => self.on_found(found),
                 Some(query) = self.queries.recv() => self.on_query(query),

@@ -14,7 +14,7 @@ use crate::{
     cpython::arena,
     discover::BinaryId,
     limits::MemoryLimit,
-    model::{HeapBreakdown, LeakPolicy, ProcessInfo, Snapshot, SourceTotals},
+    model::{GcInfo, HeapBreakdown, LeakPolicy, ProcessInfo, Snapshot, SourceTotals},
 };
 
 impl Observer {
@@ -104,6 +104,16 @@ impl Observer {
     }
 
     pub(super) fn sweep(&mut self) {
+        let mut stacks_in_use = HashSet::new();
+        for observed in self.observed.values_mut() {
+            for stack_id in observed.sites.prune(DEAD_STACKS_KEPT) {
+                observed.frames.remove(&stack_id);
+            }
+            stacks_in_use.extend(observed.sites.stacks().map(|(id, _)| id));
+        }
+        // The kernel's stacks are shared by every process: those no site
+        // refers to would fill the map for good.
+        self.probes.prune_stacks(stacks_in_use);
         if self.exits_since_sweep == 0 {
             return;
         }
@@ -119,6 +129,10 @@ impl Observer {
         self.discoverer.retain(|id| binaries.contains(id));
     }
 }
+
+/// Stacks per process that hold no live bytes any more, kept for their
+/// allocation totals (the ones that allocated most).
+const DEAD_STACKS_KEPT: usize = 2048;
 
 fn process_info(
     o: &Observed,
@@ -168,6 +182,12 @@ fn process_info(
         memory_usage_bytes: limit.as_ref().and_then(|l| l.usage_bytes),
         memory_limit_source: limit.map(|l| l.source),
         time_to_limit_seconds,
+        gc: GcInfo::from_stats(
+            &o.stats,
+            o.gc.state,
+            o.gc.source.clone(),
+            o.gc.reason.clone(),
+        ),
     }
 }
 

@@ -52,6 +52,27 @@ impl SiteTracker {
     pub fn stacks(&self) -> impl Iterator<Item = (u64, StackBytes)> + '_ {
         self.stacks.iter().map(|(&id, &bytes)| (id, bytes))
     }
+
+    /// Forgets the stacks that hold nothing any more beyond the `keep`
+    /// that allocated most (a process that allocates from ever new stacks
+    /// must not grow the agent); returns the ids forgotten.
+    pub fn prune(&mut self, keep: usize) -> Vec<u64> {
+        let mut dead: Vec<(u64, u64)> = self
+            .stacks
+            .iter()
+            .filter(|(_, bytes)| bytes.live == 0)
+            .map(|(&id, bytes)| (bytes.allocated, id))
+            .collect();
+        if dead.len() <= keep {
+            return Vec::new();
+        }
+        dead.sort_unstable_by(|a, b| b.cmp(a));
+        let gone: Vec<u64> = dead[keep..].iter().map(|&(_, id)| id).collect();
+        for id in &gone {
+            self.stacks.remove(id);
+        }
+        gone
+    }
 }
 
 #[cfg(test)]
@@ -71,6 +92,27 @@ mod tests {
         t.freed(0x2000);
         t.freed_range(0, 0x1000);
         assert_eq!(t.stacks().find(|(id, _)| *id == 1).unwrap().1.live, 300);
+    }
+
+    #[test]
+    fn pruning_forgets_only_stacks_that_hold_nothing_and_allocated_least() {
+        let mut t = SiteTracker::default();
+        for stack in 1..=5u64 {
+            t.allocated(stack << 12, stack, stack * 100);
+        }
+        for stack in [1, 2, 4] {
+            t.freed(stack << 12);
+        }
+        let mut gone = t.prune(1);
+        gone.sort_unstable();
+        assert_eq!(gone, [1, 2], "the emptied stacks but the biggest");
+        let left: Vec<u64> = {
+            let mut ids: Vec<u64> = t.stacks().map(|(id, _)| id).collect();
+            ids.sort_unstable();
+            ids
+        };
+        assert_eq!(left, [3, 4, 5]);
+        assert!(t.prune(1).is_empty());
     }
 
     #[test]

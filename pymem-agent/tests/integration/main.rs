@@ -9,6 +9,7 @@ mod cache_service;
 mod census;
 mod core;
 mod deploy;
+mod gc;
 mod guesses;
 mod gunicorn;
 mod holders;

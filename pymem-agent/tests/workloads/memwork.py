@@ -6,6 +6,12 @@ Reads one command per line on stdin, answers one JSON line on stdout:
   leak_bytes SECONDS PERSEC -> leak 8 KiB bytes objects; answers their exact sizes
   leak_numpy SECONDS PERSEC -> leak 256 KiB numpy arrays; answers their nbytes
   churn SECONDS             -> allocate and free heavily with no net growth
+  gc_stats                  -> the collector's own gc.get_stats(): collections
+                               per generation, and objects it found
+                               unreachable (collected + uncollectable)
+  gc_churn SECONDS PERSEC   -> PERSEC reference cycles a second made and
+                               dropped (work for the collector); answers
+                               gc_stats after
   hold_dicts N              -> N more small dicts held in a list; answers the
                                bytes held outside pymalloc (the list's buffer)
   hold_blobs N SIZE         -> N more SIZE-byte bytes objects held in a list;
@@ -116,6 +122,30 @@ def churn(seconds):
     return {"rounds": rounds}
 
 
+def gc_stats():
+    import gc
+    stats = gc.get_stats()
+    return {
+        "collections": [s["collections"] for s in stats][:3],
+        "unreachable": sum(s["collected"] + s["uncollectable"] for s in stats),
+    }
+
+
+def gc_churn(seconds, per_second):
+    start = time.time()
+    made = 0
+    while time.time() - start < seconds:
+        for _ in range(int(per_second / 100)):
+            a, b = [], []
+            a.append(b)
+            b.append(a)
+        made += int(per_second / 100)
+        time.sleep(0.01)
+    out = gc_stats()
+    out["cycles"] = made
+    return out
+
+
 held = []         # hold_dicts / hold_blobs
 
 
@@ -164,6 +194,10 @@ def main():
         args = [float(a) for a in parts[1:]]
         if cmd == "stats":
             out = arena_stats()
+        elif cmd == "gc_stats":
+            out = gc_stats()
+        elif cmd == "gc_churn":
+            out = gc_churn(*args)
         elif cmd == "leak_small":
             out = leak_small(*args)
         elif cmd == "leak_bytes":

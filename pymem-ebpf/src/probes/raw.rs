@@ -4,10 +4,12 @@
 //! still calls libc through the PLT. Attached per process and budgeted; the
 //! entries are dispatched by `budgeted::budgeted_entry`.
 use aya_ebpf::{
+    EbpfContext,
+    helpers::bpf_get_attach_cookie,
     macros::uretprobe,
     programs::{ProbeContext, RetProbeContext},
 };
-use pymem_common::{PendingCall, counter};
+use pymem_common::{PendingCall, cookie, counter};
 
 use crate::maps::{
     PENDING_RAW, begin_call, charge, count_alloc, current_ids, end_call, forget_sampled, live,
@@ -41,9 +43,17 @@ pub(crate) fn try_raw_realloc(ctx: &ProbeContext) -> Result<u32, u32> {
     begin(size, old)
 }
 
+/// The return probe of every per-process hook: malloc/calloc/realloc, and
+/// the collector function's end (cookie `GC_DONE`).
 #[uretprobe]
 pub fn raw_alloc_ret(ctx: RetProbeContext) -> u32 {
-    match try_raw_alloc_ret(&ctx) {
+    let attached = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let result = if cookie::kind(attached) == cookie::GC_DONE {
+        super::gc::try_gc_done(ctx.regs, attached)
+    } else {
+        try_raw_alloc_ret(&ctx)
+    };
+    match result {
         Ok(v) | Err(v) => v,
     }
 }
