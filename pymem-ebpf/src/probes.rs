@@ -3,5 +3,6 @@ mod arena;
 mod budgeted;
 mod extension;
 mod lifecycle;
+mod oom;
 mod raw;
 mod syscalls;
