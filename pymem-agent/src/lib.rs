@@ -2,6 +2,7 @@
 //! it, and the integration tests and xtask read its typed values.
 pub mod bpf;
 pub mod census;
+pub mod cgroup_limit;
 pub mod cli;
 pub mod client;
 pub mod cpython;
