@@ -20,6 +20,21 @@ pub struct Frame {
     pub line: i64,
 }
 
+impl Frame {
+    /// A frame whose code object could not be read.
+    pub fn unknown() -> Self {
+        Self {
+            function: "<unknown>".into(),
+            file: "<unknown>".into(),
+            line: 0,
+        }
+    }
+
+    pub fn is_unknown(&self) -> bool {
+        *self == Self::unknown()
+    }
+}
+
 #[cfg(test)]
 impl Frame {
     /// A frame of `app.py`, for tests.
@@ -79,11 +94,7 @@ impl Symbolizer {
             .entry(frame.code)
             .or_insert_with(|| read_code(mem, &layout, frame.code).ok());
         let Some(info) = info else {
-            return Frame {
-                function: "<unknown>".into(),
-                file: "<unknown>".into(),
-                line: 0,
-            };
+            return Frame::unknown();
         };
         let line = match layout.format {
             LineFormat::Lnotab => linetable::line_from_lnotab(
