@@ -13,6 +13,7 @@ mod guesses;
 mod gunicorn;
 mod holders;
 mod matrix;
+mod oom;
 mod robustness;
 mod sites;
 mod sites_export;
