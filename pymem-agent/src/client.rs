@@ -9,7 +9,7 @@ use ureq::http::StatusCode;
 use crate::{
     census::{CensusErrorBody, CensusReport},
     holders::HoldersReport,
-    model::ProcessInfo,
+    model::{OomKill, ProcessInfo},
     sites::{Site, keys::GroupBy, state::SitesReport},
 };
 
@@ -76,6 +76,12 @@ impl AgentClient {
     /// Every process the agent observes.
     pub fn processes(&self) -> Result<Vec<ProcessInfo>> {
         self.get_json("/api/v1/processes", "processes")
+    }
+
+    /// Post-mortems of the Python processes the kernel killed for memory,
+    /// newest first.
+    pub fn oom_kills(&self) -> Result<Vec<OomKill>> {
+        self.get_json("/api/v1/oom-kills", "the OOM kills")
     }
 
     pub fn process(&self, pid: u32) -> Result<ProcessSummary> {

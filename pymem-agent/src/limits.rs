@@ -12,6 +12,7 @@
 //! garbage yields `None`. `LimitReader` reads the files (plain bounded
 //! reads, never maps) once per cgroup directory per sample tick, so the
 //! processes of one pod share one read of their cgroups.
+use serde::{Deserialize, Serialize};
 use std::{
     collections::HashMap,
     fs::File,
@@ -35,6 +36,8 @@ const MOUNTINFO_MAX: u64 = 4 << 20;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemoryLimit {
     pub limit_bytes: u64,
+    /// The cgroup directory whose limit this is (`None` for the host's).
+    pub cgroup_dir: Option<PathBuf>,
     /// `cgroup v2 memory.max /sys/fs/cgroup/…`, `cgroup v1
     /// memory.limit_in_bytes /sys/fs/cgroup/memory/…` or `host`.
     pub source: String,
@@ -333,6 +336,7 @@ impl LimitReader {
                 ),
                 high_bytes: None,
                 usage_bytes: self.usage(version, &dir),
+                cgroup_dir: Some(dir),
             },
             None => {
                 let (total, available) = host?;
@@ -341,6 +345,7 @@ impl LimitReader {
                     source: "host".to_owned(),
                     high_bytes: None,
                     usage_bytes: Some(total - available),
+                    cgroup_dir: None,
                 }
             }
         };
@@ -414,6 +419,76 @@ impl LimitReader {
                 .and_then(|text| parse_meminfo(&text))
         })
     }
+}
+
+impl LimitReader {
+    /// The limit of an OOM victim now, for its post-mortem: read at once,
+    /// as the process is about to vanish, and saying why when it cannot be
+    /// known.
+    pub fn at_kill(&mut self, pid: u32) -> CgroupLimit {
+        let path = self.proc_dir.join(pid.to_string()).join("cgroup");
+        let Some(text) = read_bounded(&path, PROC_FILE_MAX) else {
+            return CgroupLimit {
+                limit_unavailable: Some(format!(
+                    "the process was gone before its cgroup could be read ({})",
+                    path.display()
+                )),
+                ..CgroupLimit::default()
+            };
+        };
+        let cgroups = parse_proc_cgroup(&text);
+        let cgroup = cgroups.memory_v1.clone().or(cgroups.unified.clone());
+        let limit = self.of_cgroups(&cgroups);
+        match limit {
+            Some(MemoryLimit {
+                limit_bytes,
+                cgroup_dir: Some(dir),
+                ..
+            }) => CgroupLimit {
+                cgroup,
+                limit_bytes: Some(limit_bytes),
+                limit_cgroup: Some(dir.display().to_string()),
+                limit_unavailable: None,
+            },
+            Some(host) => CgroupLimit {
+                limit_unavailable: Some(format!(
+                    "no cgroup memory limit below the host's {} bytes",
+                    host.limit_bytes
+                )),
+                cgroup,
+                ..CgroupLimit::default()
+            },
+            None => CgroupLimit {
+                limit_unavailable: Some(match &cgroup {
+                    Some(cgroup) => {
+                        format!("its cgroup {cgroup} is under no cgroup mount the agent can see")
+                    }
+                    None => "no memory cgroup: the memory controller is not mounted".into(),
+                }),
+                cgroup,
+                ..CgroupLimit::default()
+            },
+        }
+    }
+}
+
+/// What was found of an OOM victim's memory limit.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupLimit {
+    /// The process's memory cgroup, as `/proc/PID/cgroup` names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// The smallest memory limit of that cgroup and its ancestors
+    /// (`memory.max`, or v1's `memory.limit_in_bytes`).
+    #[serde(default)]
+    pub limit_bytes: Option<u64>,
+    /// The cgroup directory that limit was read from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_cgroup: Option<String>,
+    /// Why `limit_bytes` is absent: no limit set, or why none could be read
+    /// (the process was gone, its cgroup is out of sight).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_unavailable: Option<String>,
 }
 
 impl Default for LimitReader {
@@ -676,8 +751,36 @@ garbage line
                 ),
                 high_bytes: Some(GIB),
                 usage_bytes: Some(123_456_789),
+                cgroup_dir: Some(tree.path("cg2/kubepods/pod")),
             })
         );
+    }
+
+    /// An OOM victim's limit: the cgroup it was killed in, or why not.
+    #[test]
+    fn a_victims_limit_names_its_cgroup_or_why_it_has_none() {
+        let tree = Tree::new((16 << 20, 12 << 20));
+        tree.write("memory/svc/memory.limit_in_bytes", "314572800\n");
+        tree.write("proc/7/cgroup", "4:memory:/svc\n0::/\n");
+        tree.write("cg2/user/memory.max", "max\n");
+        tree.write("proc/8/cgroup", "0::/user\n");
+        let mut reader = tree.reader();
+        reader.start_tick();
+        let limited = reader.at_kill(7);
+        assert_eq!(limited.limit_bytes, Some(314_572_800));
+        assert_eq!(limited.cgroup.as_deref(), Some("/svc"));
+        let dir = tree.path("memory/svc").display().to_string();
+        assert_eq!(limited.limit_cgroup.as_deref(), Some(dir.as_str()));
+        let unlimited = reader.at_kill(8);
+        assert_eq!(unlimited.limit_bytes, None);
+        assert!(
+            unlimited
+                .limit_unavailable
+                .unwrap()
+                .contains("below the host's"),
+        );
+        let gone = reader.at_kill(9);
+        assert!(gone.limit_unavailable.unwrap().contains("was gone"));
     }
 
     #[test]
@@ -688,6 +791,7 @@ garbage line
             source: "host".into(),
             high_bytes: None,
             usage_bytes: Some(4 * GIB),
+            cgroup_dir: None,
         };
         tree.write("cg2/user/memory.max", "max\n");
         tree.write("proc/1/cgroup", "0::/user\n");
@@ -754,6 +858,7 @@ garbage line
                 ),
                 high_bytes: None,
                 usage_bytes: Some(1_048_576),
+                cgroup_dir: Some(tree.path("memory/svc")),
             })
         );
         let inner = reader.of_process(8).unwrap();

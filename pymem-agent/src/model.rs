@@ -9,7 +9,7 @@ use std::{
 use pymem_common::ProcStats;
 use serde::{Deserialize, Serialize};
 
-use crate::{cpython::heap::TypeStats, observer::config, sites::Site};
+use crate::{cpython::heap::TypeStats, limits::CgroupLimit, observer::config, sites::Site};
 
 /// How a process's memory outside pymalloc is being measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -442,6 +442,59 @@ pub struct AgentInfo {
     /// Failed kernel-side map operations by map (a full map, a full ring
     /// buffer): what the kernel could not record.
     pub kernel_errors_total: BTreeMap<String, u64>,
+    /// Observed Python processes the kernel killed for memory (each has a
+    /// post-mortem in `Snapshot::oom_kills` until newer ones push it out).
+    #[serde(default)]
+    pub oom_kills_total: u64,
+}
+
+/// What pymem knew of an observed Python process when the kernel's OOM
+/// killer chose it, recorded before its memory and its /proc entry vanish.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct OomKill {
+    /// Unix time of the kill (the kernel marking the victim), in seconds.
+    pub killed_at: f64,
+    /// From the kill to this post-mortem being complete.
+    pub recorded_after_seconds: f64,
+    pub pid: u32,
+    pub comm: String,
+    pub cmdline: String,
+    pub python_version: String,
+    /// Container and pod; its fields appear at the top level, and only when
+    /// known.
+    #[serde(flatten)]
+    pub container_info: ContainerInfo,
+    /// The heap at the kill, from the kernel counters.
+    pub heap_bytes: u64,
+    pub heap: HeapBreakdown,
+    /// The heap up to the kill, oldest first: (seconds before the kill,
+    /// bytes).
+    pub heap_history: Vec<(f64, u64)>,
+    /// Anonymous resident memory of the victim as the OOM killer saw it
+    /// (absent where the kernel's record has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anon_rss_bytes: Option<u64>,
+    /// Its memory cgroup and that cgroup's limit, read at the kill; its
+    /// fields appear at the top level (`limit_bytes` always).
+    #[serde(flatten)]
+    pub memory_limit: CgroupLimit,
+    /// Its heaviest allocation sites by live bytes (allocation samples,
+    /// grouped by the application's own line), with stacks.
+    pub top_sites: Vec<Site>,
+    /// Stacks behind those sites that were first read at the kill and
+    /// whose code could no longer be read (their frames say `<unknown>`).
+    #[serde(default)]
+    pub unreadable_stacks: usize,
+    /// The heaviest types of its latest object census, if it had one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top_types: Vec<TypeStats>,
+    /// When that census was taken (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub census_taken_at: Option<f64>,
+    /// The process as last published (`/api/v1/processes`), up to one
+    /// sample interval before the kill; absent if it was never sampled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessInfo>,
 }
 
 /// What the observer publishes once per sample interval.
@@ -457,7 +510,14 @@ pub struct Snapshot {
     /// for `pymem agent --type-metrics N`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub top_types: BTreeMap<u32, Vec<TypeStats>>,
+    /// Post-mortems of the latest OOM-killed Python processes, newest
+    /// first (at most `OOM_KILLS_KEPT`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub oom_kills: Vec<OomKill>,
 }
+
+/// Post-mortems a snapshot keeps.
+pub const OOM_KILLS_KEPT: usize = 32;
 
 #[cfg(test)]
 mod tests {
@@ -486,6 +546,32 @@ mod tests {
             !young.trend(10.0).is_leak(&policy),
             "window not covered yet"
         );
+    }
+
+    /// The limit's fields sit at the top level, `limit_bytes` always (null
+    /// when unknown), and a post-mortem reads back as it was written.
+    #[test]
+    fn a_post_mortem_keeps_its_shape_through_json() {
+        let kill = OomKill {
+            pid: 7,
+            memory_limit: CgroupLimit {
+                cgroup: Some("/app".into()),
+                limit_unavailable: Some("no memory limit on cgroup /app or its ancestors".into()),
+                ..CgroupLimit::default()
+            },
+            container_info: ContainerInfo {
+                container_id: Some("abc".into()),
+                ..ContainerInfo::default()
+            },
+            ..OomKill::default()
+        };
+        let json = serde_json::to_value(&kill).unwrap();
+        assert_eq!(json["cgroup"], "/app");
+        assert!(json["limit_bytes"].is_null());
+        assert!(json.get("limit_cgroup").is_none());
+        assert_eq!(json["container_id"], "abc");
+        let back: OomKill = serde_json::from_value(json).unwrap();
+        assert_eq!(back, kill);
     }
 
     #[test]

@@ -29,6 +29,14 @@ pub mod event_kind {
     /// Under syscall accounting, the libc heap shrank: `addr` is the new
     /// break, `size` the bytes given back. Blocks sampled above it are gone.
     pub const HEAP_SHRINK: u32 = 9;
+    /// The kernel's OOM killer chose a victim (any process, observed or
+    /// not: OOM kills are rare and the agent decides). `tgid` is the
+    /// victim's pid as the record names it (the thread of the victim that
+    /// holds its memory, nearly always the group leader), `tid` the task
+    /// whose allocation failed, `size` the victim's anonymous RSS in bytes
+    /// (0 where the kernel's record has no `anon_rss`: older kernels give
+    /// only the pid).
+    pub const OOM_KILL: u32 = 10;
 }
 
 /// Deepest Python stack captured, innermost frame first.
@@ -287,6 +295,7 @@ pub mod names {
             SYS_ENTER_MMAP = "sys_enter_mmap",
             SYS_EXIT_MMAP = "sys_exit_mmap",
             SYS_ENTER_MUNMAP = "sys_enter_munmap",
+            OOM_MARK_VICTIM = "oom_mark_victim",
         }
     }
 
@@ -296,6 +305,8 @@ pub mod names {
             HIT_BUDGET_PER_SEC = "HIT_BUDGET_PER_SEC",
             HIT_BUDGET_BURST = "HIT_BUDGET_BURST",
             FORK_CHILD_PID_OFFSET = "FORK_CHILD_PID_OFFSET",
+            OOM_VICTIM_PID_OFFSET = "OOM_VICTIM_PID_OFFSET",
+            OOM_VICTIM_ANON_RSS_OFFSET = "OOM_VICTIM_ANON_RSS_OFFSET",
         }
     }
 }

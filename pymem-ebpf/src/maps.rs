@@ -28,6 +28,15 @@ const NANO: u64 = 1_000_000_000;
 #[unsafe(no_mangle)]
 static FORK_CHILD_PID_OFFSET: u64 = 20;
 
+/// Offsets of `pid` and `anon_rss` in the `oom/mark_victim` record (read
+/// from tracefs by the agent; `anon_rss` is NO_OFFSET where the record has
+/// none).
+#[unsafe(no_mangle)]
+static OOM_VICTIM_PID_OFFSET: u64 = 8;
+
+#[unsafe(no_mangle)]
+static OOM_VICTIM_ANON_RSS_OFFSET: u64 = pymem_common::NO_OFFSET;
+
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
@@ -318,4 +327,16 @@ pub fn charge(tgid: u32, tid: u32, stats: &mut ProcStats) {
 #[inline(always)]
 pub fn fork_child_pid_offset() -> usize {
     unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFFSET) as usize }
+}
+
+#[inline(always)]
+pub fn oom_victim_pid_offset() -> usize {
+    unsafe { core::ptr::read_volatile(&OOM_VICTIM_PID_OFFSET) as usize }
+}
+
+/// `None` where the record has no `anon_rss`.
+#[inline(always)]
+pub fn oom_victim_anon_rss_offset() -> Option<usize> {
+    let offset = unsafe { core::ptr::read_volatile(&OOM_VICTIM_ANON_RSS_OFFSET) };
+    (offset != pymem_common::NO_OFFSET).then_some(offset as usize)
 }

@@ -4,5 +4,6 @@ mod budgeted;
 mod extension;
 mod gc;
 mod lifecycle;
+mod oom;
 mod raw;
 mod syscalls;

@@ -7,7 +7,10 @@ use aya::{
     programs::{TracePoint, UProbe},
 };
 use log::{debug, info, warn};
-use pymem_common::names::{global, map, program};
+use pymem_common::{
+    NO_OFFSET,
+    names::{global, map, program},
+};
 
 use super::{
     Probes, kernel_log::KernelLog, links::Links, maps::Maps, multi, sweep::Sweeper, tracefs,
@@ -40,20 +43,66 @@ const ARENA_PROGRAMS: [&str; 3] = [
 /// multi-uprobe links.
 const PER_PROCESS_PROGRAMS: [&str; 2] = [program::BUDGETED_ENTRY, program::RAW_ALLOC_RET];
 
-/// Tracepoint programs with their category and event; a missing optional one
-/// only loses syscall accounting.
-const TRACEPOINTS: [(&str, &str, &str, bool); 7] = [
-    (program::PROCESS_EXEC, "sched", "sched_process_exec", true),
-    (program::PROCESS_EXIT, "sched", "sched_process_exit", true),
-    (program::PROCESS_FORK, "sched", "sched_process_fork", true),
-    (program::SYS_EXIT_BRK, "syscalls", "sys_exit_brk", false),
-    (program::SYS_ENTER_MMAP, "syscalls", "sys_enter_mmap", false),
-    (program::SYS_EXIT_MMAP, "syscalls", "sys_exit_mmap", false),
+/// What a kernel without one tracepoint loses; `Required` ones fail the load.
+#[derive(Clone, Copy)]
+enum Without {
+    Required,
+    /// Logged once, at load.
+    Loses(&'static str),
+}
+
+const NO_SYSCALL_ACCOUNTING: Without =
+    Without::Loses("processes over their probe budget will not be accounted by syscalls");
+
+/// Tracepoint programs with their category and event.
+const TRACEPOINTS: [(&str, &str, &str, Without); 8] = [
+    (
+        program::PROCESS_EXEC,
+        "sched",
+        "sched_process_exec",
+        Without::Required,
+    ),
+    (
+        program::PROCESS_EXIT,
+        "sched",
+        "sched_process_exit",
+        Without::Required,
+    ),
+    (
+        program::PROCESS_FORK,
+        "sched",
+        "sched_process_fork",
+        Without::Required,
+    ),
+    (
+        program::SYS_EXIT_BRK,
+        "syscalls",
+        "sys_exit_brk",
+        NO_SYSCALL_ACCOUNTING,
+    ),
+    (
+        program::SYS_ENTER_MMAP,
+        "syscalls",
+        "sys_enter_mmap",
+        NO_SYSCALL_ACCOUNTING,
+    ),
+    (
+        program::SYS_EXIT_MMAP,
+        "syscalls",
+        "sys_exit_mmap",
+        NO_SYSCALL_ACCOUNTING,
+    ),
     (
         program::SYS_ENTER_MUNMAP,
         "syscalls",
         "sys_enter_munmap",
-        false,
+        NO_SYSCALL_ACCOUNTING,
+    ),
+    (
+        program::OOM_MARK_VICTIM,
+        "oom",
+        "mark_victim",
+        Without::Loses("processes killed for memory get no post-mortem"),
     ),
 ];
 
@@ -77,11 +126,20 @@ impl Probes {
         raise_memlock_limit();
         tracefs::ensure_tracefs()?;
         let fork_offset = tracefs::fork_child_pid_offset().unwrap_or(20);
+        let (oom_pid_offset, oom_anon_rss_offset) = tracefs::oom_victim_offsets();
+        let oom_pid_offset = oom_pid_offset.unwrap_or(8);
+        let oom_anon_rss_offset = oom_anon_rss_offset.unwrap_or(NO_OFFSET);
         let mut loader = EbpfLoader::new();
         loader
             .override_global(global::HIT_BUDGET_PER_SEC, &config.hit_budget_per_sec, true)
             .override_global(global::HIT_BUDGET_BURST, &config.hit_budget_burst, true)
             .override_global(global::FORK_CHILD_PID_OFFSET, &fork_offset, true)
+            .override_global(global::OOM_VICTIM_PID_OFFSET, &oom_pid_offset, true)
+            .override_global(
+                global::OOM_VICTIM_ANON_RSS_OFFSET,
+                &oom_anon_rss_offset,
+                true,
+            )
             .map_max_entries(map::EVENTS, config.ring_buffer_bytes);
         adjust(&mut loader);
         let mut ebpf = loader
@@ -117,20 +175,20 @@ impl Probes {
                 .load()
                 .with_context(|| format!("verifying {name}"))?;
         }
-        for (name, category, event, required) in TRACEPOINTS {
+        for (name, category, event, without) in TRACEPOINTS {
             let program: &mut TracePoint = program_mut(&mut ebpf, name)?.try_into()?;
             let result = program
                 .load()
                 .map_err(anyhow::Error::from)
                 .and_then(|()| program.attach(category, event).map_err(Into::into));
-            match result {
-                Ok(_) => {}
-                Err(e) if required => {
+            match (result, without) {
+                (Ok(_), _) => {}
+                (Err(e), Without::Required) => {
                     return Err(e.context(format!("attaching tracepoint {category}/{event}")));
                 }
-                Err(e) => warn!(
-                    "tracepoint {category}/{event} unavailable ({e:#}): processes over their probe budget will not be accounted by syscalls"
-                ),
+                (Err(e), Without::Loses(what)) => {
+                    warn!("tracepoint {category}/{event} unavailable ({e:#}): {what}")
+                }
             }
         }
         let (maps, swept, events) = Maps::take(&mut ebpf)?;

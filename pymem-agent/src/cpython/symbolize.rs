@@ -20,6 +20,21 @@ pub struct Frame {
     pub line: i64,
 }
 
+impl Frame {
+    /// A frame whose code object could not be read.
+    pub fn unknown() -> Self {
+        Self {
+            function: "<unknown>".into(),
+            file: "<unknown>".into(),
+            line: 0,
+        }
+    }
+
+    pub fn is_unknown(&self) -> bool {
+        *self == Self::unknown()
+    }
+}
+
 #[cfg(test)]
 impl Frame {
     /// A frame of `app.py`, for tests.
@@ -112,11 +127,7 @@ impl Symbolizer {
             self.code.insert(frame.code, info);
         }
         let Some(Some(info)) = self.code.get(&frame.code) else {
-            return Frame {
-                function: "<unknown>".into(),
-                file: "<unknown>".into(),
-                line: 0,
-            };
+            return Frame::unknown();
         };
         let line = match layout.format {
             LineFormat::Lnotab => linetable::line_from_lnotab(

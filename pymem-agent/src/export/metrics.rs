@@ -288,6 +288,11 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
         agent.attach_errors_total,
     )?;
     plain_counter(
+        "pymem_oom_kills_total",
+        "Observed Python processes the kernel killed for memory (post-mortems at /api/v1/oom-kills)",
+        agent.oom_kills_total,
+    )?;
+    plain_counter(
         "pymem_budget_switches_total",
         "Processes moved to syscall accounting for exceeding the probe budget",
         agent.budget_switches_total,
@@ -540,6 +545,20 @@ mod tests {
         );
         assert!(
             text.contains("pymem_memory_limit_eta_seconds{comm=\"python3\"} 21.5"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn oom_kills_are_one_agent_wide_counter() {
+        let mut snapshot = Snapshot {
+            processes: vec![process(42)],
+            ..Snapshot::default()
+        };
+        snapshot.agent.oom_kills_total = 3;
+        let text = render_metrics(&snapshot, &DEFAULT_LABELS).unwrap();
+        assert!(
+            text.lines().any(|l| l == "pymem_oom_kills_total 3"),
             "{text}"
         );
     }

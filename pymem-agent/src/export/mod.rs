@@ -74,6 +74,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/processes", get(api::processes))
         .route("/api/v1/processes/{pid}", get(api::process))
+        .route("/api/v1/oom-kills", get(api::oom_kills))
         .route(
             "/api/v1/processes/{pid}/sites",
             get(site_routes::sites_json),
@@ -97,7 +98,7 @@ pub async fn serve(
 }
 
 async fn index() -> &'static str {
-    "pymem agent\n\n/metrics                            Prometheus metrics\n/api/v1/processes                   observed Python processes (JSON)\n/api/v1/processes/N                 one process\n/api/v1/processes/N/sites           which lines hold the memory (JSON; ?attribution=auto|heap_state|allocation_samples&max_age=S&report=1)\n/api/v1/processes/N/pprof           the same as a pprof profile (gzip profile.proto)\n/api/v1/processes/N/flamegraph.svg  a flame graph of their live bytes\n/api/v1/processes/N/types           object census: live objects by type (JSON; ?growth=1&limit=N&max_age=S)\n/api/v1/processes/N/holders         what holds the memory: roots by retained size (JSON; ?limit=N&depth=N&max_age=S&report=1)\n/api/v1/processes/N/census          the same census with its timings and totals\n/healthz                            liveness\n"
+    "pymem agent\n\n/metrics                            Prometheus metrics\n/api/v1/processes                   observed Python processes (JSON)\n/api/v1/processes/N                 one process\n/api/v1/processes/N/sites           which lines hold the memory (JSON; ?attribution=auto|heap_state|allocation_samples&max_age=S&report=1)\n/api/v1/processes/N/pprof           the same as a pprof profile (gzip profile.proto)\n/api/v1/processes/N/flamegraph.svg  a flame graph of their live bytes\n/api/v1/processes/N/types           object census: live objects by type (JSON; ?growth=1&limit=N&max_age=S)\n/api/v1/processes/N/holders         what holds the memory: roots by retained size (JSON; ?limit=N&depth=N&max_age=S&report=1)\n/api/v1/processes/N/census          the same census with its timings and totals\n/api/v1/oom-kills                   post-mortems of Python processes the kernel killed for memory, newest first (JSON)\n/healthz                            liveness\n"
 }
 
 /// Parses the `--listen` value: `HOST:PORT`, or a bare port on 127.0.0.1.

@@ -8,9 +8,11 @@
 //! /proc or sleeps runs on blocking tasks that report back as `Found`.
 //! - `lifecycle`: finding, observing and forgetting processes;
 //! - `stacks`: Python stack layouts and symbolised allocation sites;
-//! - `sampling`: the periodic sample into a `Snapshot`, and map sweeps.
+//! - `sampling`: the periodic sample into a `Snapshot`, and map sweeps;
+//! - `oom`: post-mortems of processes the kernel kills for memory.
 pub mod config;
 mod lifecycle;
+mod oom;
 mod sampling;
 mod stacks;
 
@@ -254,6 +256,7 @@ impl Observer {
             event_kind::FORK => self.spawn_inspect(pid, false),
             event_kind::EXIT => self.forget(pid),
             event_kind::BUDGET_EXCEEDED => self.over_budget(pid, event.size),
+            event_kind::OOM_KILL => self.on_oom_kill(&event),
             event_kind::ARENA_ALLOC | event_kind::BLOCK_SAMPLE => {
                 if let Some(observed) = self.observed.get_mut(&pid) {
                     observed

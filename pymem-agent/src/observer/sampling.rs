@@ -78,13 +78,20 @@ impl Observer {
             .collect();
         self.info.attached_binaries = self.probes.attached_binaries();
         self.info.probe_links = self.probes.probe_links();
-        let snapshot = Snapshot {
+        self.symbolise_live_stacks();
+        let top_sites = self.top_sites();
+        let top_types = self.top_types();
+        let mut published = self.snapshot.write().expect("snapshot lock");
+        // Post-mortems outlive their processes: they move on to each new
+        // snapshot.
+        let oom_kills = std::mem::take(&mut published.oom_kills);
+        *published = Snapshot {
             processes,
             agent: self.info.clone(),
-            top_sites: self.top_sites(),
-            top_types: self.top_types(),
+            top_sites,
+            top_types,
+            oom_kills,
         };
-        *self.snapshot.write().expect("snapshot lock") = snapshot;
     }
 
     /// Each process's heaviest types in its latest census, for

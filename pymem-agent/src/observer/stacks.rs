@@ -17,7 +17,7 @@ use crate::{
         layout_check::{self, Verdict},
     },
     discover::{BinaryId, PythonProcess},
-    sites::{self, Site},
+    sites::{self, Site, StackBytes},
 };
 
 /// How long a new process may take to show a verifiable Python stack
@@ -27,6 +27,11 @@ const STACK_CHECK_PATIENCE: Duration = Duration::from_secs(60);
 /// Loop time per sample for symbolising new stacks behind `--site-metrics`;
 /// what is left waits for the next sample.
 const SITE_METRICS_SYMBOLISING: Duration = Duration::from_millis(5);
+
+/// Loop time per sample for symbolising new stacks that hold live bytes
+/// (all of them are, for post-mortems); what is left waits for the next
+/// sample. After the first samples of a process there is rarely any.
+const LIVE_STACK_SYMBOLISING: Duration = Duration::from_millis(5);
 
 /// A process's stack layout not yet decided on.
 pub(super) struct PendingCheck {
@@ -158,6 +163,19 @@ impl Observer {
             .symbolised_sites(&self.probes, None)
     }
 
+    /// Symbolises new stacks holding live bytes, for at most
+    /// `LIVE_STACK_SYMBOLISING` of loop time per sample: stacks are read
+    /// while their process runs, so a post-mortem of one killed for memory
+    /// has its sites when its memory is already gone.
+    pub(super) fn symbolise_live_stacks(&mut self) {
+        let deadline = Instant::now() + LIVE_STACK_SYMBOLISING;
+        for observed in self.observed.values_mut() {
+            if !observed.symbolise_live_stacks(&self.probes, deadline) {
+                return;
+            }
+        }
+    }
+
     /// Each process's `site_metrics` heaviest sites that hold memory. Cheap
     /// after the first time: symbolised stacks are cached per stack id.
     /// New stacks are symbolised for at most `SITE_METRICS_SYMBOLISING`
@@ -206,14 +224,7 @@ impl Observed {
                     if deadline.is_some_and(|at| Instant::now() >= at) {
                         return None;
                     }
-                    let frames = match (&mut self.symbolizer, probes.stack(stack_id)) {
-                        (Some(symbolizer), Some(raw)) => symbolizer.stack(&raw),
-                        _ => vec![Frame {
-                            function: "<no Python stack>".into(),
-                            file: String::new(),
-                            line: 0,
-                        }],
-                    };
+                    let frames = symbolise(self.symbolizer.as_mut(), probes, stack_id);
                     self.frames.insert(stack_id, frames.clone());
                     frames
                 }
@@ -221,6 +232,66 @@ impl Observed {
             stacks.push((frames, bytes));
         }
         Some(sites::group_sites(stacks))
+    }
+
+    /// Symbolises the stacks that hold live bytes and are not symbolised
+    /// yet, until `deadline`; false if it passed with stacks left. A
+    /// process killed for memory may lose its memory before its
+    /// post-mortem can read it: what was read before is cached.
+    pub(super) fn symbolise_live_stacks(&mut self, probes: &Probes, deadline: Instant) -> bool {
+        if self.symbolizer.is_none() {
+            return true;
+        }
+        for (stack_id, bytes) in self.sites.stacks() {
+            if bytes.live == 0 || self.frames.contains_key(&stack_id) {
+                continue;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            let frames = symbolise(self.symbolizer.as_mut(), probes, stack_id);
+            self.frames.insert(stack_id, frames);
+        }
+        true
+    }
+
+    /// The sites of a process the OOM killer chose, symbolised now, the
+    /// heaviest stacks first (its memory may vanish any moment; stacks
+    /// symbolised before are cached), and how many stacks could no longer
+    /// be read (their frames read `<unknown>`).
+    pub(super) fn sites_at_kill(&mut self, probes: &Probes) -> (Vec<Site>, usize) {
+        let mut by_weight: Vec<(u64, StackBytes)> = self.sites.stacks().collect();
+        by_weight.sort_by_key(|(_, bytes)| std::cmp::Reverse((bytes.live, bytes.allocated)));
+        let mut unreadable = 0;
+        let mut stacks = Vec::with_capacity(by_weight.len());
+        for (stack_id, bytes) in by_weight {
+            let frames = match self.frames.get(&stack_id) {
+                Some(frames) => frames.clone(),
+                None => {
+                    // Not cached: the process is going.
+                    let frames = symbolise(self.symbolizer.as_mut(), probes, stack_id);
+                    if !frames.is_empty() && frames.iter().all(Frame::is_unknown) {
+                        unreadable += 1;
+                    }
+                    frames
+                }
+            };
+            stacks.push((frames, bytes));
+        }
+        (sites::group_sites(stacks), unreadable)
+    }
+}
+
+/// The frames of one captured stack; a process without stacks (or a stack
+/// the kernel no longer holds) has one frame saying so.
+fn symbolise(symbolizer: Option<&mut Symbolizer>, probes: &Probes, stack_id: u64) -> Vec<Frame> {
+    match (symbolizer, probes.stack(stack_id)) {
+        (Some(symbolizer), Some(raw)) => symbolizer.stack(&raw),
+        _ => vec![Frame {
+            function: "<no Python stack>".into(),
+            file: String::new(),
+            line: 0,
+        }],
     }
 }
 

@@ -4,7 +4,11 @@ use std::cmp::Ordering;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
-use crate::{census::CensusReport, model::ProcessInfo, sites::Site};
+use crate::{
+    census::CensusReport,
+    model::{OomKill, ProcessInfo},
+    sites::Site,
+};
 
 /// Column the process table is ordered by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -122,6 +126,8 @@ pub struct App {
     pub sites: Sites,
     /// Object census of the detail view's process (reset with `sites`).
     pub types: Types,
+    /// Post-mortems of processes killed for memory, newest first.
+    pub oom_kills: Vec<OomKill>,
     /// The selection follows a process across refreshes and re-sorts...
     selected_pid: Option<u32>,
     /// ...and falls back to its last row when that process goes away.
@@ -141,6 +147,7 @@ impl App {
             status: Status::Waiting,
             sites: Sites::default(),
             types: Types::default(),
+            oom_kills: Vec::new(),
             selected_pid: None,
             selected_row: 0,
             should_quit: false,
@@ -154,6 +161,14 @@ impl App {
                 self.status = Status::Live;
             }
             Err(error) => self.status = Status::Failed(error),
+        }
+    }
+
+    /// The agent's post-mortems; a failed fetch (an agent without the
+    /// route) keeps the ones before.
+    pub fn on_oom_kills(&mut self, data: Result<Vec<OomKill>, String>) {
+        if let Ok(kills) = data {
+            self.oom_kills = kills;
         }
     }
 
@@ -455,6 +470,29 @@ pub mod tests {
         );
         app.on_data(Ok(sample_processes()));
         app
+    }
+
+    /// The worker's post-mortem, killed at `killed_at` (Unix seconds) at
+    /// 190 MiB of a 200 MiB limit, as the API serves it.
+    pub fn sample_oom_kill(killed_at: f64) -> OomKill {
+        serde_json::from_value(json!({
+            "killed_at": killed_at,
+            "recorded_after_seconds": 0.002,
+            "pid": 300,
+            "comm": "python3",
+            "cmdline": "python3 worker.py --queue jobs",
+            "python_version": "3.11.7",
+            "heap_bytes": 190 * MIB,
+            "heap": {"arena_bytes": 10 * MIB, "raw_bytes": 180 * MIB, "extension_bytes": 0, "syscall_bytes": 0},
+            "heap_history": [[1.0, 180 * MIB], [0.0, 190 * MIB]],
+            "anon_rss_bytes": 199 * MIB,
+            "cgroup": "/kubepods/pod1/c1",
+            "limit_bytes": 200 * MIB,
+            "limit_cgroup": "/sys/fs/cgroup/kubepods/pod1/c1",
+            "top_sites": [site("handle", "/srv/worker.py", 42, 170 * MIB, 170 * MIB)],
+            "unreadable_stacks": 0,
+        }))
+        .expect("a post-mortem as the API serves it")
     }
 
     pub fn press(app: &mut App, code: KeyCode) {

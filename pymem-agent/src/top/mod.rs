@@ -30,10 +30,10 @@ use self::{
     source::{EmbeddedObserver, Source},
 };
 use crate::{
-    census::CensusReport,
+    census::{self, CensusReport},
     client::{AgentClient, Caller},
     format, holders,
-    model::ProcessInfo,
+    model::{OomKill, ProcessInfo},
     observer::config::ObserveArgs,
     sites::Site,
 };
@@ -64,7 +64,8 @@ pub struct TopArgs {
     /// Print one snapshot as a plain table and exit (for scripts).
     #[arg(long)]
     pub once: bool,
-    /// With --once: print the processes as JSON (as /api/v1/processes).
+    /// With --once: print the processes as JSON (as /api/v1/processes;
+    /// post-mortems of OOM kills are at /api/v1/oom-kills).
     #[arg(long, requires = "once")]
     pub json: bool,
     #[command(
@@ -131,8 +132,33 @@ fn print_once(source: &Source, args: &TopArgs) -> Result<()> {
         writeln!(out)?;
     } else {
         write!(out, "{}", plain_table(&shown))?;
+        // An agent without the route has none to show.
+        let kills = source.oom_kills().unwrap_or_default();
+        write!(
+            out,
+            "{}",
+            plain_oom_kills(&kills, census::unix_seconds_now())
+        )?;
     }
     Ok(())
+}
+
+/// Post-mortems `--once` lists under the table.
+const OOM_KILLS_PRINTED: usize = 5;
+
+/// The latest OOM kills, one line each, after a blank line; nothing when
+/// there are none.
+fn plain_oom_kills(kills: &[OomKill], now: f64) -> String {
+    let mut text = String::new();
+    if kills.is_empty() {
+        return text;
+    }
+    text.push_str("\nOOM KILLS (newest first)\n");
+    for kill in kills.iter().take(OOM_KILLS_PRINTED) {
+        text.push_str(&ui::oom_kill_summary(kill, now));
+        text.push('\n');
+    }
+    text
 }
 
 /// The processes as an aligned text table without colours.
@@ -163,6 +189,8 @@ enum Event {
     Key(KeyEvent),
     Resize,
     Data(Result<Vec<ProcessInfo>, String>),
+    /// Post-mortems of processes killed for memory.
+    OomKills(Result<Vec<OomKill>, String>),
     /// The allocation sites of one process.
     Sites(u32, Result<Vec<Site>, String>),
     /// The object census of one process (boxed: a census is far bigger
@@ -224,6 +252,7 @@ fn event_loop(
             Event::Key(key) => app.on_key(key),
             Event::Resize => {} // the next draw uses the new size
             Event::Data(data) => app.on_data(data),
+            Event::OomKills(kills) => app.on_oom_kills(kills),
             Event::Sites(pid, sites) => app.on_sites(pid, sites),
             Event::Types(pid, types) => app.on_types(pid, *types),
         }
@@ -319,11 +348,15 @@ impl CensusSchedule {
     }
 }
 
-/// One refresh: the processes, then the sites of `sites_of`. False once
-/// nobody listens any more.
+/// One refresh: the processes and the post-mortems, then the sites of
+/// `sites_of`. False once nobody listens any more.
 fn refresh(source: &Source, sites_of: SitesWanted, events: &mpsc::Sender<Event>) -> bool {
     let data = source.fetch().map_err(|e| format!("{e:#}"));
     if events.send(Event::Data(data)).is_err() {
+        return false;
+    }
+    let kills = source.oom_kills().map_err(|e| format!("{e:#}"));
+    if events.send(Event::OomKills(kills)).is_err() {
         return false;
     }
     let Some(pid) = sites_of else {
@@ -370,7 +403,7 @@ fn spawn_input_thread(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::top::app::tests::sample_processes;
+    use crate::top::app::tests::{sample_oom_kill, sample_processes};
 
     #[test]
     fn plain_table_is_sorted_filtered_and_uncoloured() {
@@ -390,6 +423,32 @@ mod tests {
         assert!(!table.contains('\u{1b}'), "no escape codes");
         let filtered = app::select(&processes, SortKey::Heap, "batch");
         assert_eq!(plain_table(&filtered).lines().count(), 2);
+    }
+
+    #[test]
+    fn once_lists_the_latest_oom_kills_under_the_table() {
+        assert_eq!(plain_oom_kills(&[], 1000.0), "");
+        let mut unlimited = sample_oom_kill(900.0);
+        unlimited.memory_limit.limit_bytes = None;
+        unlimited.top_sites.clear();
+        let kills = vec![sample_oom_kill(990.0), unlimited];
+        let text = plain_oom_kills(&kills, 1000.0);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "", "a blank line after the table: {text}");
+        assert_eq!(lines[1], "OOM KILLS (newest first)");
+        assert_eq!(
+            lines[2],
+            "OOM-killed 10s ago: pid 300 (python3 worker.py --queue jobs) heap 190.0 MiB, limit 200.0 MiB, top site /srv/worker.py:42"
+        );
+        assert!(
+            lines[3].contains("1m 40s ago") && lines[3].ends_with("no known limit, no sites"),
+            "{text}"
+        );
+        let many = vec![sample_oom_kill(990.0); 9];
+        assert_eq!(
+            plain_oom_kills(&many, 1000.0).lines().count(),
+            2 + OOM_KILLS_PRINTED
+        );
     }
 
     #[test]

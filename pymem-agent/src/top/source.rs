@@ -17,7 +17,7 @@ use crate::{
     census::{CensusFailure, CensusReport},
     client::AgentClient,
     holders::HoldersReport,
-    model::{ProcessInfo, Snapshot},
+    model::{OomKill, ProcessInfo, Snapshot},
     observer::{Observer, ObserverConfig, Query, QuerySender, SharedSnapshot},
     sites::Site,
 };
@@ -32,6 +32,14 @@ impl Source {
         match self {
             Self::Agent(agent) => agent.processes(),
             Self::Embedded(observer) => Ok(observer.processes()),
+        }
+    }
+
+    /// Post-mortems of the Python processes killed for memory, newest first.
+    pub fn oom_kills(&self) -> Result<Vec<OomKill>> {
+        match self {
+            Self::Agent(agent) => agent.oom_kills(),
+            Self::Embedded(observer) => Ok(observer.oom_kills()),
         }
     }
 
@@ -132,6 +140,14 @@ impl EmbeddedObserver {
             .read()
             .expect("snapshot lock")
             .processes
+            .clone()
+    }
+
+    pub fn oom_kills(&self) -> Vec<OomKill> {
+        self.snapshot
+            .read()
+            .expect("snapshot lock")
+            .oom_kills
             .clone()
     }
 

@@ -17,9 +17,9 @@ use super::{
     text,
 };
 use crate::{
-    census::CensusReport,
+    census::{self, CensusReport},
     format,
-    model::{Accounting, HeapBaseline, ProcessInfo},
+    model::{Accounting, HeapBaseline, OomKill, ProcessInfo},
     sites::{self, Site},
 };
 
@@ -36,13 +36,18 @@ const ALERT: Color = Color::Red;
 const ACCENT: Color = Color::Magenta;
 
 pub fn render(frame: &mut Frame, app: &App) {
-    let [header, body, help] = Layout::vertical([
+    let banner_height = u16::from(!app.oom_kills.is_empty());
+    let [header, banner, body, help] = Layout::vertical([
         Constraint::Length(1),
+        Constraint::Length(banner_height),
         Constraint::Min(3),
         Constraint::Length(1),
     ])
     .areas(frame.area());
     frame.render_widget(header_line(app), header);
+    if let Some(latest) = app.oom_kills.first() {
+        frame.render_widget(oom_banner(latest, app.oom_kills.len()), banner);
+    }
     match app.view {
         View::List => render_table(frame, body, app),
         View::Detail(pid) => render_detail(frame, body, app, pid),
@@ -86,6 +91,39 @@ fn header_line(app: &App) -> Line<'static> {
         }
     }
     Line::from(spans)
+}
+
+/// The latest OOM kill, in the alert colour, and how many more are kept.
+fn oom_banner(latest: &OomKill, kept: usize) -> Line<'static> {
+    let mut text = oom_kill_summary(latest, census::unix_seconds_now());
+    if kept > 1 {
+        text.push_str(&format!(" (+{} earlier: /api/v1/oom-kills)", kept - 1));
+    }
+    Line::from(text).fg(ALERT).bold()
+}
+
+/// One OOM kill in a line: when, which process, its heap against its
+/// limit, its top site.
+pub fn oom_kill_summary(kill: &OomKill, now: f64) -> String {
+    let command = if kill.cmdline.is_empty() {
+        kill.comm.clone()
+    } else {
+        text::short_command(&kill.cmdline)
+    };
+    let limit = kill.memory_limit.limit_bytes.map_or_else(
+        || "no known limit".to_string(),
+        |l| format!("limit {}", format::bytes(l)),
+    );
+    let top_site = kill.top_sites.first().map_or_else(
+        || "no sites".to_string(),
+        |site| format!("top site {}", sites::location(&site.file, site.line)),
+    );
+    format!(
+        "OOM-killed {} ago: pid {} ({command}) heap {}, {limit}, {top_site}",
+        format::duration(now - kill.killed_at),
+        kill.pid,
+        format::bytes(kill.heap_bytes),
+    )
 }
 
 fn sort_arrow(sort: SortKey) -> &'static str {
@@ -670,7 +708,8 @@ mod tests {
 
     use super::*;
     use crate::top::app::tests::{
-        app_with_samples, press, sample_census, sample_processes, sample_sites, site, type_text,
+        app_with_samples, press, sample_census, sample_oom_kill, sample_processes, sample_sites,
+        site, type_text,
     };
 
     /// `app` drawn on a `width` x `height` terminal.
@@ -757,6 +796,34 @@ mod tests {
         );
         assert!(!lines[server].contains("LEAK"), "{}", lines[server]);
         assert!(lines[server].contains("0 B/min"), "{}", lines[server]);
+    }
+
+    #[test]
+    fn the_latest_oom_kill_is_a_banner_above_the_table() {
+        let mut app = app_with_samples();
+        let plain = screen(&app, 140, 12);
+        assert!(plain[1].contains("PID"), "no banner without kills");
+        let now = census::unix_seconds_now();
+        let mut older = sample_oom_kill(now - 3600.0);
+        older.pid = 299;
+        app.on_oom_kills(Ok(vec![sample_oom_kill(now - 65.0), older]));
+        let lines = screen(&app, 140, 12);
+        assert_shows(
+            &lines[1],
+            &[
+                "OOM-killed 1m 05s ago: pid 300 (python3 worker.py --queue jobs)",
+                "heap 190.0 MiB, limit 200.0 MiB, top site /srv/worker.py:42",
+                "(+1 earlier",
+            ],
+        );
+        assert_eq!(buffer_fg(&app, 140, 12, 0, 1), ALERT);
+        assert!(
+            lines[2].contains("PID"),
+            "the table moves down:\n{lines:#?}"
+        );
+        // A failed fetch (an agent without the route) keeps what was shown.
+        app.on_oom_kills(Err("404".into()));
+        assert!(screen(&app, 140, 12)[1].contains("OOM-killed"));
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod gunicorn;
 mod holders;
 mod limits;
 mod matrix;
+mod oom;
 mod robustness;
 mod sites;
 mod sites_export;
