@@ -201,7 +201,7 @@ fn read_bytes_object(mem: &ProcessMemory, addr: u64) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpython::{offsets::offsets, version::PyVersion};
+    use crate::cpython::{offsets::offsets, testing, version::PyVersion};
 
     fn layout(minor: u8) -> CodeOffsets {
         let version = PyVersion {
@@ -210,19 +210,6 @@ mod tests {
             micro: 0,
         };
         offsets(version).expect("a table for 3.8-3.14").code
-    }
-
-    /// Bytes that no interpreter wrote: a fixed xorshift stream.
-    fn garbage(len: usize) -> Vec<u8> {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
     }
 
     fn put(buf: &mut [u8], at: u64, value: u64) {
@@ -240,7 +227,7 @@ mod tests {
         let table_len = MAX_BYTES_LEN;
         let mut table = vec![0u8; 32 + table_len];
         put(&mut table, 16, table_len as u64);
-        table[32..].copy_from_slice(&garbage(table_len));
+        table[32..].copy_from_slice(&testing::garbage(0x9e37_79b9_7f4a_7c15, table_len));
         let mut name = vec![0u8; 64];
         put(&mut name, 16, u64::MAX);
         for minor in 8..=14 {

@@ -69,3 +69,17 @@ pub fn pyenv_libpythons_or_skip() -> Vec<(PathBuf, PathBuf)> {
 pub fn file_name(path: &Path) -> String {
     path.file_name().unwrap().to_string_lossy().into_owned()
 }
+
+/// A small xorshift generator: garbage without a dependency, the same for
+/// the same seed.
+pub fn garbage(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}

@@ -578,17 +578,7 @@ impl Drop for KubeletCgroup {
     /// Kills what is still in the container (only this test's processes),
     /// removes the pod's cgroups, and the shared parents once empty.
     fn drop(&mut self) {
-        let procs = self.container.join("cgroup.procs");
-        for _ in 0..50 {
-            let pids = fs::read_to_string(&procs).unwrap_or_default();
-            if pids.trim().is_empty() {
-                break;
-            }
-            for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::common::cgroup::kill_all_in(&self.container);
         for (depth, dir) in self.dirs.iter().enumerate().rev() {
             let attempts = if depth >= 2 { 50 } else { 1 };
             for _ in 0..attempts {

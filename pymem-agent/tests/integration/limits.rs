@@ -11,12 +11,16 @@
 use std::{
     fs,
     io::{BufRead, BufReader, Write},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, ChildStdin, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use crate::common::{Agent, OBSERVE_TIMEOUT, Workload, pyenv};
+use crate::common::{
+    Agent, OBSERVE_TIMEOUT, Workload,
+    cgroup::{MemoryCgroup, NO_MEMORY_HIERARCHY},
+    pyenv,
+};
 
 const LIMIT_BYTES: u64 = 300 << 20;
 const LEAK_MIB_PER_SECOND: u32 = 10;
@@ -44,167 +48,6 @@ while True:
         done += 1
     time.sleep(0.02)
 "#;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Version {
-    V2,
-    V1,
-}
-
-/// A cgroup hierarchy with the memory controller: its mount point.
-#[derive(Clone, Debug)]
-struct Hierarchy {
-    version: Version,
-    root: PathBuf,
-}
-
-/// cgroup v2 if its root offers the memory controller, else the cgroup v1
-/// memory hierarchy, from this process's mounts.
-fn memory_hierarchy() -> Option<Hierarchy> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mounts: Vec<(String, String, String)> = mountinfo
-        .lines()
-        .filter_map(|line| {
-            let (before, after) = line.split_once(" - ")?;
-            let mount_point = before.split_whitespace().nth(4)?.to_owned();
-            let mut after = after.split_whitespace();
-            let fs_type = after.next()?.to_owned();
-            let options = after.nth(1).unwrap_or("").to_owned();
-            Some((mount_point, fs_type, options))
-        })
-        .collect();
-    let v2 = mounts.iter().find_map(|(at, fs_type, _)| {
-        let controllers = fs::read_to_string(Path::new(at).join("cgroup.controllers")).ok()?;
-        (fs_type == "cgroup2" && controllers.split_whitespace().any(|c| c == "memory")).then(|| {
-            Hierarchy {
-                version: Version::V2,
-                root: PathBuf::from(at),
-            }
-        })
-    });
-    let v1 = || {
-        mounts.iter().find_map(|(at, fs_type, options)| {
-            (fs_type == "cgroup" && options.split(',').any(|o| o == "memory")).then(|| Hierarchy {
-                version: Version::V1,
-                root: PathBuf::from(at),
-            })
-        })
-    };
-    v2.or_else(v1)
-}
-
-/// A cgroup of this test's, directly under the hierarchy's root (whose
-/// own limit is none by design), removed on drop with whatever still runs
-/// in it (only this test's processes).
-struct TestCgroup {
-    version: Version,
-    dir: PathBuf,
-}
-
-impl TestCgroup {
-    /// A new cgroup limited to `limit` bytes (swap off), or unlimited.
-    fn create(hierarchy: &Hierarchy, name: &str, limit: Option<u64>) -> TestCgroup {
-        let unique = format!(
-            "pymem-test-{name}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos()
-        );
-        if hierarchy.version == Version::V2 {
-            let control = hierarchy.root.join("cgroup.subtree_control");
-            let enabled = fs::read_to_string(&control).unwrap();
-            if !enabled.split_whitespace().any(|c| c == "memory") {
-                fs::write(&control, "+memory").unwrap();
-            }
-        }
-        let dir = hierarchy.root.join(unique);
-        fs::create_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        let cgroup = TestCgroup {
-            version: hierarchy.version,
-            dir,
-        };
-        if let Some(limit) = limit {
-            let limit = limit.to_string();
-            match cgroup.version {
-                Version::V2 => {
-                    cgroup.write("memory.max", &limit);
-                    if cgroup.dir.join("memory.swap.max").exists() {
-                        cgroup.write("memory.swap.max", "0");
-                    }
-                }
-                Version::V1 => {
-                    cgroup.write("memory.limit_in_bytes", &limit);
-                    // Memory + swap no higher than memory: no swap.
-                    if cgroup.dir.join("memory.memsw.limit_in_bytes").exists() {
-                        cgroup.write("memory.memsw.limit_in_bytes", &limit);
-                    }
-                }
-            }
-        }
-        cgroup
-    }
-
-    fn write(&self, file: &str, value: &str) {
-        let path = self.dir.join(file);
-        fs::write(&path, value).unwrap_or_else(|e| panic!("{} = {value}: {e}", path.display()));
-    }
-
-    fn move_in(&self, pid: u32) {
-        self.write("cgroup.procs", &pid.to_string());
-        let procs = fs::read_to_string(self.dir.join("cgroup.procs")).unwrap();
-        assert!(
-            procs.lines().any(|p| p.trim() == pid.to_string()),
-            "pid {pid} not in {}: {procs}",
-            self.dir.display()
-        );
-    }
-
-    /// OOM kills in this cgroup so far, as the kernel counts them.
-    fn oom_kills(&self) -> u64 {
-        let file = match self.version {
-            Version::V2 => "memory.events",
-            Version::V1 => "memory.oom_control",
-        };
-        let text = fs::read_to_string(self.dir.join(file)).unwrap_or_default();
-        text.lines()
-            .find_map(|l| l.strip_prefix("oom_kill "))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// The source the agent should name for this cgroup's limit.
-    fn limit_source(&self) -> String {
-        match self.version {
-            Version::V2 => format!("cgroup v2 memory.max {}", self.dir.display()),
-            Version::V1 => format!("cgroup v1 memory.limit_in_bytes {}", self.dir.display()),
-        }
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let procs = self.dir.join("cgroup.procs");
-        for _ in 0..50 {
-            let pids = fs::read_to_string(&procs).unwrap_or_default();
-            if pids.trim().is_empty() {
-                break;
-            }
-            for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        for _ in 0..50 {
-            if fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("could not remove {}", self.dir.display());
-    }
-}
 
 /// The leaking script, killed on drop.
 struct Leaker {
@@ -277,17 +120,14 @@ fn meminfo() -> (u64, u64) {
 #[test]
 fn time_to_limit_predicts_the_oom_kill_and_limits_are_the_ones_set() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
-    let Some(hierarchy) = memory_hierarchy() else {
-        eprintln!(
-            "SKIP: no cgroup hierarchy with the memory controller (neither cgroup2's cgroup.controllers nor a cgroup v1 mount lists memory)"
-        );
+    let Some(limited) = MemoryCgroup::create("limited", Some(LIMIT_BYTES)) else {
+        eprintln!("{NO_MEMORY_HIERARCHY}");
         return;
     };
-    eprintln!("memory controller: {hierarchy:?}");
+    let unlimited = MemoryCgroup::create("unlimited", None).expect("the same hierarchy");
+    eprintln!("memory controller: {:?}", limited.version);
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&[]);
-    let limited = TestCgroup::create(&hierarchy, "limited", Some(LIMIT_BYTES));
-    let unlimited = TestCgroup::create(&hierarchy, "unlimited", None);
 
     let idler = Workload::spawn(&python);
     unlimited.move_in(idler.pid);

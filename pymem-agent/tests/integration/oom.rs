@@ -9,12 +9,16 @@ use std::{
     fs,
     io::{BufRead as _, BufReader, Write as _},
     os::unix::process::ExitStatusExt as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use crate::common::{Agent, OBSERVE_TIMEOUT, describe_sites, pyenv, source_line};
+use crate::common::{
+    Agent, OBSERVE_TIMEOUT,
+    cgroup::{MemoryCgroup, NO_MEMORY_HIERARCHY},
+    describe_sites, pyenv, source_line,
+};
 use pymem_agent::model::OomKill;
 
 /// The cgroup's memory limit.
@@ -33,137 +37,6 @@ print('ready', flush=True)
 sys.stdin.readline()
 leak()
 ";
-
-/// Which cgroup hierarchy carries the memory controller.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hierarchy {
-    V1,
-    V2,
-}
-
-/// A fresh memory cgroup with a limit and no swap, removed on drop (its
-/// processes killed first), failed test or not.
-struct MemoryCgroup {
-    dir: PathBuf,
-    hierarchy: Hierarchy,
-}
-
-impl MemoryCgroup {
-    /// `None` when no mounted hierarchy carries the memory controller.
-    fn create(limit: u64) -> Option<Self> {
-        let (mount, hierarchy) = memory_mount()?;
-        if hierarchy == Hierarchy::V2 {
-            let control = mount.join("cgroup.subtree_control");
-            let enabled = fs::read_to_string(&control).unwrap_or_default();
-            if !enabled.split_whitespace().any(|c| c == "memory") {
-                fs::write(&control, "+memory")
-                    .unwrap_or_else(|e| panic!("enabling memory in {control:?}: {e}"));
-            }
-        }
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = mount.join(format!("pymem-oom-{}-{nanos:08x}", std::process::id()));
-        fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {dir:?}: {e}"));
-        let cgroup = Self { dir, hierarchy };
-        match hierarchy {
-            Hierarchy::V2 => {
-                cgroup.write("memory.max", &limit.to_string());
-                cgroup.write("memory.swap.max", "0");
-            }
-            Hierarchy::V1 => {
-                cgroup.write("memory.limit_in_bytes", &limit.to_string());
-                // Memory plus swap no larger than memory: no swap (only
-                // where swap is accounted).
-                if cgroup.dir.join("memory.memsw.limit_in_bytes").exists() {
-                    cgroup.write("memory.memsw.limit_in_bytes", &limit.to_string());
-                }
-            }
-        }
-        Some(cgroup)
-    }
-
-    fn write(&self, file: &str, value: &str) {
-        let path = self.dir.join(file);
-        fs::write(&path, value).unwrap_or_else(|e| panic!("writing {value} to {path:?}: {e}"));
-    }
-
-    fn move_in(&self, pid: u32) {
-        self.write("cgroup.procs", &pid.to_string());
-    }
-
-    /// The kernel's own count of OOM kills in this cgroup.
-    fn oom_kills(&self) -> u64 {
-        let file = match self.hierarchy {
-            Hierarchy::V2 => "memory.events",
-            Hierarchy::V1 => "memory.oom_control",
-        };
-        let text = fs::read_to_string(self.dir.join(file)).unwrap();
-        text.lines()
-            .find_map(|line| line.strip_prefix("oom_kill "))
-            .unwrap_or_else(|| panic!("no oom_kill in {file}: {text}"))
-            .trim()
-            .parse()
-            .unwrap()
-    }
-
-    /// As the agent reads it: the path below the hierarchy's mount.
-    fn name(&self) -> String {
-        format!("/{}", self.dir.file_name().unwrap().to_string_lossy())
-    }
-}
-
-impl Drop for MemoryCgroup {
-    fn drop(&mut self) {
-        let procs = self.dir.join("cgroup.procs");
-        for _ in 0..50 {
-            let pids = fs::read_to_string(&procs).unwrap_or_default();
-            if pids.trim().is_empty() && fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("could not remove {:?}", self.dir);
-    }
-}
-
-/// The mount of the hierarchy with the memory controller: a cgroup v2
-/// mount that offers it, else cgroup v1's memory mount.
-fn memory_mount() -> Option<(PathBuf, Hierarchy)> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mut v1 = None;
-    for line in mountinfo.lines() {
-        let Some((before, after)) = line.split_once(" - ") else {
-            continue;
-        };
-        let Some(mount_point) = before.split_whitespace().nth(4) else {
-            continue;
-        };
-        let mut filesystem = after.split_whitespace();
-        match filesystem.next() {
-            Some("cgroup2") => {
-                let controllers = Path::new(mount_point).join("cgroup.controllers");
-                if fs::read_to_string(controllers)
-                    .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"))
-                {
-                    return Some((mount_point.into(), Hierarchy::V2));
-                }
-            }
-            Some("cgroup") => {
-                let options = filesystem.nth(1).unwrap_or_default();
-                if options.split(',').any(|o| o == "memory") {
-                    v1 = Some((mount_point.into(), Hierarchy::V1));
-                }
-            }
-            _ => {}
-        }
-    }
-    v1
-}
 
 /// The leaking Python process, killed on drop if the kernel did not.
 struct Victim {
@@ -192,8 +65,8 @@ fn oom_kills_total(agent: &Agent) -> u64 {
 #[test]
 fn a_python_process_killed_for_memory_leaves_a_post_mortem_with_its_limit_heap_and_leaking_line() {
     let python = require!(pyenv("3.11"), "pyenv 3.11");
-    let Some(cgroup) = MemoryCgroup::create(LIMIT_BYTES) else {
-        eprintln!("SKIP: no cgroup hierarchy here carries the memory controller");
+    let Some(cgroup) = MemoryCgroup::create("oom", Some(LIMIT_BYTES)) else {
+        eprintln!("{NO_MEMORY_HIERARCHY}");
         return;
     };
     let dir = tempfile::tempdir().unwrap();

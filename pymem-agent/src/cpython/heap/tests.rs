@@ -11,7 +11,7 @@ use std::{
 use serde_json::Value;
 
 use super::*;
-use crate::discover::Discoverer;
+use crate::{cpython::testing::garbage, discover::Discoverer};
 
 /// One interpreter to run: a label and the command line that starts it.
 struct Python {
@@ -428,19 +428,6 @@ fn holders_are_the_globals_that_keep_the_heap_with_their_retained_bytes() {
 #[test]
 fn census_finds_large_bytes_outside_pymalloc() {
     run_everywhere(check_blobs);
-}
-
-/// A small xorshift generator: garbage without a dependency.
-fn garbage(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
 }
 
 /// Random bytes where the heap and the type objects should be.

@@ -1,5 +1,6 @@
 //! Test harness: the real `pymem` binary, real Python processes, real HTTP.
 
+pub mod cgroup;
 pub mod checks;
 pub mod interpreters;
 pub mod support;
