@@ -60,14 +60,15 @@ pub enum Skip {
     Gone,
 }
 
+/// What a binary was found to be: `Err(None)`, an executable that links
+/// libpython (look at its maps again); `Err(Some(reason))`, not usable.
+type Analysis = Result<Arc<Interpreter>, Option<String>>;
+
 /// Caches binary analysis per inode, so hundreds of processes running the
 /// same interpreter cost one ELF read.
 #[derive(Default, Clone)]
 pub struct Discoverer {
-    /// `Err(None)`: an executable that links libpython (look at its maps
-    /// again); `Err(Some(reason))`: not usable.
-    #[allow(clippy::type_complexity)]
-    cache: Arc<Mutex<HashMap<BinaryId, Result<Arc<Interpreter>, Option<String>>>>>,
+    cache: Arc<Mutex<HashMap<BinaryId, Analysis>>>,
 }
 
 impl Discoverer {
@@ -177,24 +178,38 @@ impl Discoverer {
             ino: meta.ino(),
         };
         let name = base_name(display_path);
-        let mut cache = self.cache.lock().expect("discover cache");
-        let analysis = cache
+        if let Some(known) = self.lock().get(&id) {
+            return known.clone().map(|interpreter| (id, interpreter));
+        }
+        // Read outside the lock: other inspections go on meanwhile.
+        let analysis = match elf::analyze(open_path, name) {
+            Ok(interpreter) => Ok(Arc::new(interpreter)),
+            Err(e) if e.is::<elf::LinksLibpython>() => Err(None),
+            // The file could not be read now (the process that showed it
+            // exited): a verdict on this read, not on the binary.
+            Err(e) if e.chain().any(|cause| cause.is::<std::io::Error>()) => {
+                return Err(Some(format!("{e:#}")));
+            }
+            Err(e) => Err(Some(format!("{e:#}"))),
+        };
+        self.lock()
             .entry(id)
-            .or_insert_with(|| match elf::analyze(open_path, name) {
-                Ok(interpreter) => Ok(Arc::new(interpreter)),
-                Err(e) if e.is::<elf::LinksLibpython>() => Err(None),
-                Err(e) => Err(Some(format!("{e:#}"))),
-            })
-            .clone();
-        analysis.map(|interpreter| (id, interpreter))
+            .or_insert(analysis)
+            .clone()
+            .map(|interpreter| (id, interpreter))
+    }
+
+    /// The cache, even after a panic elsewhere poisoned its lock (its
+    /// entries are whole values, never half-written).
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BinaryId, Analysis>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Forgets analysis results of binaries that no longer run.
     pub fn retain(&self, keep: impl Fn(&BinaryId) -> bool) {
-        self.cache
-            .lock()
-            .expect("discover cache")
-            .retain(|id, _| keep(id));
+        self.lock().retain(|id, _| keep(id));
     }
 }
 
@@ -272,6 +287,23 @@ mod tests {
     use procfs::FromBufRead as _;
 
     use super::*;
+
+    /// A binary that could not be read this time (the process that showed
+    /// it exited, so its /proc path vanished) is tried again next time;
+    /// one that was read is judged once.
+    #[test]
+    fn unreadable_binaries_are_not_judged_for_good() {
+        let discoverer = Discoverer::default();
+        let unreadable = tempfile::tempdir().unwrap();
+        for _ in 0..2 {
+            let verdict = discoverer.analyze_cached(unreadable.path(), "python3");
+            assert!(matches!(verdict, Err(Some(_))), "{:?}", verdict.err());
+        }
+        assert!(discoverer.lock().is_empty(), "an I/O failure was cached");
+        let not_python = discoverer.analyze_cached(std::path::Path::new("/bin/ls"), "ls");
+        assert!(matches!(not_python, Err(Some(_))));
+        assert_eq!(discoverer.lock().len(), 1, "a read binary is judged once");
+    }
 
     #[test]
     fn finds_libpython_in_maps() {
