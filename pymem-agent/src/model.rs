@@ -149,8 +149,13 @@ impl HeapHistory {
         }
     }
 
-    pub fn points(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
-        self.samples.iter().copied()
+    /// The samples as (seconds before `now`, bytes), oldest first: what
+    /// the API and post-mortems show.
+    pub fn seconds_ago(&self, now: f64) -> Vec<(f64, u64)> {
+        self.samples
+            .iter()
+            .map(|&(at, bytes)| ((now - at).max(0.0), bytes as u64))
+            .collect()
     }
 
     /// Least-squares slope (bytes/s) and R² over the last `window` seconds,

@@ -66,11 +66,7 @@ impl Observer {
         let stats = self.probes.process_stats(pid).unwrap_or(observed.stats);
         let heap = HeapBreakdown::from_stats(&stats, &observed.offsets);
         let now = Instant::now().duration_since(observed.since).as_secs_f64();
-        let mut heap_history: Vec<(f64, u64)> = observed
-            .history
-            .points()
-            .map(|(at, bytes)| ((now - at).max(0.0), bytes as u64))
-            .collect();
+        let mut heap_history = observed.history.seconds_ago(now);
         heap_history.push((0.0, heap.total()));
         let census = self.census.latest(pid);
         let process = self

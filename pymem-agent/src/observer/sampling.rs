@@ -175,11 +175,7 @@ fn process_info(
         probe_hits_per_second: o.hits_per_second,
         probe_hits_total: o.stats.probe_hits,
         observed_seconds: t,
-        heap_history: o
-            .history
-            .points()
-            .map(|(at, bytes)| (t - at, bytes as u64))
-            .collect(),
+        heap_history: o.history.seconds_ago(t),
         container_info: o.attribution.info(),
         arena_size_mismatch: o.arena_size_mismatch,
         census_unsupported: None,
