@@ -4,7 +4,7 @@ use std::{
     fs::File,
     io::{BufReader, BufWriter, Write as _},
     path::Path,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
@@ -71,7 +71,7 @@ impl SiteSnapshot {
             pid: process.pid,
             comm: process.comm,
             python_version: process.python_version,
-            taken_at: unix_seconds_now(),
+            taken_at: crate::census::unix_seconds_now(),
             heap_bytes: process.heap_bytes,
             sites: report.sites,
             attribution: Some(report.attribution),
@@ -128,10 +128,4 @@ impl SiteSnapshot {
     pub fn taken_at_unix_nanos(&self) -> i64 {
         (self.taken_at * 1e9) as i64
     }
-}
-
-fn unix_seconds_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
