@@ -291,11 +291,18 @@ impl LimitReader {
     /// is not under any cgroup mount the agent sees (a container's own
     /// cgroup namespace hides the other pods' cgroups).
     pub fn of_process(&mut self, pid: u32) -> Option<MemoryLimit> {
+        let cgroups = self.cgroups_of(pid)?;
+        self.of_cgroups(&cgroups)
+    }
+
+    /// The memory cgroups `/proc/PID/cgroup` names; `None` when the
+    /// process is gone.
+    pub fn cgroups_of(&self, pid: u32) -> Option<ProcessCgroups> {
         let text = read_bounded(
             &self.proc_dir.join(pid.to_string()).join("cgroup"),
             PROC_FILE_MAX,
         )?;
-        self.of_cgroups(&parse_proc_cgroup(&text))
+        Some(parse_proc_cgroup(&text))
     }
 
     pub fn of_cgroups(&mut self, cgroups: &ProcessCgroups) -> Option<MemoryLimit> {
@@ -425,18 +432,35 @@ impl LimitReader {
     /// The limit of an OOM victim now, for its post-mortem: read at once,
     /// as the process is about to vanish, and saying why when it cannot be
     /// known.
-    pub fn at_kill(&mut self, pid: u32) -> CgroupLimit {
+    /// The limit an OOM victim was killed under. `last_seen` is what its
+    /// `/proc/PID/cgroup` said while it ran: a dying process may no longer
+    /// show its cgroup (cgroup v1 shows exiting tasks in the root), or be
+    /// gone.
+    pub fn at_kill(&mut self, pid: u32, last_seen: Option<&ProcessCgroups>) -> CgroupLimit {
         let path = self.proc_dir.join(pid.to_string()).join("cgroup");
-        let Some(text) = read_bounded(&path, PROC_FILE_MAX) else {
-            return CgroupLimit {
-                limit_unavailable: Some(format!(
-                    "the process was gone before its cgroup could be read ({})",
-                    path.display()
-                )),
-                ..CgroupLimit::default()
-            };
+        let now = self.cgroups_of(pid);
+        let cgroups = match (now, last_seen) {
+            (Some(now), Some(seen)) => ProcessCgroups {
+                unified: now.unified.or_else(|| seen.unified.clone()),
+                // The kernel shows an exiting task of a v1 hierarchy in its
+                // root: the last place seen is where it lived.
+                memory_v1: match now.memory_v1 {
+                    Some(root) if root == "/" => seen.memory_v1.clone().or(Some(root)),
+                    other => other.or_else(|| seen.memory_v1.clone()),
+                },
+            },
+            (Some(now), None) => now,
+            (None, Some(seen)) => seen.clone(),
+            (None, None) => {
+                return CgroupLimit {
+                    limit_unavailable: Some(format!(
+                        "the process was gone before its cgroup could be read ({})",
+                        path.display()
+                    )),
+                    ..CgroupLimit::default()
+                };
+            }
         };
-        let cgroups = parse_proc_cgroup(&text);
         let cgroup = cgroups.memory_v1.clone().or(cgroups.unified.clone());
         let limit = self.of_cgroups(&cgroups);
         match limit {
@@ -766,12 +790,12 @@ garbage line
         tree.write("proc/8/cgroup", "0::/user\n");
         let mut reader = tree.reader();
         reader.start_tick();
-        let limited = reader.at_kill(7);
+        let limited = reader.at_kill(7, None);
         assert_eq!(limited.limit_bytes, Some(314_572_800));
         assert_eq!(limited.cgroup.as_deref(), Some("/svc"));
         let dir = tree.path("memory/svc").display().to_string();
         assert_eq!(limited.limit_cgroup.as_deref(), Some(dir.as_str()));
-        let unlimited = reader.at_kill(8);
+        let unlimited = reader.at_kill(8, None);
         assert_eq!(unlimited.limit_bytes, None);
         assert!(
             unlimited
@@ -779,8 +803,24 @@ garbage line
                 .unwrap()
                 .contains("below the host's"),
         );
-        let gone = reader.at_kill(9);
+        let gone = reader.at_kill(9, None);
         assert!(gone.limit_unavailable.unwrap().contains("was gone"));
+
+        // Dying, a v1 task shows in the root, or its /proc entry is gone:
+        // where it was last seen is where it was killed.
+        let seen = parse_proc_cgroup("4:memory:/svc\n0::/\n");
+        tree.write("proc/10/cgroup", "4:memory:/\n0::/\n");
+        for pid in [10, 11] {
+            let dying = reader.at_kill(pid, Some(&seen));
+            assert_eq!(dying.cgroup.as_deref(), Some("/svc"), "pid {pid}");
+            assert_eq!(dying.limit_bytes, Some(314_572_800), "pid {pid}");
+        }
+        // A move seen at the kill is believed.
+        tree.write("proc/12/cgroup", "4:memory:/other\n0::/\n");
+        assert_eq!(
+            reader.at_kill(12, Some(&seen)).cgroup.as_deref(),
+            Some("/other")
+        );
     }
 
     #[test]

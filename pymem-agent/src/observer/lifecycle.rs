@@ -252,6 +252,7 @@ impl Observer {
                 offsets: HeapOffsets::default(),
                 baseline_due,
                 gc: GcStatus::default(),
+                cgroups: self.limits.cgroups_of(pid),
             },
         );
     }

@@ -123,6 +123,9 @@ struct Observed {
     baseline_due: Option<Instant>,
     /// Whether the collector's probes count, on what, or why not.
     gc: GcStatus,
+    /// Its memory cgroups at the last sample (a dying process's
+    /// `/proc/PID/cgroup` may no longer name them).
+    cgroups: Option<crate::limits::ProcessCgroups>,
 }
 
 /// The collector's probes of one process.

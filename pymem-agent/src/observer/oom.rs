@@ -60,7 +60,7 @@ impl Observer {
         let since_kill_ns = monotonic_ns().saturating_sub(event.ts_ns);
         let observed = self.observed.get_mut(&pid).expect("the victim is observed");
         let (sampled, unreadable_stacks) = observed.sites_at_kill(&self.probes);
-        let memory_limit = self.limits.at_kill(pid);
+        let memory_limit = self.limits.at_kill(pid, observed.cgroups.as_ref());
         let mut top_sites = sites::keys::regroup(&sampled, GroupBy::default());
         top_sites.truncate(TOP_SITES);
         let stats = self.probes.process_stats(pid).unwrap_or(observed.stats);

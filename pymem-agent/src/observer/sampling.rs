@@ -52,7 +52,13 @@ impl Observer {
             observed.history.push(t, heap.total(), retain);
             // Read each tick, as statm is: a process can be moved to
             // another cgroup, and limits and usage change.
-            let limit = self.limits.of_process(pid);
+            let cgroups = self.limits.cgroups_of(pid);
+            let limit = cgroups
+                .as_ref()
+                .and_then(|cgroups| self.limits.of_cgroups(cgroups));
+            if cgroups.is_some() {
+                observed.cgroups = cgroups;
+            }
             let mut info = process_info(observed, heap, t, &self.config.policy, limit);
             info.census_unsupported = self.census.unsupported(pid).map(str::to_owned);
             if info.leak_suspected {
