@@ -70,15 +70,47 @@ pub struct Interpreter {
 /// extension module only imports them).
 const INTERPRETER_SYMBOLS: [&str; 2] = ["PyObject_Malloc", "Py_Initialize"];
 
+/// Largest binary read for analysis: libpython and static interpreters are
+/// tens of MiB; a file far larger is not an interpreter worth reading.
+pub const MAX_BINARY_BYTES: u64 = 512 << 20;
+
 /// Reads an interpreter binary. `name_hint` is the file name (used only when
 /// the binary carries no version of its own, and for `t` builds).
+///
+/// The file is read, not mapped: its owner can truncate it at any time,
+/// and a mapping would then kill the agent with SIGBUS.
 pub fn analyze(path: &Path, name_hint: &str) -> Result<Interpreter> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: read-only private mapping; a binary changing under a running
-    // process is already undefined behaviour for that process.
-    let data = unsafe { memmap2::Mmap::map(&file) }
-        .with_context(|| format!("mapping {}", path.display()))?;
+    let data = read_binary(path)?;
     analyze_bytes(&data, name_hint)
+}
+
+/// The whole file at `path`, at most [`MAX_BINARY_BYTES`].
+pub fn read_binary(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = file
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    if len > MAX_BINARY_BYTES {
+        bail!(
+            "{} is {len} bytes, more than the {MAX_BINARY_BYTES} an interpreter binary is read up to",
+            path.display()
+        );
+    }
+    // The size may change while reading (a file being rewritten): read no
+    // more than the bound whatever it said.
+    let mut data = Vec::with_capacity(len as usize);
+    file.take(MAX_BINARY_BYTES + 1)
+        .read_to_end(&mut data)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if data.len() as u64 > MAX_BINARY_BYTES {
+        bail!(
+            "{} grew past {MAX_BINARY_BYTES} bytes while being read",
+            path.display()
+        );
+    }
+    Ok(data)
 }
 
 /// The file is an executable that loads CPython from `libpython3.X.so`: the
@@ -337,6 +369,61 @@ mod tests {
             checked += 1;
         }
         assert!(checked >= 3, "only {checked} pyenv interpreters found");
+    }
+
+    /// A user can truncate a library they own while it is being analysed:
+    /// an error or an analysis, never a crash (a mapping dies of SIGBUS).
+    #[test]
+    fn a_binary_truncated_while_read_is_never_a_crash() {
+        let (lib, _) = testing::pyenv_libpythons_or_skip()
+            .into_iter()
+            .next()
+            .expect("a pyenv libpython");
+        let real = std::fs::read(&lib).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let name = testing::file_name(&lib);
+        let path = dir.path().join(&name);
+        std::fs::write(&path, &real).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let truncator = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                let mut cuts = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let len = real.len() as u64;
+                    file.set_len(len / 2 - cuts % (len / 4)).unwrap();
+                    std::thread::yield_now();
+                    file.set_len(0).unwrap();
+                    std::fs::write(&path, &real).unwrap();
+                    cuts += 4099;
+                }
+            })
+        };
+        let (mut analysed, mut refused) = (0, 0);
+        for _ in 0..40 {
+            match analyze(&path, &name) {
+                Ok(_) => analysed += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        truncator.join().unwrap();
+        assert_eq!(analysed + refused, 40);
+        if let Err(e) = analyze(&path, &name) {
+            panic!("the whole file again: {e:#}");
+        }
+    }
+
+    #[test]
+    fn a_binary_over_the_bound_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("libpython3.11.so.1.0");
+        let file = std::fs::File::create(&path).unwrap();
+        // Sparse: no disk used.
+        file.set_len(MAX_BINARY_BYTES + 1).unwrap();
+        let err = analyze(&path, "libpython3.11.so.1.0").unwrap_err();
+        assert!(format!("{err:#}").contains("more than"), "{err:#}");
     }
 
     #[test]
