@@ -451,6 +451,13 @@ pub struct AgentInfo {
     /// post-mortem in `Snapshot::oom_kills` until newer ones push it out).
     #[serde(default)]
     pub oom_kills_total: u64,
+    /// Inspections of new processes dropped because their queue was full
+    /// (the next scan of /proc finds those processes).
+    #[serde(default)]
+    pub inspections_dropped_total: u64,
+    /// Processes waiting to be inspected now.
+    #[serde(default)]
+    pub inspections_pending: usize,
 }
 
 /// What pymem knew of an observed Python process when the kernel's OOM

@@ -44,6 +44,9 @@ pub struct PythonProcess {
     pub comm: String,
     pub cmdline: String,
     pub binary: Binary,
+    /// When it started, in clock ticks since boot (`/proc/PID/stat`): with
+    /// the pid, its identity, as pids are reused within minutes.
+    pub start_ticks: u64,
 }
 
 /// Why a process is not observed.
@@ -97,6 +100,7 @@ impl Discoverer {
             Err(e) => return Err(Skip::NotPython(format!("no executable: {e}"))),
         };
         let process = Process::new(pid as i32).map_err(|_| Skip::Gone)?;
+        let start_ticks = start_ticks(pid).ok_or(Skip::Gone)?;
         let maps = process.maps().map_err(|_| Skip::Gone)?;
         let comm = std::fs::read_to_string(proc_dir.join("comm")).unwrap_or_default();
         // Every mapped libpython, then the executable: a process may map a
@@ -147,7 +151,7 @@ impl Discoverer {
             .as_ref()
             .and_then(|ids| ids.last().copied())
             .unwrap_or(pid as i32) as u32;
-        let cmdline = std::fs::read(proc_dir.join("cmdline"))
+        let cmdline = read_cmdline(&proc_dir)
             .map(|raw| {
                 raw.split(|&b| b == 0)
                     .filter(|part| !part.is_empty())
@@ -156,12 +160,18 @@ impl Discoverer {
                     .join(" ")
             })
             .unwrap_or_default();
+        // What was read by path belongs to the process that started then,
+        // not to a successor that took its pid meanwhile.
+        if self::start_ticks(pid) != Some(start_ticks) {
+            return Err(Skip::Gone);
+        }
         Ok(PythonProcess {
             pid,
             ns_pid,
             comm: status.name,
             cmdline,
             binary,
+            start_ticks,
         })
     }
 
@@ -236,6 +246,27 @@ pub fn is_running(pid: u32) -> bool {
         .and_then(|p| p.stat())
         .map(|stat| !matches!(stat.state, 'Z' | 'X' | 'x'))
         .unwrap_or(false)
+}
+
+/// When `pid` started, in clock ticks since boot; `None` when it is gone.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    Process::new(i32::try_from(pid).ok()?)
+        .and_then(|p| p.stat())
+        .ok()
+        .map(|stat| stat.starttime)
+}
+
+/// Longest command line kept: the kernel gives all of the argument area,
+/// which a process sizes itself.
+const CMDLINE_MAX: u64 = 64 << 10;
+
+fn read_cmdline(proc_dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut raw = Vec::new();
+    std::fs::File::open(proc_dir.join("cmdline"))?
+        .take(CMDLINE_MAX)
+        .read_to_end(&mut raw)?;
+    Ok(raw)
 }
 
 /// True when `pid` is a thread-group leader (a process, not a thread).

@@ -260,6 +260,11 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
         agent.malformed_records_total,
     )?;
     plain_counter(
+        "pymem_inspections_dropped_total",
+        "Inspections of new processes dropped because their queue was full (the next scan finds them)",
+        agent.inspections_dropped_total,
+    )?;
+    plain_counter(
         "pymem_live_map_full_total",
         "Allocations not tracked because a kernel live-block map was full",
         agent.live_map_full_total,
@@ -301,6 +306,11 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
         "pymem_attached_binaries",
         "Interpreter binaries with arena probes attached",
         agent.attached_binaries as f64,
+    )?;
+    plain_gauge(
+        "pymem_inspections_pending",
+        "Processes waiting to be inspected (new ones, and retries while the loader maps libpython)",
+        agent.inspections_pending as f64,
     )?;
     plain_gauge(
         "pymem_probe_links",

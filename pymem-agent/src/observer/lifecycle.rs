@@ -59,46 +59,44 @@ impl Observer {
         }
     }
 
-    /// Inspects one process off the loop. Right after exec the loader may
-    /// not have mapped libpython yet: retry for up to ~1 s.
-    pub(super) fn spawn_inspect(&self, pid: u32, after_exec: bool) {
-        let discoverer = self.discoverer.clone();
-        let tx = self.found_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            if !after_exec && !discover::is_process(pid) {
-                return; // a new thread, not a new process
+    /// Queues an inspection of `pid`; results of earlier requests of it
+    /// are stale from now on.
+    pub(super) fn inspect(&mut self, pid: u32, found_by: FoundBy) {
+        let ticket = self.take_ticket();
+        self.newest_ticket.insert(pid, ticket);
+        if !self.inspections.request(pid, found_by, ticket) {
+            debug!("pid {pid}: inspection queue full; the next scan looks at it");
+        }
+    }
+
+    fn take_ticket(&mut self) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        ticket
+    }
+
+    /// Whether a result of `pid` with `ticket` is its newest: a fork
+    /// inspected before the exec that followed it, or a scan that read a
+    /// pid before it was reused, is not.
+    pub(super) fn is_current(&mut self, pid: u32, ticket: u64) -> bool {
+        match self.newest_ticket.get(&pid) {
+            Some(&newest) if newest > ticket => {
+                debug!("pid {pid}: dropping a stale inspection (ticket {ticket} < {newest})");
+                false
             }
-            // The dynamic loader maps libpython within milliseconds, or
-            // seconds on a starved machine.
-            let delays_ms = [0u64, 10, 20, 40, 80, 150, 250, 400, 500, 1000, 1000, 1500];
-            let mut last = Skip::Gone;
-            for delay in delays_ms {
-                std::thread::sleep(Duration::from_millis(delay));
-                match discoverer.inspect(pid) {
-                    Ok(process) => {
-                        let _ = tx.send(Found::Python {
-                            process: Box::new(process),
-                            found_by: if after_exec {
-                                FoundBy::Exec
-                            } else {
-                                FoundBy::Fork
-                            },
-                        });
-                        return;
-                    }
-                    Err(Skip::NotYetMapped) => last = Skip::NotYetMapped,
-                    Err(skip) => {
-                        last = skip;
-                        break;
-                    }
+            Some(&newest) => {
+                if newest == ticket {
+                    self.newest_ticket.remove(&pid);
                 }
+                true
             }
-            let _ = tx.send(Found::Skipped(pid, last));
-        });
+            None => true,
+        }
     }
 
     /// Scans /proc for processes not yet known.
-    pub(super) fn spawn_scan(&self) {
+    pub(super) fn spawn_scan(&mut self) {
+        let ticket = self.take_ticket();
         let known: HashSet<u32> = self
             .observed
             .keys()
@@ -118,14 +116,15 @@ impl Observer {
                     Ok(process) => Found::Python {
                         process: Box::new(process),
                         found_by: FoundBy::Scan,
+                        ticket,
                     },
-                    Err(skip) => Found::Skipped(pid, skip),
+                    Err(skip) => Found::Skipped(pid, skip, ticket),
                 };
                 if tx.send(found).is_err() {
                     return;
                 }
             }
-            let _ = tx.send(Found::ScanDone(pids));
+            let _ = tx.send(Found::ScanDone(pids, ticket));
         });
     }
 
@@ -146,8 +145,11 @@ impl Observer {
         }
     }
 
-    pub(super) fn on_scan_done(&mut self, pids: &HashSet<u32>) {
+    pub(super) fn on_scan_done(&mut self, pids: &HashSet<u32>, ticket: u64) {
         self.skipped.retain(|pid| pids.contains(pid));
+        // A request older than this scan whose result never came (dropped
+        // from a full queue) was answered by the scan.
+        self.newest_ticket.retain(|_, newest| *newest > ticket);
         // The scan's pid list is older than processes observed since (exec
         // events): ask procfs, not the list.
         let gone: Vec<u32> = self
@@ -164,8 +166,12 @@ impl Observer {
     pub(super) fn observe(&mut self, process: PythonProcess, found_by: FoundBy) {
         let forked = found_by == FoundBy::Fork;
         let pid = process.pid;
-        if self.observed.contains_key(&pid) {
-            return;
+        if let Some(observed) = self.observed.get(&pid) {
+            if observed.process.start_ticks == process.start_ticks {
+                return;
+            }
+            // The observed one exited unseen and its pid was reused.
+            self.forget(pid);
         }
         let interp = &process.binary.interpreter;
         if interp.free_threaded {

@@ -11,6 +11,7 @@
 //! - `sampling`: the periodic sample into a `Snapshot`, and map sweeps;
 //! - `oom`: post-mortems of processes the kernel kills for memory.
 pub mod config;
+mod inspect;
 mod lifecycle;
 mod oom;
 mod sampling;
@@ -74,15 +75,18 @@ enum FoundBy {
     Scan,
 }
 
-/// Results of work done off the loop.
+/// Results of work done off the loop. Inspections carry the ticket of their
+/// request, so that a result older than the pid's newest request is known
+/// to be stale.
 enum Found {
     Python {
         process: Box<PythonProcess>,
         found_by: FoundBy,
+        ticket: u64,
     },
-    Skipped(u32, Skip),
-    /// The full scan finished; the set of pids seen in /proc.
-    ScanDone(HashSet<u32>),
+    Skipped(u32, Skip, u64),
+    /// The full scan of this ticket finished; the set of pids seen in /proc.
+    ScanDone(HashSet<u32>, u64),
     /// What a process's memory said of its stack layout.
     StackCheck(Box<stacks::LayoutChecked>),
     /// An object census finished.
@@ -164,6 +168,13 @@ pub struct Observer {
     stats_reader: StatsReader,
     /// Memory limits of the observed processes' cgroups, read each sample.
     limits: LimitReader,
+    /// Inspections of processes that exec'd or forked.
+    inspections: inspect::Inspections,
+    /// The ticket of the next inspection or scan.
+    next_ticket: u64,
+    /// The newest inspection ticket of each pid whose result is still to
+    /// come: older results of that pid are stale.
+    newest_ticket: HashMap<u32, u64>,
 }
 
 impl Observer {
@@ -176,11 +187,13 @@ impl Observer {
         let stats_reader = probes.stats_reader();
         let (found_tx, found_rx) = mpsc::unbounded_channel();
         let (query_tx, queries) = mpsc::channel(16);
+        let discoverer = Discoverer::default();
+        let inspections = inspect::Inspections::start(discoverer.clone(), found_tx.clone());
         Ok((
             Self {
                 config,
                 probes,
-                discoverer: Discoverer::default(),
+                discoverer,
                 observed: HashMap::new(),
                 skipped: HashSet::new(),
                 failed_binaries: HashSet::new(),
@@ -195,6 +208,9 @@ impl Observer {
                 census: CensusStage::new(config.census),
                 stats_reader,
                 limits: LimitReader::new(),
+                inspections,
+                next_ticket: 1,
+                newest_ticket: HashMap::new(),
             },
             events,
             query_tx,
@@ -254,9 +270,9 @@ impl Observer {
                     self.forget(pid);
                 }
                 self.skipped.remove(&pid);
-                self.spawn_inspect(pid, true);
+                self.inspect(pid, FoundBy::Exec);
             }
-            event_kind::FORK => self.spawn_inspect(pid, false),
+            event_kind::FORK => self.inspect(pid, FoundBy::Fork),
             event_kind::EXIT => self.forget(pid),
             event_kind::BUDGET_EXCEEDED => self.over_budget(pid, event.size),
             event_kind::OOM_KILL => self.on_oom_kill(&event),
@@ -284,9 +300,21 @@ impl Observer {
 
     fn on_found(&mut self, found: Found) {
         match found {
-            Found::Python { process, found_by } => self.observe(*process, found_by),
-            Found::Skipped(pid, skip) => self.on_skipped(pid, skip),
-            Found::ScanDone(pids) => self.on_scan_done(&pids),
+            Found::Python {
+                process,
+                found_by,
+                ticket,
+            } => {
+                if self.is_current(process.pid, ticket) {
+                    self.observe(*process, found_by);
+                }
+            }
+            Found::Skipped(pid, skip, ticket) => {
+                if self.is_current(pid, ticket) {
+                    self.on_skipped(pid, skip);
+                }
+            }
+            Found::ScanDone(pids, ticket) => self.on_scan_done(&pids, ticket),
             Found::StackCheck(checked) => self.on_layout_checked(*checked),
             Found::Census(done) => {
                 self.rebase(&done);

@@ -6,7 +6,7 @@ use std::{
     time::Instant,
 };
 
-use log::warn;
+use log::{info, warn};
 
 use super::{Observed, Observer};
 use crate::{
@@ -27,14 +27,21 @@ impl Observer {
         let retain = self.config.history.as_secs_f64();
         let mut processes = Vec::with_capacity(self.observed.len());
         let mut gone = Vec::new();
+        let mut reused = Vec::new();
         let mut automatic = Vec::new();
         self.limits.start_tick();
         for (&pid, observed) in self.observed.iter_mut() {
-            let Ok(statm) = procfs::process::Process::new(pid as i32).and_then(|p| p.statm())
+            let Ok((stat, statm)) =
+                procfs::process::Process::new(pid as i32).and_then(|p| Ok((p.stat()?, p.statm()?)))
             else {
                 gone.push(pid);
                 continue;
             };
+            // Its exit was missed (events lost) and the pid taken since.
+            if stat.starttime != observed.process.start_ticks {
+                reused.push(pid);
+                continue;
+            }
             observed.rss_bytes = statm.resident * page_size;
             observed.attribution.resolve(self.pods.as_ref());
             let stats = self.probes.process_stats(pid).unwrap_or_default();
@@ -73,8 +80,15 @@ impl Observer {
         for pid in gone {
             self.forget(pid);
         }
+        for pid in reused {
+            info!("pid {pid}: now another process (its start time changed); inspecting it anew");
+            self.forget(pid);
+            self.inspect(pid, super::FoundBy::Scan);
+        }
         processes.sort_by_key(|p| p.pid);
         self.info.events_lost_total = self.probes.events_lost();
+        self.info.inspections_dropped_total = self.inspections.dropped();
+        self.info.inspections_pending = self.inspections.pending();
         self.info.live_map_full_total = self.probes.live_map_full();
         self.info.kernel_errors_total = self
             .probes
