@@ -458,6 +458,10 @@ pub struct AgentInfo {
     /// Processes waiting to be inspected now.
     #[serde(default)]
     pub inspections_pending: usize,
+    /// Entries of the kernel maps that are swept (stacks, live blocks,
+    /// per-process counters) after their last sweep, by map.
+    #[serde(default)]
+    pub kernel_map_entries: BTreeMap<String, u64>,
 }
 
 /// What pymem knew of an observed Python process when the kernel's OOM

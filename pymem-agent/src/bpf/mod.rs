@@ -131,6 +131,11 @@ impl Probes {
         self.maps.kernel_errors()
     }
 
+    /// Entries of the swept kernel maps after their last sweep.
+    pub fn map_entries(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        self.sweeper.entries()
+    }
+
     pub fn attached_binaries(&self) -> usize {
         self.links.attached_binaries()
     }

@@ -2,7 +2,7 @@
 //! stacks no observed process refers to any more, off the observer's
 //! thread: the maps are walked one bpf syscall per key.
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     sync::{
         Arc, Condvar, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -11,6 +11,7 @@ use std::{
 };
 
 use log::{debug, warn};
+use pymem_common::names::map;
 
 use super::maps::SweptMaps;
 
@@ -26,6 +27,8 @@ struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     stop: AtomicBool,
+    /// Entries of each swept map after its last sweep.
+    entries: Mutex<BTreeMap<&'static str, usize>>,
 }
 
 #[derive(Default)]
@@ -82,6 +85,16 @@ impl Sweeper {
         self.shared.wake.notify_one();
     }
 
+    /// Entries of each swept map after its last sweep: how full the
+    /// kernel's maps stay.
+    pub(super) fn entries(&self) -> BTreeMap<&'static str, usize> {
+        self.shared
+            .entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
     /// Stops the worker, abandoning a sweep in flight.
     pub(super) fn finish(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
@@ -103,6 +116,13 @@ impl Shared {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn record_entries(&self, map: &'static str, entries: usize) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(map, entries);
     }
 
     fn stopping(&self) -> bool {
@@ -157,6 +177,7 @@ impl Shared {
                         found.len()
                     );
                 }
+                self.record_entries(map::STACKS, found.len() - removed);
             }
             let Some(alive) = work.alive else { continue };
             for (name, map) in &mut maps.live {
@@ -172,14 +193,17 @@ impl Shared {
                 if removed > 0 {
                     debug!("swept {removed} entries of exited processes from {name}");
                 }
+                self.record_entries(name, keys.len() - removed);
             }
             let pids: Vec<u32> = maps.stats.keys().flatten().collect();
+            let mut left = pids.len();
             for pid in self.dead(&alive, pids.into_iter()) {
                 if self.stopping() {
                     return;
                 }
-                let _ = maps.stats.remove(&pid);
+                left -= usize::from(maps.stats.remove(&pid).is_ok());
             }
+            self.record_entries(map::PROC_STATS, left);
         }
     }
 }

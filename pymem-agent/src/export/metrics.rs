@@ -282,6 +282,21 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
     for (map, errors) in &agent.kernel_errors_total {
         kernel_errors.with_label_values(&[map]).inc_by(*errors);
     }
+    let map_entries = registered(
+        &registry,
+        IntGaugeVec::new(
+            Opts::new(
+                "pymem_kernel_map_entries",
+                "Entries of a kernel map after its last sweep (capacities: STACKS 32768, PROC_STATS 16384, ARENAS 262144, RAW_LIVE 1048576, EXT_LIVE 262144, SYS_LIVE 65536)",
+            ),
+            &["map"],
+        )?,
+    )?;
+    for (map, entries) in &agent.kernel_map_entries {
+        map_entries
+            .with_label_values(&[map])
+            .set(i64::try_from(*entries).unwrap_or(i64::MAX));
+    }
     plain_counter(
         "pymem_skipped_processes_total",
         "Python-looking processes that could not be observed (see the agent log)",

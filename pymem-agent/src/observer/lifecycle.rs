@@ -52,6 +52,13 @@ impl Observer {
 
     pub(super) fn forget(&mut self, pid: u32) {
         if self.observed.remove(&pid).is_some() {
+            // Not served until the next sample: after an exec the process
+            // is something else already.
+            self.snapshot
+                .write()
+                .expect("snapshot lock")
+                .processes
+                .retain(|p| p.pid != pid);
             self.census.forget(pid);
             self.probes.forget_process(pid);
             self.exits_since_sweep += 1;

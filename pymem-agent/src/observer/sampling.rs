@@ -89,6 +89,12 @@ impl Observer {
         self.info.events_lost_total = self.probes.events_lost();
         self.info.inspections_dropped_total = self.inspections.dropped();
         self.info.inspections_pending = self.inspections.pending();
+        self.info.kernel_map_entries = self
+            .probes
+            .map_entries()
+            .into_iter()
+            .map(|(map, entries)| (map.to_owned(), entries as u64))
+            .collect();
         self.info.live_map_full_total = self.probes.live_map_full();
         self.info.kernel_errors_total = self
             .probes
