@@ -16,6 +16,11 @@ pub fn get_json(addr: SocketAddr, path: &str) -> Result<Value> {
     serde_json::from_str(&body).with_context(|| format!("GET http://{addr}{path}: not JSON"))
 }
 
+/// A text answer, such as `/metrics`.
+pub fn get_text(addr: SocketAddr, path: &str) -> Result<String> {
+    get(addr, path).with_context(|| format!("GET http://{addr}{path}"))
+}
+
 fn get(addr: SocketAddr, path: &str) -> Result<String> {
     let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
     stream.set_read_timeout(Some(TIMEOUT))?;

@@ -100,7 +100,7 @@ fn measure_footprint(
 }
 
 /// A `kB` field of /proc/PID/status, e.g. VmRSS.
-fn status_kib(pid: u32, field: &str) -> Result<u64> {
+pub(super) fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
@@ -110,7 +110,7 @@ fn status_kib(pid: u32, field: &str) -> Result<u64> {
 }
 
 /// utime + stime of all the process's threads, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
+pub(super) fn cpu_ticks(pid: u32) -> Result<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     parse_cpu_ticks(&stat).with_context(|| format!("malformed /proc/{pid}/stat"))
 }
@@ -124,7 +124,7 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-fn clock_ticks_per_second() -> f64 {
+pub(super) fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if ticks > 0 { ticks as f64 } else { 100.0 }

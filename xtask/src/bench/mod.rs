@@ -6,6 +6,7 @@ mod api;
 mod census;
 mod idle;
 mod overhead;
+mod soak;
 
 use std::{fs, path::PathBuf};
 
@@ -24,6 +25,9 @@ pub enum BenchCommand {
     /// What an object census costs (pause, copy, parse, agent memory) for
     /// heaps of ~100 MiB and ~1 GiB.
     Census(census::CensusArgs),
+    /// The agent under process churn for minutes: its memory, its maps,
+    /// what it loses or misses, and the accuracy of long-lived leakers.
+    Soak(soak::SoakArgs),
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
@@ -44,6 +48,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Overhead(args) => overhead::run(&args, &bench),
         BenchCommand::Idle(args) => idle::run(&args, &bench),
         BenchCommand::Census(args) => census::run(&args, &bench),
+        BenchCommand::Soak(args) => soak::run(&args, &bench),
     }
 }
 
