@@ -271,7 +271,8 @@ impl Observer {
     }
 
     fn attach_failed(&mut self, pid: u32, comm: &str, e: anyhow::Error) {
-        if discover::is_process(pid) {
+        // A zombie still has its /proc entry, but nothing to attach to.
+        if discover::is_running(pid) {
             self.info.attach_errors_total += 1;
             warn!("pid {pid} ({comm}): attaching failed: {e:#}");
         } else {
