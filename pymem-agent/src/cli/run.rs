@@ -88,7 +88,12 @@ pub struct RunArgs {
     #[command(flatten)]
     pub options: RecordOptions,
     /// The command to run, with its arguments (after `--`).
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
     pub command: Vec<OsString>,
 }
 
@@ -148,7 +153,9 @@ pub fn run_command(args: RunArgs) -> Result<i32> {
         .collect::<Vec<_>>()
         .join(" ");
     let summary = summarize(recorder, &source, options, target, Some(exit));
-    finish(&summary, options, exit)
+    let status = finish(&summary, options, exit);
+    leave_probes_to_the_kernel(source);
+    status
 }
 
 /// Records running processes; the exit status to end with.
@@ -169,10 +176,11 @@ pub fn run_record(args: RecordArgs) -> Result<i32> {
         "pymem record: recording {} ({}){}",
         join_pids(&roots),
         source.describe(),
-        args.duration.map_or(" until they exit or Ctrl-C".to_string(), |d| format!(
-            " for {}",
-            humantime::format_duration(d)
-        ))
+        args.duration
+            .map_or(" until they exit or Ctrl-C".to_string(), |d| format!(
+                " for {}",
+                humantime::format_duration(d)
+            ))
     );
     record_while(&source, &mut recorder, options, |recorder| {
         let interrupted = !signals::take().is_empty();
@@ -185,7 +193,16 @@ pub fn run_record(args: RecordArgs) -> Result<i32> {
     });
     let target = format!("pymem record {}", join_pids(&roots));
     let summary = summarize(recorder, &source, options, target, None);
-    finish(&summary, options, 0)
+    let status = finish(&summary, options, 0);
+    leave_probes_to_the_kernel(source);
+    status
+}
+
+/// Does not stop the embedded observer: detaching its probes one by one
+/// takes seconds per process observed on the host, while the kernel drops
+/// them all when this process exits, which it is about to.
+fn leave_probes_to_the_kernel(source: Source) {
+    std::mem::forget(source);
 }
 
 fn join_pids(pids: &[u32]) -> String {
@@ -203,9 +220,12 @@ fn record_while<T>(
     options: &RecordOptions,
     mut done: impl FnMut(&Recorder) -> Option<T>,
 ) -> Option<T> {
-    let interval = options.observe.sample_interval.max(Duration::from_millis(100));
+    let interval = options
+        .observe
+        .sample_interval
+        .max(Duration::from_millis(100));
     let shelf = recorder.census_shelf();
-    let started = Instant::now();
+    let started = recorder.started();
     std::thread::scope(|scope| {
         if !options.no_census {
             let shelf = shelf.clone();
@@ -298,9 +318,12 @@ fn quiet_logging() {
 /// it answers, else an embedded observer.
 fn connect(options: &RecordOptions) -> Result<Source> {
     let embedded = || -> Result<Source> {
-        Ok(Source::Embedded(EmbeddedObserver::start(
-            options.observe.observer_config(),
-        )?))
+        let mut config = options.observe.observer_config();
+        // The recording censuses its own processes (which also measures
+        // what they held before); a census of every other Python process
+        // on the host would only queue ahead of them.
+        config.census.baseline = false;
+        Ok(Source::Embedded(EmbeddedObserver::start(config)?))
     };
     if options.embedded {
         return embedded();
@@ -351,8 +374,7 @@ mod signals {
     const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
     static PENDING: AtomicU64 = AtomicU64::new(0);
-    static HAD_TERMINAL: std::sync::atomic::AtomicBool =
-        std::sync::atomic::AtomicBool::new(false);
+    static HAD_TERMINAL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
     extern "C" fn note(signal: libc::c_int) {
         PENDING.fetch_or(1 << signal, Ordering::SeqCst);

@@ -94,6 +94,11 @@ impl<'a> Recorder<'a> {
         }
     }
 
+    /// When the run started: the time base of every reading.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     pub fn seconds(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
     }
@@ -165,33 +170,35 @@ impl<'a> Recorder<'a> {
         &self.alive
     }
 
-    /// Takes a census of each live member every `CENSUS_INTERVAL` until
-    /// `finish`; run it on a thread of its own.
+    /// Takes a census of each live member as soon as it is seen and then
+    /// every `CENSUS_INTERVAL`, until `finish`; run it on a thread of its
+    /// own.
     pub fn census_loop(source: &Source, shelf: &CensusShelf, started: Instant) {
+        let mut due: HashMap<u32, Instant> = HashMap::new();
         while !shelf.stop.load(Ordering::Relaxed) {
-            let round = Instant::now();
             let wanted = lock(&shelf.wanted).clone();
-            for pid in wanted {
-                if shelf.stop.load(Ordering::Relaxed) {
-                    return;
+            let now = Instant::now();
+            let next = wanted
+                .into_iter()
+                .find(|pid| due.get(pid).is_none_or(|&at| at <= now));
+            let Some(pid) = next else {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            };
+            due.insert(pid, now + CENSUS_INTERVAL);
+            match source.census(pid, Duration::ZERO, false, 0) {
+                Ok(report) => {
+                    let t = started.elapsed().as_secs_f64();
+                    let mut taken = lock(&shelf.taken);
+                    let censuses = taken.entry(pid).or_default();
+                    censuses.push((t, report.census.heap));
+                    thin(censuses, MAX_SNAPSHOTS);
+                    lock(&shelf.errors).remove(&pid);
                 }
-                match source.census(pid, Duration::ZERO, false, 0) {
-                    Ok(report) => {
-                        let t = started.elapsed().as_secs_f64();
-                        let mut taken = lock(&shelf.taken);
-                        let censuses = taken.entry(pid).or_default();
-                        censuses.push((t, report.census.heap));
-                        thin(censuses, MAX_SNAPSHOTS);
-                        lock(&shelf.errors).remove(&pid);
-                    }
-                    Err(e) => {
-                        debug!("census of {pid}: {e:#}");
-                        lock(&shelf.errors).insert(pid, format!("{e:#}"));
-                    }
+                Err(e) => {
+                    debug!("census of {pid}: {e:#}");
+                    lock(&shelf.errors).insert(pid, format!("{e:#}"));
                 }
-            }
-            while round.elapsed() < CENSUS_INTERVAL && !shelf.stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(50));
             }
         }
     }
@@ -269,7 +276,9 @@ fn thin<T>(items: &mut Vec<T>, max: usize) {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -460,7 +460,11 @@ pub fn render_text(summary: &RunSummary) -> String {
         summary.target,
         format::duration(summary.duration_seconds),
         summary.processes.len(),
-        if summary.processes.len() == 1 { "" } else { "es" },
+        if summary.processes.len() == 1 {
+            ""
+        } else {
+            "es"
+        },
         summary.source,
         summary.warmup,
     );
@@ -579,7 +583,9 @@ pub fn github_annotations(summary: &RunSummary, cwd: &std::path::Path) -> String
                 let total: i64 = p.growing_sites.iter().map(|s| s.growth_bytes).sum();
                 p.growing_sites
                     .iter()
-                    .filter(|s| s.line > 0 && s.growth_bytes as f64 >= total as f64 * ANNOTATED_SHARE)
+                    .filter(|s| {
+                        s.line > 0 && s.growth_bytes as f64 >= total as f64 * ANNOTATED_SHARE
+                    })
                     .take(ANNOTATED_SITES)
                     .collect()
             }
@@ -597,13 +603,11 @@ pub fn github_annotations(summary: &RunSummary, cwd: &std::path::Path) -> String
             let file = std::path::Path::new(&site.file);
             let file = file.strip_prefix(cwd).unwrap_or(file);
             let message = format!(
-                "{} grew {} at {} ({}:{}) — {}",
-                process.map(describe).unwrap_or_default(),
-                signed_bytes(site.growth_bytes as f64),
+                "memory leak: {} holds {} more after the warm-up in {}: {}",
                 site.function,
-                site.file,
-                site.line,
-                failure.reason
+                signed_bytes(site.growth_bytes as f64),
+                process.map(describe).unwrap_or_default(),
+                process.map_or(failure.reason.as_str(), |p| p.verdict.reason.as_str()),
             );
             out.push_str(&format!(
                 "::error file={},line={},title={}::{}\n",

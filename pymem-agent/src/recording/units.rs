@@ -23,7 +23,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "mb" => 1e6,
         "gb" => 1e9,
         "tb" => 1e12,
-        other => return Err(format!("{other:?} is not a size unit (B, KiB, MiB, GiB, TiB, kB, MB, GB, TB)")),
+        other => {
+            return Err(format!(
+                "{other:?} is not a size unit (B, KiB, MiB, GiB, TiB, kB, MB, GB, TB)"
+            ));
+        }
     };
     let bytes = value * scale;
     if !bytes.is_finite() || bytes > u64::MAX as f64 {
@@ -80,7 +84,9 @@ pub fn parse_warmup(text: &str) -> Result<Warmup, String> {
             .parse()
             .map_err(|_| format!("{text:?} is not a percentage"))?;
         if !(0.0..100.0).contains(&share) {
-            return Err(format!("{text:?}: the warm-up must be under 100% of the run"));
+            return Err(format!(
+                "{text:?}: the warm-up must be under 100% of the run"
+            ));
         }
         return Ok(Warmup::Share(share / 100.0));
     }

@@ -37,9 +37,13 @@ fn growth_that_levels_off_is_a_plateau() {
 
 #[test]
 fn up_and_down_is_churn_and_little_growth_is_flat() {
-    let sawtooth = samples(|t| 50.0 * MIB + ((t * 2.0) as u64 % 4) as f64 * 8.0 * MIB + t * 0.1 * MIB);
+    let sawtooth =
+        samples(|t| 50.0 * MIB + ((t * 2.0) as u64 % 4) as f64 * 8.0 * MIB + t * 0.1 * MIB);
     let v = verdict_of(&sawtooth);
-    assert!(matches!(v.kind, VerdictKind::Churn | VerdictKind::Flat), "{v:?}");
+    assert!(
+        matches!(v.kind, VerdictKind::Churn | VerdictKind::Flat),
+        "{v:?}"
+    );
     assert!(!v.leaking);
     let v = verdict_of(&samples(|t| 50.0 * MIB + t * 1000.0));
     assert_eq!(v.kind, VerdictKind::Flat, "{v:?}");
@@ -119,7 +123,11 @@ fn checks_fail_on_a_leak_a_peak_and_a_rate_over_their_limits() {
     );
     let checks: Vec<&str> = failed.iter().map(|f| f.check.as_str()).collect();
     assert_eq!(checks, ["leak", "max_heap", "max_growth"]);
-    assert!(failed[0].reason.contains("leak (/repo/app/leaky.py:7"), "{}", failed[0].reason);
+    assert!(
+        failed[0].reason.contains("leak (/repo/app/leaky.py:7"),
+        "{}",
+        failed[0].reason
+    );
     let generous = Checks {
         fail_on_leak: false,
         max_heap_bytes: Some(1 << 30),
