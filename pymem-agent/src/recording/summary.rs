@@ -151,7 +151,7 @@ pub fn outcome(
     warmup: Warmup,
     policy: &LeakPolicy,
 ) -> ProcessOutcome {
-    let samples = &recording.samples;
+    let samples = without_teardown(&recording.samples);
     let info = &recording.info;
     let first = samples.first().map_or(0.0, |s| s.t);
     let last = samples.last().map_or(0.0, |s| s.t);
@@ -200,9 +200,28 @@ pub fn outcome(
         growing_sites: site_growth(baseline_sites, &final_sites),
         growing_types,
         types_note,
-        samples: samples.clone(),
+        samples: samples.to_vec(),
         final_sites,
     }
+}
+
+/// Trailing samples a teardown may take: an interpreter frees its heap
+/// in well under a second when it exits.
+const TEARDOWN_SAMPLES: usize = 3;
+
+/// The samples without the process's teardown: when a process exits, its
+/// interpreter frees everything, and the last samples can catch it doing
+/// so; those say nothing of how the program used memory, so trailing
+/// samples that each fall below the one before are left out.
+fn without_teardown(samples: &[Sample]) -> &[Sample] {
+    let mut end = samples.len();
+    while end >= 2
+        && samples.len() - end < TEARDOWN_SAMPLES
+        && samples[end - 1].heap_bytes < samples[end - 2].heap_bytes
+    {
+        end -= 1;
+    }
+    &samples[..end]
 }
 
 /// The trend of the judged samples and what it says: a leak is steady

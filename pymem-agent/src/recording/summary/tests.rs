@@ -171,3 +171,26 @@ fn annotation_escapes() {
     assert_eq!(escape_data("a%b\r\nc"), "a%25b%0D%0Ac");
     assert_eq!(escape_property("a:b,c%"), "a%3Ab%2Cc%25");
 }
+
+#[test]
+fn the_teardown_at_exit_is_left_out() {
+    let mut run = samples(|t| 50.0 * MIB + t * 2.0 * MIB);
+    let before = run.len();
+    for heap in [30.0 * MIB, 4.0 * MIB] {
+        let t = run.last().unwrap().t + 0.5;
+        run.push(Sample {
+            t,
+            heap_bytes: heap as u64,
+            heap: HeapBreakdown::default(),
+            rss_bytes: 0,
+        });
+    }
+    assert_eq!(without_teardown(&run).len(), before);
+    let v = verdict_of(without_teardown(&run));
+    assert_eq!(v.kind, VerdictKind::Leak, "{v:?}");
+    let shrinking = samples(|t| 90.0 * MIB - t * MIB);
+    assert_eq!(
+        without_teardown(&shrinking).len(),
+        shrinking.len() - TEARDOWN_SAMPLES
+    );
+}
