@@ -559,12 +559,16 @@ fn the_report_renders_in_headless_chromium_without_network() {
         "network requests: {page_requests:#?}"
     );
 
-    // The proxy does see what a page fetches: a page with one image from
-    // the network is caught.
+    // The checks do see what a bad page does: a page with one image from
+    // the network and a script error is caught on both counts.
     let control = dir.path().join("control.html");
-    std::fs::write(&control, "<img src=\"http://pymem-test.invalid/x.png\">").unwrap();
+    std::fs::write(
+        &control,
+        "<img src=\"http://pymem-test.invalid/x.png\"><script>undefined_function()</script>",
+    )
+    .unwrap();
     let url = format!("file://{}", control.display());
-    chromium(
+    let bad = chromium(
         &dir.path().join("profile-control"),
         proxy,
         &["--dump-dom", &url],
@@ -575,6 +579,10 @@ fn the_report_renders_in_headless_chromium_without_network() {
         .iter()
         .any(|r| r.contains("pymem-test.invalid"));
     assert!(caught, "the proxy missed the control page's request");
+    assert!(
+        text(&bad.stderr).contains("Uncaught"),
+        "the console log missed the control page's error"
+    );
 }
 
 /// Distinct colours of a PNG and the share of its pixels that differ from
