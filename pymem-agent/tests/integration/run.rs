@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{pyenv, source_line};
+use crate::common::{Agent, pyenv, source_line};
 use serde_json::Value;
 
 const PYMEM: &str = env!("CARGO_BIN_EXE_pymem");
@@ -431,6 +431,46 @@ fn record_judges_a_running_process() {
     let process = &summary["processes"][0];
     assert_eq!(process["pid"].as_u64(), Some(u64::from(leaky.id())));
     assert_eq!(process["growing_sites"][0]["line"], line);
+}
+
+#[test]
+fn run_reads_a_running_agent_when_one_answers() {
+    let Some(python) = python() else {
+        return eprintln!("skipped: no pyenv 3.11");
+    };
+    let agent = Agent::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let script = write_script(dir.path(), "leaky.py", LEAKY);
+    let line = leak_line(&script);
+    let json = dir.path().join("summary.json");
+    let url = agent.url("");
+    let output = Command::new(PYMEM)
+        .current_dir(dir.path())
+        .args(["run", "--agent", &url, "--fail-on-leak", "--warmup", "4s"])
+        .args(["--max-heap", "4GiB", "--json"])
+        .arg(&json)
+        .arg("--")
+        .args([python.to_str().unwrap(), "-u", &script, "14"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = text(&output.stderr);
+    eprintln!("{stderr}");
+    assert_eq!(output.status.code(), Some(CHECK_FAILED), "{stderr}");
+    let summary = read_json(&json);
+    assert!(
+        summary["source"].as_str().unwrap().starts_with("agent "),
+        "{}",
+        summary["source"]
+    );
+    let checks: Vec<&str> = summary["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["check"].as_str().unwrap())
+        .collect();
+    assert_eq!(checks, ["leak"], "the generous --max-heap passes");
+    assert_eq!(summary["processes"][0]["growing_sites"][0]["line"], line);
 }
 
 /// Hosts Chromium itself asks (network time, component updates,
