@@ -13,5 +13,7 @@ pub mod k8s;
 pub mod limits;
 pub mod model;
 pub mod observer;
+pub mod recording;
+pub mod report;
 pub mod sites;
 pub mod top;

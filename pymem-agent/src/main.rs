@@ -50,6 +50,11 @@ enum Command {
     /// Which variables hold a process's memory: module globals, class
     /// attributes and frame locals by retained size (from an object census).
     Holders(cli::HoldersArgs),
+    /// Run a command and report what its Python processes' heaps did;
+    /// fails (status 99) on a leak or a limit when asked to (CI).
+    Run(cli::RunArgs),
+    /// Record running Python processes for a while and report the same.
+    Record(cli::RecordArgs),
 }
 
 #[derive(clap::Args)]
@@ -93,6 +98,8 @@ fn main() -> Result<()> {
         Command::Diff(args) => cli::run_diff(args),
         Command::Types(args) => cli::run_types(args),
         Command::Holders(args) => cli::run_holders(args),
+        Command::Run(args) => std::process::exit(cli::run_command(args)?),
+        Command::Record(args) => std::process::exit(cli::run_record(args)?),
     }
 }
 

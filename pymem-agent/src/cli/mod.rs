@@ -2,12 +2,14 @@
 //! a process's memory, read from a running agent or a saved snapshot.
 pub mod diff;
 pub mod holders;
+pub mod run;
 pub mod snapshot;
 mod table;
 pub mod types;
 
 pub use self::{
     holders::{HoldersArgs, run_holders},
+    run::{RecordArgs, RunArgs, run_command, run_record},
     types::{TypesArgs, run_types},
 };
 

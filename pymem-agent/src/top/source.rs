@@ -54,6 +54,22 @@ impl Source {
         }
     }
 
+    /// The sites of `pid` from allocation samples (no census, no pause),
+    /// heaviest live bytes first: what a recording reads every few seconds.
+    pub fn allocation_sites(&self, pid: u32) -> Result<Vec<Site>> {
+        match self {
+            Self::Agent(agent) => Ok(agent
+                .sites_report(
+                    pid,
+                    Duration::ZERO,
+                    Some("allocation_samples"),
+                    crate::sites::keys::GroupBy::App,
+                )?
+                .sites),
+            Self::Embedded(observer) => observer.sites(pid),
+        }
+    }
+
     /// An object census of `pid` (see [`AgentClient::census`]).
     pub fn census(
         &self,

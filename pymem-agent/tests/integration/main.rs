@@ -18,6 +18,7 @@ mod limits;
 mod matrix;
 mod oom;
 mod robustness;
+mod run;
 mod sites;
 mod sites_export;
 mod top;
