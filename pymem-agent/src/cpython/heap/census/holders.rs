@@ -610,6 +610,9 @@ impl Census<'_> {
 
     /// `len()` of a container; of an `lru_cache` wrapper, its cache's.
     fn length(&self, obj: u64, type_addr: u64, known: KnownTypes) -> Option<u64> {
+        if self.damaged.contains(&obj) {
+            return None;
+        }
         let info = self.types.get(&type_addr)?;
         if known.lru_wrapper == Some(type_addr) {
             let cache = self.lru_cache_dict(obj, info)?;
@@ -896,7 +899,7 @@ impl Census<'_> {
     }
 
     /// The size of the pymalloc block `addr` starts, from its pool's header.
-    fn block_size(&self, addr: u64) -> Option<u64> {
+    pub(super) fn block_size(&self, addr: u64) -> Option<u64> {
         if !self.in_pool(addr) {
             return None;
         }
