@@ -428,12 +428,21 @@ impl Census<'_> {
             warnings.push("no thread states found: frame locals are not roots".into());
             return;
         };
+        // A list or a frame chain that loops (a damaged process) is
+        // followed once: each thread state and frame is visited at most
+        // once, so the work is bounded by the copy, not by laps times
+        // locals.
         let mut threads = Vec::new();
+        let mut seen_threads = HashSet::default();
         let mut at = head;
-        while at != 0 && threads.len() < 4096 {
+        while at != 0 && threads.len() < 4096 && seen_threads.insert(at) {
             threads.push(at);
             at = image.u64(at.wrapping_add(8)).unwrap_or(0);
         }
+        if at != 0 {
+            warnings.push("the thread list does not end: followed until it repeats".into());
+        }
+        let mut seen_frames = HashSet::default();
         let (localsplus, names_at) = match minor {
             ..=10 => (0, offsets.code.filename.wrapping_sub(32)),
             11..=13 => (72, offsets.code.filename.wrapping_sub(16)),
@@ -456,7 +465,7 @@ impl Census<'_> {
                     .unwrap_or(0);
             }
             for _ in 0..1024 {
-                if frame == 0 {
+                if frame == 0 || !seen_frames.insert(frame) {
                     break;
                 }
                 let owner = image
