@@ -13,6 +13,7 @@ mod gc;
 mod guesses;
 mod gunicorn;
 mod holders;
+mod hostile;
 mod limits;
 mod matrix;
 mod oom;
