@@ -17,6 +17,7 @@ mod hostile;
 mod limits;
 mod matrix;
 mod oom;
+mod restart;
 mod robustness;
 mod sites;
 mod sites_export;
