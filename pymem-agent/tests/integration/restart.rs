@@ -12,6 +12,10 @@ use serde_json::Value;
 
 use crate::common::{Agent, OBSERVE_TIMEOUT, Workload, pyenv, stdout_of};
 
+/// Baseline censuses of processes found running queue one at a time
+/// behind every other Python process the agent finds.
+const BASELINE_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// The BPF objects one process holds, from its file descriptors:
 /// `anon_inode:bpf_link`, `anon_inode:bpf-prog` and perf events, with the
 /// ids their fdinfo gives.
@@ -193,7 +197,7 @@ fn agent_killed_under_load_restarts_cleanly_and_measures_right() {
     let (during_first, observed_first) = attached_to_all(&first, &all);
     eprintln!("first agent {first_pid}: {during_first:?}");
     for work in &all {
-        first.wait_for_baseline(work.pid, Duration::from_secs(30));
+        first.wait_for_baseline(work.pid, BASELINE_TIMEOUT);
     }
     drop(all);
     first
@@ -236,7 +240,7 @@ fn agent_killed_under_load_restarts_cleanly_and_measures_right() {
         );
     }
     for work in &all {
-        let p = second.wait_for_baseline(work.pid, Duration::from_secs(30));
+        let p = second.wait_for_baseline(work.pid, BASELINE_TIMEOUT);
         assert!(p.heap_bytes > 0, "{p:?}");
     }
     drop(all);
