@@ -24,7 +24,8 @@ const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 /// Debian packages: promtool (metrics tests), tmux (`pymem top` tests),
 /// debootstrap (`rootfs`), binutils/procps/iproute2 (tests inspect binaries,
 /// processes and network namespaces), numpy for Debian's python3.11,
-/// chromium (the `pymem run --report` tests open the report headless).
+/// chromium (the `pymem run --report` tests open the report headless),
+/// bpftool (the restart tests count the agent's BPF links and programs).
 const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "tmux",
@@ -34,6 +35,7 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "python3-numpy",
     "chromium",
+    "bpftool",
 ];
 
 /// Python packages for the pyenv 3.11 interpreter: (pip name, module name).

@@ -122,11 +122,11 @@ fn check_runtime(
     layout: &ProcessLayout,
 ) -> Result<Verdict, Verdict> {
     let head = memory.word(
-        runtime + shape.runtime_interpreters_head,
+        runtime.wrapping_add(shape.runtime_interpreters_head),
         "interpreters.head",
     )?;
     let main = memory.word(
-        runtime + shape.runtime_interpreters_head + 8,
+        runtime.wrapping_add(shape.runtime_interpreters_head + 8),
         "interpreters.main",
     )?;
     if head == 0 || main == 0 {
@@ -155,26 +155,31 @@ fn check_runtime(
 }
 
 /// The main interpreter's thread states, each checked to point back to it.
+/// Every pointer is the target's: sums wrap (and the read fails) rather
+/// than overflow.
 fn thread_states(
     memory: &ProcessMemory,
     interp: u64,
     shape: &Shape,
 ) -> Result<HashSet<u64>, Verdict> {
     let mut seen = HashSet::new();
-    let mut tstate = memory.word(interp + shape.interp_threads_head, "threads.head")?;
+    let mut tstate = memory.word(
+        interp.wrapping_add(shape.interp_threads_head),
+        "threads.head",
+    )?;
     while tstate != 0 {
         if seen.len() >= MAX_THREADS || !seen.insert(tstate) {
             return Err(Verdict::Wrong(
                 "the thread list does not end (wrong next offset)".into(),
             ));
         }
-        let owner = memory.word(tstate + TSTATE_INTERP, "PyThreadState.interp")?;
+        let owner = memory.word(tstate.wrapping_add(TSTATE_INTERP), "PyThreadState.interp")?;
         if owner != interp {
             return Err(Verdict::Wrong(format!(
                 "PyThreadState {tstate:#x} points to interpreter {owner:#x}, not {interp:#x}"
             )));
         }
-        tstate = memory.word(tstate + TSTATE_NEXT, "PyThreadState.next")?;
+        tstate = memory.word(tstate.wrapping_add(TSTATE_NEXT), "PyThreadState.next")?;
     }
     Ok(seen)
 }
@@ -189,18 +194,24 @@ fn check_frames(
     let kernel = &layout.kernel;
     let mut checked = 0;
     for &tstate in threads {
-        let mut frame = memory.word(tstate + kernel.tstate_frame, "the thread's frame")?;
+        let mut frame = memory.word(
+            tstate.wrapping_add(kernel.tstate_frame),
+            "the thread's frame",
+        )?;
         if kernel.cframe_frame != NO_OFFSET && frame != 0 {
-            frame = memory.word(frame + kernel.cframe_frame, "cframe.current_frame")?;
+            frame = memory.word(
+                frame.wrapping_add(kernel.cframe_frame),
+                "cframe.current_frame",
+            )?;
         }
         if frame == 0 {
             continue;
         }
-        let code = memory.word(frame + kernel.frame_code, "the frame's code")?;
+        let code = memory.word(frame.wrapping_add(kernel.frame_code), "the frame's code")?;
         let type_name = memory
-            .word(code + OB_TYPE, "the code's type")
+            .word(code.wrapping_add(OB_TYPE), "the code's type")
             .ok()
-            .and_then(|tp| memory.word(tp + TP_NAME, "tp_name").ok())
+            .and_then(|tp| memory.word(tp.wrapping_add(TP_NAME), "tp_name").ok())
             .and_then(|name| memory.c_string(name, TYPE_NAME_MAX).ok());
         if type_name.as_deref() != Some("code") {
             return Err(Verdict::Wrong(format!(
@@ -226,6 +237,35 @@ mod tests {
         cpython::{layout::layout_for, testing},
         discover::{Binary, Discoverer},
     };
+
+    /// Thread lists a damaged process could have, laid out in this test
+    /// process's memory: one that loops, one that ends at the top of the
+    /// address space (where `tstate + offset` would overflow). Each is a
+    /// `Wrong` verdict, never a panic.
+    #[test]
+    fn damaged_thread_lists_are_wrong_not_a_panic() {
+        let memory = ProcessMemory::open(std::process::id()).unwrap();
+        let shape = Shape {
+            runtime_interpreters_head: 0,
+            runtime_tstate_current: 0,
+            interp_threads_head: 8,
+        };
+        let mut interp = [0u64; 2];
+        let mut tstate = [0u64; 3];
+        let interp_at = interp.as_ptr() as u64;
+        let tstate_at = tstate.as_ptr() as u64;
+        tstate[2] = interp_at; // interp
+        for next in [tstate_at, u64::MAX - 7, u64::MAX - 15] {
+            tstate[1] = next;
+            interp[1] = tstate_at;
+            let verdict = thread_states(&memory, interp_at, &shape);
+            assert!(matches!(verdict, Err(Verdict::Wrong(_))), "next {next:#x}");
+            interp[1] = next;
+            let verdict = thread_states(&memory, interp_at, &shape);
+            assert!(verdict.is_err(), "head {next:#x}");
+        }
+        std::hint::black_box((&interp, &tstate));
+    }
 
     /// A Python process sitting in `time.sleep` (a thread in Python code),
     /// with the binary discovery finds for it.

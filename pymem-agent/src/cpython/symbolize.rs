@@ -175,7 +175,10 @@ fn read_code(mem: &ProcessMemory, layout: &CodeOffsets, code: u64) -> Result<Cod
         function: read_str(mem, layout, identity.name)?,
         file: read_str(mem, layout, identity.filename)?,
         first_line,
-        line_table: read_bytes_object(mem, identity.line_table)?,
+        // A line table that cannot be read (a damaged size, a pointer into
+        // nothing) costs the line, not the function and file: frames give
+        // their first line.
+        line_table: read_bytes_object(mem, identity.line_table).unwrap_or_default(),
         identity,
     })
 }
@@ -273,6 +276,27 @@ mod tests {
                     ("evil", "evil")
                 );
             }
+            // A line table claiming 2^40 bytes, or pointing into nothing:
+            // named, at the first line.
+            let first_line = 4242i32;
+            code[layout.first_line as usize..layout.first_line as usize + 4]
+                .copy_from_slice(&first_line.to_le_bytes());
+            let mut huge_table = vec![0u8; 64];
+            put(&mut huge_table, 16, 1 << 40);
+            for table_at in [huge_table.as_ptr() as u64, 8] {
+                put(&mut code, layout.line_table, table_at);
+                let mut symbolizer = Symbolizer::new(std::process::id(), layout).unwrap();
+                let frame = symbolizer.frame(&PyFrame {
+                    code: code.as_ptr() as u64,
+                    instr: code.as_ptr() as u64 + 100,
+                });
+                assert_eq!(
+                    (frame.function.as_str(), frame.line),
+                    ("evil", i64::from(first_line)),
+                    "3.{minor}, line table at {table_at:#x}"
+                );
+            }
+            put(&mut code, layout.line_table, table.as_ptr() as u64);
             // Another object at the same address (the first freed, its
             // memory reused): read anew, not named from the cache.
             let mut other_name = good_name.clone();

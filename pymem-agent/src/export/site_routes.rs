@@ -130,7 +130,7 @@ async fn attributed_sites(
             Ok(SitesReport {
                 pid,
                 attribution: Attribution::HeapState,
-                note: None,
+                note: sites::state::damage_note(&census),
                 census_taken_at: Some(census.taken_at),
                 unheld_bytes: Some(sites::state::unheld_bytes(&census)),
                 sites: by_state,

@@ -43,6 +43,17 @@ pub struct SitesReport {
     pub sites: Vec<Site>,
 }
 
+/// What heap-state sites from a census of a damaged heap leave out: its
+/// objects whose sizes cannot be true count at their base size.
+pub fn damage_note(census: &Census) -> Option<String> {
+    let damaged = census.heap.damaged_objects;
+    (damaged > 0).then(|| {
+        format!(
+            "the heap is damaged: {damaged} objects claim more memory than they have and count at their base size"
+        )
+    })
+}
+
 /// Where a root with no writer found is listed: its name in place of a
 /// file, line 0.
 pub const NO_WRITER: &str = "<no writer found>";

@@ -164,6 +164,9 @@ struct Census<'a> {
     valid_pools: HashSet<u64>,
     /// `PyHeapTypeObject.ht_name`, found by shape ([`Self::find_ht_name_offset`]).
     ht_name_offset: Option<u64>,
+    /// Counted objects whose size fields claim more memory than they have
+    /// ([`Self::find_damaged`]): sized at their base size, no length.
+    damaged: HashSet<u64>,
     warnings: Vec<String>,
 }
 
@@ -192,6 +195,7 @@ impl<'a> Census<'a> {
             order: Vec::new(),
             valid_pools: HashSet::default(),
             ht_name_offset: None,
+            damaged: HashSet::default(),
             warnings: Vec::new(),
         };
         let symbol = |name: &str| {
@@ -401,6 +405,7 @@ impl<'a> Census<'a> {
         self.ht_name_offset = self.find_ht_name_offset();
         self.walk_pools(&mut result);
         self.follow_references();
+        self.find_damaged(&mut result);
         self.tally(&mut result);
         result.holders = self.holders();
         result.warnings = std::mem::take(&mut self.warnings);
@@ -714,6 +719,54 @@ impl<'a> Census<'a> {
         }
     }
 
+    /// Marks the counted objects whose sizes cannot be true: their inline
+    /// part larger than their block (or the rest of their mapping), or a
+    /// buffer that runs past the end of the mapping it starts in. GC-listed
+    /// objects are counted without [`Self::plausible_object`]; a process
+    /// that damages its own objects (a list claiming 2^40 items) would
+    /// otherwise be reported holding terabytes.
+    fn find_damaged(&mut self, result: &mut HeapCensus) {
+        let mut by_type: HashMap<u64, u64> = HashMap::default();
+        let mut damaged = HashSet::default();
+        for (&obj, &type_addr) in self.order.iter().zip(&self.node_type) {
+            if let Some(info) = self.types.get(&type_addr)
+                && self.claims_more_than_it_has(obj, info)
+            {
+                damaged.insert(obj);
+                *by_type.entry(type_addr).or_default() += 1;
+            }
+        }
+        if damaged.is_empty() {
+            return;
+        }
+        result.damaged_objects = damaged.len() as u64;
+        self.damaged = damaged;
+        let mut types: Vec<String> = by_type
+            .iter()
+            .map(|(&t, &n)| format!("{} {n}", self.type_name(t, &mut Vec::new())))
+            .collect();
+        types.sort();
+        types.truncate(8);
+        self.warnings.push(format!(
+            "{} objects claim more memory than they have (sizes damaged, or torn mid-update): counted at their base size, their lengths not given: {}",
+            result.damaged_objects,
+            types.join(", ")
+        ));
+    }
+
+    fn claims_more_than_it_has(&self, obj: u64, info: &TypeInfo) -> bool {
+        let (size, buffers) = self.object_size(obj, info);
+        let inline = size - buffers.iter().map(|b| b.1).sum::<u64>().min(size);
+        let start = obj.wrapping_sub(info.prefix);
+        let room = self
+            .block_size(start)
+            .unwrap_or_else(|| self.image.region(start).map_or(0, |r| r.end() - start));
+        inline > room
+            || buffers.iter().any(|&(addr, len)| {
+                len > 0 && self.image.contains(addr) && self.image.bytes(addr, len).is_none()
+            })
+    }
+
     /// The objects a container refers to (bounded).
     fn references(&self, obj: u64, type_addr: u64, info: &TypeInfo, out: &mut Vec<u64>) {
         if info.flags & TPFLAGS_MANAGED_DICT != 0 {
@@ -931,6 +984,9 @@ impl<'a> Census<'a> {
         let image = self.image;
         let bounded = |n: i64| n.unsigned_abs().min(MAX_ITEMS * 64);
         let base = info.basicsize + info.prefix;
+        if self.damaged.contains(&obj) {
+            return (base, Vec::new());
+        }
         match info.kind {
             Kind::Str => self.str_size(obj).unwrap_or((base, Vec::new())),
             Kind::Int => {

@@ -51,6 +51,11 @@ pub struct HeapCensus {
     /// Objects and buffers outside pymalloc (libc malloc), reached from
     /// objects.
     pub outside_pymalloc_bytes: u64,
+    /// Objects whose size fields claim more memory than they have (a
+    /// process that damaged its own heap, or one paused mid-update),
+    /// counted at their base size; a warning names their types.
+    #[serde(default)]
+    pub damaged_objects: u64,
     /// What could not be read or validated (skipped pools, cut-off lists).
     pub warnings: Vec<String>,
     /// What holds the memory (module globals, class attributes, frame

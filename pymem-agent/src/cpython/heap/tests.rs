@@ -642,6 +642,78 @@ fn census_of_a_damaged_heap_stops_and_warns() {
     let _ = take_census(&damaged, &target);
 }
 
+const OVERSIZED: &str = r#"
+import json, time
+EVIL_LIST = [1, 2, 3]
+EVIL_LIST.append(EVIL_LIST)
+EVIL_TUPLE = tuple([EVIL_LIST, [], 'x'])
+EVIL_DICT = {'a': 1, 'self': None}
+EVIL_DICT['self'] = EVIL_DICT
+print(json.dumps({'list': id(EVIL_LIST), 'tuple': id(EVIL_TUPLE), 'dict': id(EVIL_DICT)}), flush=True)
+time.sleep(600)
+"#;
+
+/// A real heap copy in which a list, a tuple and a dict (each holding
+/// itself) claim 2^40 items and a dict a keys table of 2^30 slots (2^24
+/// before 3.11), as a process that damages its own objects can make them:
+/// they are counted at their base size and flagged, not reported as
+/// terabytes. A healthy heap has no such objects.
+#[test]
+fn objects_that_claim_more_memory_than_they_have_are_flagged_and_sized_at_their_base() {
+    for python in interpreters() {
+        let workload = Workload::start(&python, OVERSIZED);
+        let (image, target) = workload.capture();
+        let clean = take_census(&image, &target).unwrap();
+        let label = &python.label;
+        assert_eq!(clean.damaged_objects, 0, "{label}: {:?}", clean.warnings);
+        let mut damaged = image.clone();
+        let truth = &workload.truth;
+        let (list, tuple, dict) = (get(truth, "list"), get(truth, "tuple"), get(truth, "dict"));
+        damaged.write_u64(list + 16, 1 << 40); // ob_size
+        damaged.write_u64(list + 32, 1 << 40); // allocated
+        damaged.write_u64(tuple + 16, 1 << 40);
+        damaged.write_u64(dict + 16, 1 << 40); // ma_used
+        let keys = damaged.u64(dict + 32).unwrap();
+        if target.version.minor >= 11 {
+            let word = damaged.u64(keys + 8).unwrap();
+            damaged.write_u64(keys + 8, (word & !0xff) | 30); // dk_log2_size
+            damaged.write_u64(keys + 24, 1 << 29); // dk_nentries
+        } else {
+            damaged.write_u64(keys + 8, 1 << 24); // dk_size
+        }
+        let census = take_census(&damaged, &target).unwrap();
+        assert!(
+            census.damaged_objects >= 3,
+            "{label}: {} damaged: {:?}",
+            census.damaged_objects,
+            census.warnings
+        );
+        assert!(
+            census
+                .warnings
+                .iter()
+                .any(|w| w.contains("claim more memory than they have")),
+            "{label}: {:?}",
+            census.warnings
+        );
+        for name in ["list", "tuple", "dict"] {
+            let (before, after) = (stats(&clean, name).unwrap(), stats(&census, name).unwrap());
+            assert!(
+                after.bytes <= before.bytes,
+                "{label}: {name} {} bytes, {} before the damage",
+                after.bytes,
+                before.bytes
+            );
+        }
+        for holder in &census.holders.holders {
+            if holder.name.starts_with("__main__.EVIL_") {
+                assert_eq!(holder.length, None, "{label}: {holder:?}");
+                assert!(holder.retained_bytes < 1 << 20, "{label}: {holder:?}");
+            }
+        }
+    }
+}
+
 /// Holders filled by known lines (each marked `# fills NAME`), the code
 /// warm enough for 3.11+ to have specialised it, and code that only churns
 /// or reads the same names.

@@ -313,6 +313,14 @@ impl Agent {
         assert!(log.contains(text), "{log}");
     }
 
+    /// SIGKILL and wait: the agent gets no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+            let _ = child.wait();
+        }
+    }
+
     /// SIGTERM and wait; returns how long the agent took to exit.
     pub fn stop(&mut self) -> Duration {
         let Some(mut child) = self.child.take() else {
@@ -436,9 +444,15 @@ impl Workload {
     }
 
     pub fn command(&mut self, cmd: &str) -> Value {
+        self.send(cmd);
+        self.read()
+    }
+
+    /// Sends a command without waiting for its answer (a long-running
+    /// background load).
+    pub fn send(&mut self, cmd: &str) {
         writeln!(self.stdin, "{cmd}").unwrap();
         self.stdin.flush().unwrap();
-        self.read()
     }
 
     /// pymalloc arena bytes currently mapped, as the interpreter reports.

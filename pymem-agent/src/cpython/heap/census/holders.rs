@@ -428,12 +428,21 @@ impl Census<'_> {
             warnings.push("no thread states found: frame locals are not roots".into());
             return;
         };
+        // A list or a frame chain that loops (a damaged process) is
+        // followed once: each thread state and frame is visited at most
+        // once, so the work is bounded by the copy, not by laps times
+        // locals.
         let mut threads = Vec::new();
+        let mut seen_threads = HashSet::default();
         let mut at = head;
-        while at != 0 && threads.len() < 4096 {
+        while at != 0 && threads.len() < 4096 && seen_threads.insert(at) {
             threads.push(at);
             at = image.u64(at.wrapping_add(8)).unwrap_or(0);
         }
+        if at != 0 {
+            warnings.push("the thread list does not end: followed until it repeats".into());
+        }
+        let mut seen_frames = HashSet::default();
         let (localsplus, names_at) = match minor {
             ..=10 => (0, offsets.code.filename.wrapping_sub(32)),
             11..=13 => (72, offsets.code.filename.wrapping_sub(16)),
@@ -456,7 +465,7 @@ impl Census<'_> {
                     .unwrap_or(0);
             }
             for _ in 0..1024 {
-                if frame == 0 {
+                if frame == 0 || !seen_frames.insert(frame) {
                     break;
                 }
                 let owner = image
@@ -610,6 +619,9 @@ impl Census<'_> {
 
     /// `len()` of a container; of an `lru_cache` wrapper, its cache's.
     fn length(&self, obj: u64, type_addr: u64, known: KnownTypes) -> Option<u64> {
+        if self.damaged.contains(&obj) {
+            return None;
+        }
         let info = self.types.get(&type_addr)?;
         if known.lru_wrapper == Some(type_addr) {
             let cache = self.lru_cache_dict(obj, info)?;
@@ -896,7 +908,7 @@ impl Census<'_> {
     }
 
     /// The size of the pymalloc block `addr` starts, from its pool's header.
-    fn block_size(&self, addr: u64) -> Option<u64> {
+    pub(super) fn block_size(&self, addr: u64) -> Option<u64> {
         if !self.in_pool(addr) {
             return None;
         }
