@@ -314,7 +314,7 @@ fn operator_resources_match_the_service_and_the_rule_file() {
 // Prometheus rules and the image
 
 /// promtool, from Debian's prometheus package (installed when missing).
-fn promtool() -> PathBuf {
+pub(crate) fn promtool() -> PathBuf {
     ensure_prometheus_package();
     PathBuf::from("/usr/bin/promtool")
 }
@@ -866,7 +866,7 @@ fn the_daemonsets_capabilities_are_enough_for_the_agent() {
 // ---------------------------------------------------------------------------
 // A real Prometheus
 
-struct Prometheus {
+pub(crate) struct Prometheus {
     child: Child,
     port: u16,
     _dir: tempfile::TempDir,
@@ -877,11 +877,19 @@ impl Prometheus {
     /// pymem's alert rules every second; data in a temporary directory, on
     /// a free loopback port (never the packaged service's).
     fn start(agent_port: u16) -> Self {
+        Self::start_scraping(&format!(
+            "  - job_name: pymem-agent\n    static_configs:\n      - targets: ['127.0.0.1:{agent_port}']\n"
+        ))
+    }
+
+    /// As `start`, with `scrape_configs` (YAML list items, indented by two)
+    /// as its scrape jobs.
+    pub(crate) fn start_scraping(scrape_configs: &str) -> Self {
         ensure_prometheus_package();
         let dir = tempfile::tempdir().unwrap();
         let rules = repo("deploy/prometheus/pymem-alerts.yml");
         let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: pymem-agent\n    static_configs:\n      - targets: ['127.0.0.1:{agent_port}']\n",
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n{scrape_configs}",
             rules.display()
         );
         let config_path = dir.path().join("prometheus.yml");
@@ -916,7 +924,7 @@ impl Prometheus {
         prometheus
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         fs::read_to_string(self._dir.path().join("prometheus.log")).unwrap_or_default()
     }
 
@@ -932,7 +940,7 @@ impl Prometheus {
     }
 
     /// An instant query's result vector.
-    fn query(&self, expr: &str) -> Vec<Value> {
+    pub(crate) fn query(&self, expr: &str) -> Vec<Value> {
         let url = format!("http://127.0.0.1:{}/api/v1/query", self.port);
         let answer: Value = serde_json::from_str(
             &ureq::get(&url)

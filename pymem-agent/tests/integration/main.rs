@@ -21,3 +21,4 @@ mod robustness;
 mod sites;
 mod sites_export;
 mod top;
+mod web_auth;
