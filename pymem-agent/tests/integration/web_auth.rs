@@ -30,7 +30,7 @@ fn run(command: &mut Command) {
 
 /// A CA and a server certificate it signed for 127.0.0.1, made by the
 /// openssl CLI; returns (ca.crt, server.crt, server.key).
-fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+pub(crate) fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let path = |name: &str| dir.join(name);
     let ec = [
         "-newkey",
@@ -77,7 +77,11 @@ fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 
 /// curl's answer to GET `url`: (HTTP status, response headers, body), or
 /// curl's error when no HTTP answer came (curl exits non-zero).
-fn curl(url: &str, ca: &Path, user: Option<(&str, &str)>) -> Result<(u16, String, String), String> {
+pub(crate) fn curl(
+    url: &str,
+    ca: &Path,
+    user: Option<(&str, &str)>,
+) -> Result<(u16, String, String), String> {
     let mut command = Command::new("curl");
     command
         .args(["--silent", "--show-error", "--max-time", "10", "--include"])
