@@ -23,7 +23,9 @@ const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 
 /// Debian packages: promtool (metrics tests), tmux (`pymem top` tests),
 /// debootstrap (`rootfs`), binutils/procps/iproute2 (tests inspect binaries,
-/// processes and network namespaces), numpy for Debian's python3.11.
+/// processes and network namespaces), numpy for Debian's python3.11,
+/// openssl and curl (the protected API's tests make certificates and speak
+/// TLS with basic auth).
 const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "tmux",
@@ -32,6 +34,8 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     "iproute2",
     "python3-numpy",
+    "openssl",
+    "curl",
 ];
 
 /// Python packages for the pyenv 3.11 interpreter: (pip name, module name).
