@@ -48,32 +48,50 @@ pub(crate) fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         .arg(path("ca.key"))
         .arg("-out")
         .arg(path("ca.crt")));
+    sign(
+        dir,
+        "server",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    );
+    (path("ca.crt"), path("server.crt"), path("server.key"))
+}
+
+/// `NAME.crt` and `NAME.key` in `dir`, signed by the CA there, with the
+/// extensions `extensions`.
+fn sign(dir: &Path, name: &str, extensions: &str) -> (PathBuf, PathBuf) {
+    let path = |file: &str| dir.join(file);
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
     run(Command::new("openssl")
-        .args(["req", "-subj", "/CN=localhost"])
+        .args(["req", "-subj", &format!("/CN={name}")])
         .args(ec)
         .arg("-keyout")
-        .arg(path("server.key"))
+        .arg(path(&format!("{name}.key")))
         .arg("-out")
-        .arg(path("server.csr")));
-    fs::write(
-        path("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
+        .arg(path(&format!("{name}.csr"))));
+    fs::write(path(&format!("{name}.ext")), extensions).unwrap();
     run(Command::new("openssl")
         .args(["x509", "-req", "-days", "1", "-CAcreateserial"])
         .arg("-in")
-        .arg(path("server.csr"))
+        .arg(path(&format!("{name}.csr")))
         .arg("-CA")
         .arg(path("ca.crt"))
         .arg("-CAkey")
         .arg(path("ca.key"))
         .arg("-extfile")
-        .arg(path("server.ext"))
+        .arg(path(&format!("{name}.ext")))
         .arg("-out")
-        .arg(path("server.crt")));
-    (path("ca.crt"), path("server.crt"), path("server.key"))
+        .arg(path(&format!("{name}.crt"))));
+    (path(&format!("{name}.crt")), path(&format!("{name}.key")))
 }
+
+const CLIENT_EXTENSIONS: &str =
+    "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n";
 
 /// curl's answer to GET `url`: (HTTP status, response headers, body), or
 /// curl's error when no HTTP answer came (curl exits non-zero).
@@ -239,6 +257,82 @@ fn a_bad_web_config_file_stops_the_agent_at_start_up_with_the_reason() {
         assert!(stderr.contains(reason), "{text:?}: {stderr}");
         assert!(stderr.contains("web config file"), "{text:?}: {stderr}");
     }
+}
+
+#[test]
+fn require_and_verify_client_cert_admits_only_clients_the_ca_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _, _) = certificates(dir.path());
+    let (client_cert, client_key) = sign(dir.path(), "client", CLIENT_EXTENSIONS);
+    // A client certificate from a CA the agent does not know.
+    let other = tempfile::tempdir().unwrap();
+    certificates(other.path());
+    let (stranger_cert, stranger_key) = sign(other.path(), "client", CLIENT_EXTENSIONS);
+    let web_config = dir.path().join("web-config.yml");
+    fs::write(
+        &web_config,
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.crt\n  min_version: TLS13\n",
+    )
+    .unwrap();
+    run(Command::new(promtool())
+        .args(["check", "web-config"])
+        .arg(&web_config));
+    let get = |port: u16, client: Option<(&Path, &Path)>| {
+        let mut command = Command::new("curl");
+        command
+            .args(["--silent", "--max-time", "10", "--output", "/dev/null"])
+            .args(["--write-out", "%{http_code}"])
+            .arg("--cacert")
+            .arg(&ca);
+        if let Some((cert, key)) = client {
+            command.arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+        let output = command
+            .arg(format!("https://127.0.0.1:{port}/api/v1/processes"))
+            .output()
+            .unwrap();
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    };
+    let web_config_arg = web_config.display().to_string();
+    let agent = Agent::start_until(&["--web-config-file", &web_config_arg], |agent| {
+        get(agent.port, Some((&client_cert, &client_key))).as_deref() == Some("200")
+    });
+    assert_eq!(
+        get(agent.port, None),
+        None,
+        "admitted without a certificate"
+    );
+    assert_eq!(
+        get(agent.port, Some((&stranger_cert, &stranger_key))),
+        None,
+        "admitted with another CA's certificate"
+    );
+    // TLS 1.2 is below min_version.
+    let tls12 = Command::new("curl")
+        .args([
+            "--silent",
+            "--max-time",
+            "10",
+            "--tlsv1.2",
+            "--tls-max",
+            "1.2",
+        ])
+        .arg("--cacert")
+        .arg(&ca)
+        .arg("--cert")
+        .arg(&client_cert)
+        .arg("--key")
+        .arg(&client_key)
+        .arg(format!("https://127.0.0.1:{}/healthz", agent.port))
+        .status()
+        .unwrap();
+    assert!(
+        !tls12.success(),
+        "TLS 1.2 was accepted under min_version TLS13"
+    );
 }
 
 /// A Python process that sleeps with a secret on its command line.
