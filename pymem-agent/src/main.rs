@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand};
 use log::info;
 
 use pymem_agent::{
-    cli, export,
+    cli,
+    discover::CmdlineMode,
+    export,
     export::{DEFAULT_LISTEN, ProcessLabel},
     k8s, model,
     observer::{
@@ -85,6 +87,56 @@ struct AgentArgs {
     site_metrics: usize,
     #[command(flatten)]
     census: config::CensusArgs,
+    /// TLS and basic authentication, in the format of Prometheus' web
+    /// configuration file (`tls_server_config`, `basic_auth_users`).
+    #[arg(long, value_name = "FILE")]
+    web_config_file: Option<std::path::PathBuf>,
+    /// What of each process's command line the agent keeps and shows:
+    /// `short` (executable and script), `full` or `none`. Default: `full`
+    /// on a loopback --listen, `short` otherwise.
+    #[arg(long, value_enum)]
+    cmdline: Option<CmdlineMode>,
+    /// Requests per second each client (IP address) may make to the routes
+    /// that take censuses or symbolise sites; 0 = unlimited. Default: 2
+    /// outside loopback, unlimited on a loopback --listen.
+    #[arg(long, value_name = "PER_SECOND")]
+    rate_limit: Option<f64>,
+    /// Requests a client may make at once before --rate-limit applies.
+    #[arg(long, value_name = "N", default_value_t = RATE_LIMIT_BURST)]
+    rate_limit_burst: u32,
+}
+
+/// Outside loopback: enough for `pymem top` (sites, types and holders of
+/// one process each refresh) and bursts of a script, not for a flood of
+/// censuses.
+const RATE_LIMIT: f64 = 2.0;
+const RATE_LIMIT_BURST: u32 = 20;
+
+impl AgentArgs {
+    fn protection(&self) -> Result<export::Protection> {
+        let web = match &self.web_config_file {
+            Some(path) => export::WebConfig::load(path)?,
+            None => export::WebConfig::open(),
+        };
+        let loopback = self.listen.ip().is_loopback();
+        let per_second = match self.rate_limit {
+            Some(rate) if !rate.is_finite() || rate < 0.0 => {
+                anyhow::bail!(
+                    "--rate-limit {rate}: not a rate (requests per second, 0 = unlimited)"
+                )
+            }
+            Some(rate) => rate,
+            None if loopback => 0.0,
+            None => RATE_LIMIT,
+        };
+        Ok(export::Protection {
+            web,
+            rate_limit: (per_second > 0.0).then_some(export::RateLimit {
+                per_second,
+                burst: self.rate_limit_burst.max(1),
+            }),
+        })
+    }
 }
 
 fn main() -> Result<()> {
@@ -109,12 +161,20 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        // Bind before loading probes: a busy port fails fast and clean.
-        let listener = export::bind(args.listen).await?;
+        // A bad web config file, then a busy port, fail before the probes
+        // load: fast and clean.
+        let protection = args.protection()?;
+        let tls = protection.web.tls.clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let listener = export::AgentListener::new(export::bind(args.listen).await?, tls)?;
+        let cmdline = args
+            .cmdline
+            .unwrap_or_else(|| CmdlineMode::default_for(&args.listen));
         let snapshot = Arc::new(RwLock::new(model::Snapshot::default()));
         let config = ObserverConfig {
             site_metrics: args.site_metrics,
             census: args.census.census_config(),
+            cmdline,
             ..args.observe.observer_config()
         };
         let (observer, events, queries) = Observer::new(config, snapshot.clone())?;
@@ -126,10 +186,18 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         .await?;
         let observer = observer.with_pods(pods);
         info!(
-            "serving http://{}/metrics and /api/v1/processes",
-            args.listen
+            "serving {scheme}://{}/metrics and /api/v1/processes ({} users, command lines {cmdline:?}, rate limit {:?})",
+            args.listen,
+            protection.web.users.len(),
+            protection.rate_limit,
         );
-        let server = tokio::spawn(export::serve(listener, snapshot, queries, args.labels));
+        let server = tokio::spawn(export::serve(
+            listener,
+            snapshot,
+            queries,
+            args.labels,
+            protection,
+        ));
         let result = observer.run(events, shutdown_signal()).await;
         server.abort();
         result

@@ -25,7 +25,9 @@ const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 /// debootstrap (`rootfs`), binutils/procps/iproute2 (tests inspect binaries,
 /// processes and network namespaces), numpy for Debian's python3.11,
 /// chromium (the `pymem run --report` tests open the report headless),
-/// bpftool (the restart tests count the agent's BPF links and programs).
+/// bpftool (the restart tests count the agent's BPF links and programs),
+/// openssl and curl (the protected API's tests make certificates and speak
+/// TLS with basic auth).
 const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "tmux",
@@ -36,6 +38,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3-numpy",
     "chromium",
     "bpftool",
+    "openssl",
+    "curl",
 ];
 
 /// Python packages for the pyenv 3.11 interpreter: (pip name, module name).

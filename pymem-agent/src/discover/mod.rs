@@ -1,5 +1,6 @@
 //! Finding CPython processes: procfs for the processes, ELF analysis for the
 //! interpreter binary each one runs (cached per binary inode).
+pub mod cmdline;
 pub mod elf;
 pub mod usdt;
 
@@ -13,6 +14,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use procfs::process::{MMapPath, MemoryMaps, Process};
 
+pub use cmdline::CmdlineMode;
 pub use elf::Interpreter;
 
 /// Identity of a binary file: probes shared by all its processes are
@@ -42,6 +44,7 @@ pub struct PythonProcess {
     /// PID inside the process's own PID namespace (innermost).
     pub ns_pid: u32,
     pub comm: String,
+    /// As `--cmdline` allows it to be shown.
     pub cmdline: String,
     pub binary: Binary,
     /// When it started, in clock ticks since boot (`/proc/PID/stat`): with
@@ -72,9 +75,18 @@ type Analysis = Result<Arc<Interpreter>, Option<String>>;
 #[derive(Default, Clone)]
 pub struct Discoverer {
     cache: Arc<Mutex<HashMap<BinaryId, Analysis>>>,
+    cmdline: CmdlineMode,
 }
 
 impl Discoverer {
+    /// A discoverer that keeps of each command line what `cmdline` shows.
+    pub fn new(cmdline: CmdlineMode) -> Self {
+        Self {
+            cmdline,
+            ..Self::default()
+        }
+    }
+
     /// What `pid` runs, read so that the executable, its maps and the
     /// binary analysed are one program's: a process that execs while it
     /// is read (`chroot` becoming the Python it runs) is read again.
@@ -151,13 +163,12 @@ impl Discoverer {
             .as_ref()
             .and_then(|ids| ids.last().copied())
             .unwrap_or(pid as i32) as u32;
-        let cmdline = read_cmdline(&proc_dir)
+        let argv = read_cmdline(&proc_dir)
             .map(|raw| {
                 raw.split(|&b| b == 0)
                     .filter(|part| !part.is_empty())
                     .map(|part| String::from_utf8_lossy(part).into_owned())
                     .collect::<Vec<_>>()
-                    .join(" ")
             })
             .unwrap_or_default();
         // What was read by path belongs to the process that started then,
@@ -165,6 +176,9 @@ impl Discoverer {
         if self::start_ticks(pid) != Some(start_ticks) {
             return Err(Skip::Gone);
         }
+        // The one place a command line enters the agent: what is dropped
+        // here is nowhere else.
+        let cmdline = self.cmdline.show(&argv);
         Ok(PythonProcess {
             pid,
             ns_pid,

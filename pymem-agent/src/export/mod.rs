@@ -6,6 +6,7 @@ use anyhow::{Context as _, Result};
 use axum::{
     Router,
     http::StatusCode,
+    middleware::from_fn_with_state,
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -16,11 +17,20 @@ use crate::{
 };
 
 mod api;
+mod auth;
 mod census_routes;
+mod listener;
 mod metrics;
+mod rate_limit;
 mod site_routes;
+mod web_config;
 
-pub use self::metrics::{DEFAULT_LABELS, ProcessLabel, render_metrics};
+pub use self::{
+    listener::AgentListener,
+    metrics::{DEFAULT_LABELS, ProcessLabel, render_metrics},
+    rate_limit::RateLimit,
+    web_config::WebConfig,
+};
 
 /// The agent's default address: loopback only; expose it deliberately.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
@@ -57,24 +67,29 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     })
 }
 
+/// Who may use the server and how much: `--web-config-file` (TLS, users)
+/// and `--rate-limit`.
+pub struct Protection {
+    pub web: WebConfig,
+    /// On the routes that make the agent work; None: unlimited.
+    pub rate_limit: Option<RateLimit>,
+}
+
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: AgentListener,
     snapshot: SharedSnapshot,
     queries: QuerySender,
     labels: Vec<ProcessLabel>,
+    protection: Protection,
 ) -> Result<()> {
     let state = AppState {
         snapshot,
         queries,
         labels,
     };
-    let app = Router::new()
-        .route("/", get(index))
-        .route("/metrics", get(metrics::exposition))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/api/v1/processes", get(api::processes))
-        .route("/api/v1/processes/{pid}", get(api::process))
-        .route("/api/v1/oom-kills", get(api::oom_kills))
+    // Censuses (which pause the target) and symbolised sites: the work a
+    // client can ask for, and so what is rate-limited.
+    let mut working = Router::new()
         .route(
             "/api/v1/processes/{pid}/sites",
             get(site_routes::sites_json),
@@ -92,9 +107,31 @@ pub async fn serve(
         .route(
             "/api/v1/processes/{pid}/flamegraph.svg",
             get(site_routes::sites_flamegraph),
-        )
+        );
+    if let Some(limiter) = protection.rate_limit.and_then(rate_limit::RateLimiter::new) {
+        working = working.route_layer(from_fn_with_state(limiter, rate_limit::limit_rate));
+    }
+    let mut app = Router::new()
+        .route("/", get(index))
+        .route("/metrics", get(metrics::exposition))
+        .route("/api/v1/processes", get(api::processes))
+        .route("/api/v1/processes/{pid}", get(api::process))
+        .route("/api/v1/oom-kills", get(api::oom_kills))
+        .merge(working);
+    if let Some(users) = auth::BasicAuth::new(protection.web.users) {
+        app = app.layer(from_fn_with_state(users, auth::require_auth));
+    }
+    // Liveness needs no credentials (kubelet's probes have none) and says
+    // nothing but "ok".
+    let app = app
+        .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state);
-    axum::serve(listener, app).await.context("HTTP server")
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<listener::Peer>(),
+    )
+    .await
+    .context("HTTP server")
 }
 
 async fn index() -> &'static str {

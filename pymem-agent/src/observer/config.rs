@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::{bpf::KernelConfig, census::CensusConfig, model::LeakPolicy};
+use crate::{bpf::KernelConfig, census::CensusConfig, discover::CmdlineMode, model::LeakPolicy};
 
 /// A default duration with the text its option shows in `--help`.
 pub struct DurationDefault {
@@ -64,6 +64,8 @@ pub struct ObserverConfig {
     pub perf_uprobes: bool,
     /// Object censuses: automatic ones, concurrency, copy limit, metrics.
     pub census: CensusConfig,
+    /// What of each command line is kept (and so shown).
+    pub cmdline: CmdlineMode,
 }
 
 impl Default for ObserverConfig {
@@ -81,6 +83,8 @@ impl Default for ObserverConfig {
             site_metrics: SITE_METRICS,
             perf_uprobes: false,
             census: CensusConfig::default(),
+            // A local view (`pymem top` without an agent) shows it all.
+            cmdline: CmdlineMode::Full,
         }
     }
 }

@@ -187,7 +187,7 @@ impl Observer {
         let stats_reader = probes.stats_reader();
         let (found_tx, found_rx) = mpsc::unbounded_channel();
         let (query_tx, queries) = mpsc::channel(16);
-        let discoverer = Discoverer::default();
+        let discoverer = Discoverer::new(config.cmdline);
         let inspections = inspect::Inspections::start(discoverer.clone(), found_tx.clone());
         Ok((
             Self {

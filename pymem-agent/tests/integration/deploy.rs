@@ -201,6 +201,52 @@ fn daemonset_runs_the_agent_on_every_node_as_documented() {
     for probe in ["livenessProbe", "readinessProbe"] {
         assert_eq!(agent[probe]["httpGet"]["path"], "/healthz", "{probe}");
         assert_eq!(agent[probe]["httpGet"]["port"], "metrics", "{probe}");
+        assert_eq!(agent[probe]["httpGet"]["scheme"], "HTTPS", "{probe}");
+    }
+    // Protected: TLS and basic auth from the mounted web config, and no
+    // command-line arguments in what the agent shows.
+    assert!(args.contains(&"--cmdline=short"), "{args:?}");
+    let web_config = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--web-config-file="))
+        .expect("--web-config-file");
+    let (directory, file) = web_config.rsplit_once('/').unwrap();
+    let mount = agent["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == directory)
+        .unwrap_or_else(|| panic!("nothing mounted at {directory}"));
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    let sources = volume["projected"]["sources"].as_array().unwrap();
+    let secret = shipped_web_config_secret(&objects);
+    assert!(
+        sources
+            .iter()
+            .any(|s| s["secret"]["name"] == secret["metadata"]["name"]),
+        "{sources:?}"
+    );
+    assert!(secret["data"].get(file).is_some(), "{secret}");
+    let tls = sources
+        .iter()
+        .find(|s| s["secret"]["name"] == "pymem-agent-tls")
+        .expect("the TLS Secret");
+    let web_config = shipped_web_config(&objects);
+    for key in ["cert_file", "key_file"] {
+        let name = web_config["tls_server_config"][key].as_str().unwrap();
+        assert!(
+            tls["secret"]["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|item| item["path"] == name),
+            "{key} {name} is not in the mounted TLS Secret"
+        );
     }
     assert_eq!(agent["ports"][0]["containerPort"], 9477);
     assert_eq!(agent["env"][0]["name"], "NODE_NAME");
@@ -247,6 +293,114 @@ fn daemonset_runs_the_agent_on_every_node_as_documented() {
     }
 }
 
+/// The Secret kustomize generates from deploy/kubernetes/base/web-config.yml.
+fn shipped_web_config_secret(objects: &[Value]) -> &Value {
+    objects
+        .iter()
+        .find(|o| {
+            o["kind"] == "Secret"
+                && o["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("pymem-web-config"))
+        })
+        .expect("the web config Secret")
+}
+
+/// The web config file as the rendered Secret holds it.
+fn shipped_web_config_text(objects: &[Value]) -> String {
+    use base64::Engine as _;
+    let encoded: String = shipped_web_config_secret(objects)["data"]["web-config.yml"]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .unwrap();
+    String::from_utf8(bytes).unwrap()
+}
+
+fn shipped_web_config(objects: &[Value]) -> Value {
+    yaml(&shipped_web_config_text(objects))
+}
+
+#[test]
+fn the_shipped_web_config_passes_promtool_and_the_agent_enforces_it() {
+    let objects = render("base").unwrap();
+    let text = shipped_web_config_text(&objects);
+    assert_eq!(text, read("deploy/kubernetes/base/web-config.yml"));
+    // The certificate and key beside it, as the projected volume mounts them.
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = crate::web_auth::certificates(dir.path());
+    fs::rename(&cert, dir.path().join("tls.crt")).unwrap();
+    fs::rename(&key, dir.path().join("tls.key")).unwrap();
+    let file = dir.path().join("web-config.yml");
+    fs::write(&file, &text).unwrap();
+    stdout_of(
+        Command::new(promtool())
+            .args(["check", "web-config"])
+            .arg(&file),
+    );
+    let file_arg = file.display().to_string();
+    let healthz = |agent: &Agent| {
+        let url = format!("https://127.0.0.1:{}/healthz", agent.port);
+        crate::web_auth::curl(&url, &ca, None).map(|(status, _, _)| status)
+    };
+    // As the DaemonSet's probes see it: /healthz over TLS, no credentials.
+    let agent = Agent::start_until(&["--web-config-file", &file_arg], |agent| {
+        healthz(agent) == Ok(200)
+    });
+    // Nobody knows the shipped hash's password: not even the user name.
+    let processes = format!("https://127.0.0.1:{}/api/v1/processes", agent.port);
+    for password in ["", "prometheus", "password", "changeme"] {
+        let (status, _, _) =
+            crate::web_auth::curl(&processes, &ca, Some(("prometheus", password))).unwrap();
+        assert_eq!(status, 401, "password {password:?}");
+    }
+}
+
+#[test]
+fn the_scrape_job_scrapes_over_tls_with_basic_auth_and_passes_promtool() {
+    let text = read("deploy/prometheus/pymem-scrape.yml");
+    let config = yaml(&text);
+    let job = &config["scrape_configs"][0];
+    assert_eq!(job["job_name"], "pymem-agent", "as the alert rules expect");
+    assert_eq!(job["scheme"], "https");
+    assert_eq!(job["basic_auth"]["username"], "prometheus");
+    let objects = render("base").unwrap();
+    let users = &shipped_web_config(&objects)["basic_auth_users"];
+    assert!(users.get("prometheus").is_some(), "{users}");
+    // promtool checks that the files named exist: give it some.
+    let dir = tempfile::tempdir().unwrap();
+    let mut local = text.clone();
+    for key in ["ca_file", "password_file"] {
+        let path = job
+            .get("tls_config")
+            .and_then(|t| t.get(key))
+            .or_else(|| job["basic_auth"].get(key))
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("{key}"));
+        let replacement = dir.path().join(key);
+        fs::write(&replacement, "x").unwrap();
+        local = local.replace(path, &replacement.display().to_string());
+    }
+    let file = dir.path().join("prometheus.yml");
+    fs::write(&file, local).unwrap();
+    stdout_of(
+        Command::new(promtool())
+            .args(["check", "config"])
+            .arg(&file),
+    );
+    // The name the ServiceMonitor and the job verify is the Service's.
+    let service = object(&objects, "Service");
+    let name = format!(
+        "{}.{}.svc",
+        service["metadata"]["name"].as_str().unwrap(),
+        service["metadata"]["namespace"].as_str().unwrap()
+    );
+    assert_eq!(job["tls_config"]["server_name"], name.as_str());
+}
+
 fn daemonset_capabilities() -> Vec<String> {
     let objects = render("base").unwrap();
     object(&objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["securityContext"]
@@ -279,7 +433,27 @@ fn operator_resources_match_the_service_and_the_rule_file() {
         monitor["spec"]["namespaceSelector"]["matchNames"],
         json!([service["metadata"]["namespace"]])
     );
-    let port = &monitor["spec"]["endpoints"][0]["port"];
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    assert_eq!(endpoint["scheme"], "https");
+    assert_eq!(
+        endpoint["tlsConfig"]["ca"]["secret"]["name"],
+        "pymem-agent-tls"
+    );
+    assert_eq!(
+        endpoint["tlsConfig"]["serverName"],
+        format!(
+            "{}.{}.svc",
+            service["metadata"]["name"].as_str().unwrap(),
+            service["metadata"]["namespace"].as_str().unwrap()
+        )
+    );
+    for part in ["username", "password"] {
+        assert!(
+            endpoint["basicAuth"][part]["name"].is_string(),
+            "basicAuth.{part}"
+        );
+    }
+    let port = &endpoint["port"];
     assert!(
         service["spec"]["ports"]
             .as_array()
@@ -314,7 +488,7 @@ fn operator_resources_match_the_service_and_the_rule_file() {
 // Prometheus rules and the image
 
 /// promtool, from Debian's prometheus package (installed when missing).
-fn promtool() -> PathBuf {
+pub(crate) fn promtool() -> PathBuf {
     ensure_prometheus_package();
     PathBuf::from("/usr/bin/promtool")
 }
@@ -866,7 +1040,7 @@ fn the_daemonsets_capabilities_are_enough_for_the_agent() {
 // ---------------------------------------------------------------------------
 // A real Prometheus
 
-struct Prometheus {
+pub(crate) struct Prometheus {
     child: Child,
     port: u16,
     _dir: tempfile::TempDir,
@@ -877,11 +1051,19 @@ impl Prometheus {
     /// pymem's alert rules every second; data in a temporary directory, on
     /// a free loopback port (never the packaged service's).
     fn start(agent_port: u16) -> Self {
+        Self::start_scraping(&format!(
+            "  - job_name: pymem-agent\n    static_configs:\n      - targets: ['127.0.0.1:{agent_port}']\n"
+        ))
+    }
+
+    /// As `start`, with `scrape_configs` (YAML list items, indented by two)
+    /// as its scrape jobs.
+    pub(crate) fn start_scraping(scrape_configs: &str) -> Self {
         ensure_prometheus_package();
         let dir = tempfile::tempdir().unwrap();
         let rules = repo("deploy/prometheus/pymem-alerts.yml");
         let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: pymem-agent\n    static_configs:\n      - targets: ['127.0.0.1:{agent_port}']\n",
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n{scrape_configs}",
             rules.display()
         );
         let config_path = dir.path().join("prometheus.yml");
@@ -916,7 +1098,7 @@ impl Prometheus {
         prometheus
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         fs::read_to_string(self._dir.path().join("prometheus.log")).unwrap_or_default()
     }
 
@@ -932,7 +1114,7 @@ impl Prometheus {
     }
 
     /// An instant query's result vector.
-    fn query(&self, expr: &str) -> Vec<Value> {
+    pub(crate) fn query(&self, expr: &str) -> Vec<Value> {
         let url = format!("http://127.0.0.1:{}/api/v1/query", self.port);
         let answer: Value = serde_json::from_str(
             &ureq::get(&url)

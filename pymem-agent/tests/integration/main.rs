@@ -24,3 +24,4 @@ mod run;
 mod sites;
 mod sites_export;
 mod top;
+mod web_auth;

@@ -112,6 +112,12 @@ impl Agent {
     /// Starts the agent with a short window and fast sampling (tests wait
     /// less), plus `extra` arguments, and waits until it serves.
     pub fn start(extra: &[&str]) -> Agent {
+        Self::start_until(extra, |agent| agent.get("/healthz").is_ok())
+    }
+
+    /// As `start`, waiting until `serves` says the agent serves (over
+    /// TLS, say, which `get` does not speak).
+    pub fn start_until(extra: &[&str], serves: impl Fn(&Agent) -> bool) -> Agent {
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let log_path = dir.path().join("agent.log");
@@ -144,7 +150,7 @@ impl Agent {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if agent.get("/healthz").is_ok() {
+            if serves(&agent) {
                 return agent;
             }
             if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
