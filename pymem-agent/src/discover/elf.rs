@@ -80,8 +80,64 @@ pub const MAX_BINARY_BYTES: u64 = 512 << 20;
 /// The file is read, not mapped: its owner can truncate it at any time,
 /// and a mapping would then kill the agent with SIGBUS.
 pub fn analyze(path: &Path, name_hint: &str) -> Result<Interpreter> {
+    // Most binaries a host runs are not Python, and some are hundreds of
+    // MiB (browsers, compilers): their dynamic symbols say so without
+    // reading the rest.
+    triage(path)?;
     let data = read_binary(path)?;
     analyze_bytes(&data, name_hint)
+}
+
+/// Whether the file may be an interpreter, from its headers, `.dynsym` and
+/// dynamic section alone, read on demand: the error `analyze_bytes` would
+/// give when it cannot be.
+fn triage(path: &Path) -> Result<()> {
+    use object::{
+        elf::{FileHeader64, SHN_UNDEF, SHT_DYNSYM},
+        read::elf::{FileHeader as _, Sym as _},
+    };
+    use std::io::Read as _;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // An I/O failure is told apart from a file that is not an ELF (the
+    // cache reads without saying why it could not).
+    let mut magic = [0u8; 4];
+    file.read_exact(&mut magic)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if magic != *b"\x7fELF" {
+        bail!("not an ELF file");
+    }
+    let cache = object::read::ReadCache::new(file);
+    let header = FileHeader64::<object::Endianness>::parse(&cache)
+        .map_err(|_| anyhow!("not an ELF file (or not a 64-bit one)"))?;
+    let endian = header
+        .endian()
+        .map_err(|e| anyhow!("not an ELF file: {e}"))?;
+    let sections = header
+        .sections(endian, &cache)
+        .map_err(|e| anyhow!("malformed ELF section table: {e}"))?;
+    let dynsym = sections
+        .symbols(endian, &cache, SHT_DYNSYM)
+        .map_err(|e| anyhow!("malformed ELF .dynsym: {e}"))?;
+    let mut defined = [false; INTERPRETER_SYMBOLS.len()];
+    for symbol in dynsym.iter() {
+        if symbol.st_shndx(endian) == SHN_UNDEF {
+            continue;
+        }
+        let Ok(name) = symbol.name(endian, dynsym.strings()) else {
+            continue;
+        };
+        for (wanted, found) in INTERPRETER_SYMBOLS.iter().zip(defined.iter_mut()) {
+            *found |= name == wanted.as_bytes();
+        }
+    }
+    if defined.iter().all(|&found| found) {
+        return Ok(());
+    }
+    if needs_libpython(&sections, endian, &cache) {
+        return Err(LinksLibpython.into());
+    }
+    bail!("not a CPython interpreter (does not define PyObject_Malloc/Py_Initialize)")
 }
 
 /// The whole file at `path`, at most [`MAX_BINARY_BYTES`].
@@ -128,12 +184,23 @@ impl std::error::Error for LinksLibpython {}
 
 /// Whether the ELF's dynamic section needs a `libpython3*` library.
 fn links_libpython(elf: &ElfFile64<'_, object::Endianness>) -> bool {
-    let endian = elf.endian();
-    let sections = elf.elf_section_table();
-    let Ok(Some((dynamic, link))) = sections.dynamic(endian, elf.data()) else {
+    needs_libpython(elf.elf_section_table(), elf.endian(), elf.data())
+}
+
+/// Whether a dynamic section needs a `libpython3*` library.
+fn needs_libpython<'data, R: object::ReadRef<'data>>(
+    sections: &object::read::elf::SectionTable<
+        'data,
+        object::elf::FileHeader64<object::Endianness>,
+        R,
+    >,
+    endian: object::Endianness,
+    data: R,
+) -> bool {
+    let Ok(Some((dynamic, link))) = sections.dynamic(endian, data) else {
         return false;
     };
-    let Ok(strings) = sections.strings(endian, elf.data(), link) else {
+    let Ok(strings) = sections.strings(endian, data, link) else {
         return false;
     };
     dynamic.iter().any(|entry| {
@@ -417,13 +484,38 @@ mod tests {
 
     #[test]
     fn a_binary_over_the_bound_is_refused_unread() {
+        let (lib, _) = testing::pyenv_libpythons_or_skip()
+            .into_iter()
+            .next()
+            .expect("a pyenv libpython");
+        let name = testing::file_name(&lib);
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("libpython3.11.so.1.0");
-        let file = std::fs::File::create(&path).unwrap();
+        let path = dir.path().join(&name);
+        std::fs::copy(&lib, &path).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         // Sparse: no disk used.
         file.set_len(MAX_BINARY_BYTES + 1).unwrap();
-        let err = analyze(&path, "libpython3.11.so.1.0").unwrap_err();
+        let err = analyze(&path, &name).unwrap_err();
         assert!(format!("{err:#}").contains("more than"), "{err:#}");
+    }
+
+    /// A big binary that is not Python is judged from its dynamic symbols,
+    /// not read whole: a 600 MiB one is refused as not Python, not as too
+    /// big to read.
+    #[test]
+    fn big_binaries_that_are_not_python_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("browser");
+        std::fs::copy("/bin/ls", &path).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(600 << 20).unwrap();
+        let err = analyze(&path, "browser").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("not a CPython interpreter"),
+            "{err:#}"
+        );
+        let err = analyze(Path::new("/proc/self/cmdline"), "x").unwrap_err();
+        assert!(format!("{err:#}").contains("not an ELF"), "{err:#}");
     }
 
     #[test]
