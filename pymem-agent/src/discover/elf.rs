@@ -245,7 +245,7 @@ pub fn probe_point(elf: &ElfFile64<'_, object::Endianness>, vaddr: u64) -> Optio
 /// that fills it. The probe goes on the stub's first instruction (the
 /// `endbr64` of IBT stubs), so a return probe there sees the caller's return
 /// address on top of the stack.
-fn plt_stubs(elf: &ElfFile64<'_, object::Endianness>) -> Result<LibcStubs> {
+pub(crate) fn plt_stubs(elf: &ElfFile64<'_, object::Endianness>) -> Result<LibcStubs> {
     let mut slot_names: HashMap<u64, String> = HashMap::new();
     for (offset, reloc) in elf.dynamic_relocations().into_iter().flatten() {
         let object::RelocationFlags::Elf { r_type } = reloc.flags() else {

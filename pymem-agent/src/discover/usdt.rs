@@ -56,7 +56,7 @@ pub fn probes(elf: &ElfFile64<'_, object::Endianness>) -> Vec<UsdtProbe> {
     found
 }
 
-fn parse_note(desc: &[u8], actual_base: Option<u64>) -> Option<UsdtProbe> {
+pub(crate) fn parse_note(desc: &[u8], actual_base: Option<u64>) -> Option<UsdtProbe> {
     let word = |i: usize| -> Option<u64> {
         Some(u64::from_le_bytes(
             desc.get(i * 8..i * 8 + 8)?.try_into().ok()?,
