@@ -99,6 +99,9 @@ fn cargo_fuzz() -> Command {
     let mut cmd = Command::new("rustup");
     cmd.args(["run", setup::EBPF_TOOLCHAIN, "cargo", "fuzz"])
         .current_dir(workspace::root())
+        // cargo-fuzz builds with the cargo `CARGO` names: the one running
+        // xtask is the stable one.
+        .env_remove("CARGO")
         .env("AYA_BUILD_SKIP", "1");
     cmd
 }
