@@ -8,6 +8,8 @@ pub mod cpython;
 pub mod discover;
 pub mod export;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod holders;
 pub mod k8s;
 pub mod limits;

@@ -3,9 +3,10 @@ use std::{env, os::unix::process::CommandExt as _, process::Command};
 
 use anyhow::{Context as _, Result, ensure};
 
-use crate::{process, setup, support, workspace};
+use crate::{fuzz, process, setup, support, workspace};
 
-/// Runs the whole test suite; exits with cargo's status so CI sees it.
+/// Runs the whole test suite, then each fuzz target briefly; fails (with
+/// cargo's status when the tests failed) so CI sees it.
 pub fn test(cargo_args: &[String]) -> Result<()> {
     ensure!(
         process::is_root(),
@@ -26,7 +27,15 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
     if let Err(e) = support::run() {
         eprintln!("support table not updated: {e:#}");
     }
-    std::process::exit(status.code().unwrap_or(1));
+    // Every fuzz target briefly, and its regression inputs, pass or fail.
+    let fuzzed = fuzz::run(fuzz::TEST_SECONDS, &[]);
+    if let Err(e) = &fuzzed {
+        eprintln!("error: {e:#}");
+    }
+    match status.code() {
+        Some(0) if fuzzed.is_err() => std::process::exit(1),
+        code => std::process::exit(code.unwrap_or(1)),
+    }
 }
 
 /// Builds the release agent and replaces this process with it, as root.

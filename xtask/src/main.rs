@@ -3,6 +3,7 @@
 //! CI and developers run exactly the same steps.
 mod bench;
 mod dev;
+mod fuzz;
 mod process;
 mod rootfs;
 mod setup;
@@ -29,7 +30,7 @@ struct Cli {
 enum Command {
     /// Install what builds and tests need (idempotent; fast when done).
     Setup,
-    /// Run setup, then `cargo test --workspace` as root.
+    /// Run setup, `cargo test --workspace` as root, then each fuzz target briefly.
     Test {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
@@ -49,6 +50,14 @@ enum Command {
     /// Benchmarks of the agent's cost.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run the fuzz targets of fuzz/ (cargo-fuzz on the pinned nightly).
+    Fuzz {
+        /// Seconds each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
     /// Rewrite README.md's support table from the results in target/support/.
     SupportTable,
 }
@@ -73,6 +82,7 @@ fn run(command: Command) -> Result<()> {
         Command::Agent { agent_args } => dev::agent(&agent_args),
         Command::Rootfs { suite } => rootfs::run(suite),
         Command::Bench(command) => bench::run(command),
+        Command::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Command::SupportTable => support::run(),
     }
 }

@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// Builds the eBPF object; must match `EBPF_TOOLCHAIN` in pymem-agent/build.rs.
-const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// bpf-linker's feature for the LLVM major version of `EBPF_TOOLCHAIN`.
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
@@ -90,6 +90,14 @@ pub fn run() -> Result<()> {
     ensure_pip_packages();
     ensure_numpy_for_every_pyenv();
     Ok(())
+}
+
+/// The pinned nightly alone (the fuzz targets need it, not bpf-linker).
+pub fn ensure_nightly() -> Result<()> {
+    required(
+        &format!("rust {EBPF_TOOLCHAIN} + rust-src"),
+        ensure_ebpf_toolchain,
+    )
 }
 
 /// Without these nothing builds: stop with the reason.

@@ -85,7 +85,7 @@ pub(crate) fn offsets_for(interp: &Interpreter) -> Option<VersionOffsets> {
     Some(offsets)
 }
 
-pub(super) fn offsets(version: PyVersion) -> Option<VersionOffsets> {
+pub(crate) fn offsets(version: PyVersion) -> Option<VersionOffsets> {
     let old_code = |format| CodeOffsets {
         filename: 104,
         name: 112,

@@ -312,15 +312,17 @@ impl BinaryImage for ElfImage<'_> {
         self.defined.get(name).copied()
     }
 
-    /// From the section holding all of `vaddr..vaddr + len`.
+    /// From the section holding all of `vaddr..vaddr + len`. Addresses come
+    /// from the file (section headers, decoded operands): nothing may wrap.
     fn bytes_at(&self, vaddr: u64, len: u64) -> Option<&[u8]> {
+        let end = vaddr.checked_add(len)?;
         self.elf.sections().find_map(|s| {
-            if vaddr < s.address() || vaddr + len > s.address() + s.size() {
+            if vaddr < s.address() || end > s.address().saturating_add(s.size()) {
                 return None;
             }
             let data = s.data().ok()?;
-            let start = (vaddr - s.address()) as usize;
-            data.get(start..start + len as usize)
+            let start = usize::try_from(vaddr - s.address()).ok()?;
+            data.get(start..start.checked_add(usize::try_from(len).ok()?)?)
         })
     }
 }
@@ -328,12 +330,12 @@ impl BinaryImage for ElfImage<'_> {
 /// Converts an ELF virtual address into a file offset via its section.
 pub fn probe_point(elf: &ElfFile64<'_, object::Endianness>, vaddr: u64) -> Option<ProbePoint> {
     let section = elf.sections().find(|s| {
-        s.kind() == SectionKind::Text && vaddr >= s.address() && vaddr < s.address() + s.size()
+        s.kind() == SectionKind::Text && vaddr >= s.address() && vaddr - s.address() < s.size()
     })?;
     let (offset, _) = section.file_range()?;
     Some(ProbePoint {
         vaddr,
-        file_offset: vaddr - section.address() + offset,
+        file_offset: (vaddr - section.address()).checked_add(offset)?,
     })
 }
 
@@ -344,7 +346,7 @@ pub fn probe_point(elf: &ElfFile64<'_, object::Endianness>, vaddr: u64) -> Optio
 /// that fills it. The probe goes on the stub's first instruction (the
 /// `endbr64` of IBT stubs), so a return probe there sees the caller's return
 /// address on top of the stack.
-fn plt_stubs(elf: &ElfFile64<'_, object::Endianness>) -> Result<LibcStubs> {
+pub(crate) fn plt_stubs(elf: &ElfFile64<'_, object::Endianness>) -> Result<LibcStubs> {
     let mut slot_names: HashMap<u64, String> = HashMap::new();
     for (offset, reloc) in elf.dynamic_relocations().into_iter().flatten() {
         let object::RelocationFlags::Elf { r_type } = reloc.flags() else {
@@ -388,9 +390,18 @@ fn plt_stubs(elf: &ElfFile64<'_, object::Endianness>) -> Result<LibcStubs> {
                 && instr.memory_base() == Register::RIP;
             if is_slot_jump && let Some(target) = slot_names.get(&instr.ip_rel_memory_address()) {
                 let vaddr = entry_start.unwrap_or(instr.ip());
+                // The decoder's addresses wrap past the top of a section
+                // placed there by a hostile file.
+                let Some(stub_offset) = vaddr
+                    .checked_sub(section.address())
+                    .and_then(|at| at.checked_add(file_offset))
+                else {
+                    entry_start = None;
+                    continue;
+                };
                 let point = ProbePoint {
                     vaddr,
-                    file_offset: vaddr - section.address() + file_offset,
+                    file_offset: stub_offset,
                 };
                 let slot = match target.as_str() {
                     "malloc" => &mut stubs.malloc,
@@ -525,6 +536,26 @@ mod tests {
         let real = std::fs::read("/proc/self/exe").unwrap();
         let err = analyze_bytes(&real[..200], "python3").unwrap_err();
         assert!(err.to_string().contains("ELF"), "{err}");
+    }
+
+    /// Link addresses at the top of the address space, asked for or put
+    /// there by the section headers: no arithmetic wraps.
+    #[test]
+    fn addresses_at_the_top_of_the_address_space_do_not_overflow() {
+        let mut data = std::fs::read("/bin/ls").unwrap();
+        let image = ElfImage::parse(&data).unwrap();
+        assert_eq!(image.bytes_at(u64::MAX - 4, 16), None);
+        assert_eq!(probe_point(&image.elf, u64::MAX), None);
+        let headers = u64::from_le_bytes(data[0x28..0x30].try_into().unwrap()) as usize;
+        let count = u16::from_le_bytes(data[0x3c..0x3e].try_into().unwrap()) as usize;
+        for index in 1..count {
+            let at = headers + index * 64 + 16;
+            data[at..at + 8].copy_from_slice(&(u64::MAX - 8).to_le_bytes());
+        }
+        let image = ElfImage::parse(&data).unwrap();
+        let _ = image.bytes_at(u64::MAX - 4, 2);
+        let _ = probe_point(&image.elf, u64::MAX - 4);
+        let _ = plt_stubs(&image.elf);
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub fn probes(elf: &ElfFile64<'_, object::Endianness>) -> Vec<UsdtProbe> {
     found
 }
 
-fn parse_note(desc: &[u8], actual_base: Option<u64>) -> Option<UsdtProbe> {
+pub(crate) fn parse_note(desc: &[u8], actual_base: Option<u64>) -> Option<UsdtProbe> {
     let word = |i: usize| -> Option<u64> {
         Some(u64::from_le_bytes(
             desc.get(i * 8..i * 8 + 8)?.try_into().ok()?,
@@ -90,7 +90,10 @@ pub fn file_offset(elf: &ElfFile64<'_, object::Endianness>, vaddr: u64) -> Optio
     elf.segments().find_map(|segment| {
         let (offset, size) = segment.file_range();
         let start = segment.address();
-        (vaddr >= start && vaddr - start < size).then(|| vaddr - start + offset)
+        // The program headers are the file's word: the sum may not fit.
+        (vaddr >= start && vaddr - start < size)
+            .then(|| (vaddr - start).checked_add(offset))
+            .flatten()
     })
 }
 
@@ -215,6 +218,27 @@ mod tests {
             "x@%rax",
         ] {
             assert!(argument_cookie(cookie::GC_START, bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A segment whose file offset is near the top of the range: the
+    /// semaphore's offset does not wrap.
+    #[test]
+    fn file_offsets_do_not_wrap() {
+        let mut data = std::fs::read("/bin/ls").unwrap();
+        let headers = u64::from_le_bytes(data[0x20..0x28].try_into().unwrap()) as usize;
+        let count = u16::from_le_bytes(data[0x38..0x3a].try_into().unwrap()) as usize;
+        let mut vaddrs = Vec::new();
+        for index in 0..count {
+            let at = headers + index * 56;
+            data[at + 8..at + 16].copy_from_slice(&(u64::MAX - 8).to_le_bytes());
+            vaddrs.push(u64::from_le_bytes(
+                data[at + 16..at + 24].try_into().unwrap(),
+            ));
+        }
+        let elf = ElfFile64::<object::Endianness>::parse(&*data).unwrap();
+        for vaddr in vaddrs {
+            assert_eq!(file_offset(&elf, vaddr + 16), None, "{vaddr:#x}");
         }
     }
 
