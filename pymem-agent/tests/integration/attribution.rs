@@ -197,7 +197,9 @@ fn a_released_peak_leaves_no_site() {
     let python = require!(crate::common::pyenv("3.11"), "pyenv 3.11");
     const PEAK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workloads/peak.py");
     let peak_line = source_line(PEAK, "SITE: peak", |l| l.ends_with("# SITE: peak"));
-    let agent = Agent::start(&[]);
+    // Its process starts after the agent: no baseline censuses of the
+    // other tests' processes to queue its own censuses behind.
+    let agent = Agent::start(&["--census-baseline", "false"]);
     let mut child = Command::new(&python)
         .arg(PEAK)
         .stdin(Stdio::piped())

@@ -654,9 +654,10 @@ fn promtool_series_notation_expands_like_promtool() {
 fn pinned(text: &str, name: &str) -> String {
     text.lines()
         .find_map(|line| {
+            let line = line.trim();
             let rest = line
-                .trim()
-                .strip_prefix("const ")
+                .strip_prefix("pub const ")
+                .or_else(|| line.strip_prefix("const "))
                 .or_else(|| line.trim().strip_prefix("ARG "))?
                 .strip_prefix(name)?;
             let value = rest.split(['=', ';']).nth(1)?;
