@@ -157,12 +157,7 @@ pub fn run(args: &SoakArgs, bench: &Bench) -> Result<()> {
             next_start += interval;
         }
         if now >= next_checkpoint {
-            let ticks = cpu_ticks(agent.pid())?;
-            let cpu_percent = (ticks - last_ticks.0) as f64
-                / clock_ticks_per_second()
-                / now.duration_since(last_ticks.1).as_secs_f64().max(1e-3)
-                * 100.0;
-            last_ticks = (ticks, now);
+            let cpu_percent = cpu_percent_since(agent.pid(), &mut last_ticks)?;
             let checkpoint = look(
                 &agent,
                 &long_pids,
@@ -194,12 +189,8 @@ pub fn run(args: &SoakArgs, bench: &Bench) -> Result<()> {
         let _ = child.wait();
     }
     let at_end = leaker_heaps(&agent, &leakers)?;
-    let ticks = cpu_ticks(agent.pid())?;
+    let cpu_percent = cpu_percent_since(agent.pid(), &mut last_ticks)?;
     let now = Instant::now();
-    let cpu_percent = (ticks - last_ticks.0) as f64
-        / clock_ticks_per_second()
-        / now.duration_since(last_ticks.1).as_secs_f64().max(1e-3)
-        * 100.0;
     checkpoints.push(look(
         &agent,
         &long_pids,
@@ -231,6 +222,19 @@ pub fn run(args: &SoakArgs, bench: &Bench) -> Result<()> {
         accuracy: &accuracy,
     };
     bench.write_results("soak", report.json(), &report.markdown())
+}
+
+/// The agent's CPU use since `last` (its CPU ticks and when they were
+/// read), in percent of one core; `last` becomes now.
+fn cpu_percent_since(pid: u32, last: &mut (u64, Instant)) -> Result<f64> {
+    let ticks = cpu_ticks(pid)?;
+    let now = Instant::now();
+    let percent = ticks.saturating_sub(last.0) as f64
+        / clock_ticks_per_second()
+        / now.duration_since(last.1).as_secs_f64().max(1e-3)
+        * 100.0;
+    *last = (ticks, now);
+    Ok(percent)
 }
 
 /// One short-lived Python: plain, forking, or exec-ing another Python.
