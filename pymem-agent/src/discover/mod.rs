@@ -107,8 +107,11 @@ impl Discoverer {
         let exe_link = proc_dir.join("exe");
         let exe_target = match std::fs::read_link(&exe_link) {
             Ok(target) => target.display().to_string(),
+            // Kernel threads have no exe, and stay.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && proc_dir.exists() => {
+                return Err(Skip::NotPython("a kernel thread: no executable".into()));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Skip::Gone),
-            // Kernel threads have no exe.
             Err(e) => return Err(Skip::NotPython(format!("no executable: {e}"))),
         };
         let process = Process::new(pid as i32).map_err(|_| Skip::Gone)?;
@@ -283,6 +286,25 @@ fn read_cmdline(proc_dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
     Ok(raw)
 }
 
+/// The children of every thread of `pid`, at most `MAX_CHILDREN`: the
+/// processes it forked before it was tracked, whose fork events the kernel
+/// did not report.
+pub fn children(pid: u32) -> Vec<u32> {
+    const MAX_CHILDREN: usize = 4096;
+    let Ok(tasks) = Process::new(pid as i32).and_then(|p| p.tasks()) else {
+        return Vec::new();
+    };
+    let mut children = Vec::new();
+    for task in tasks.flatten() {
+        children.extend(task.children().unwrap_or_default());
+        if children.len() >= MAX_CHILDREN {
+            children.truncate(MAX_CHILDREN);
+            break;
+        }
+    }
+    children
+}
+
 /// True when `pid` is a thread-group leader (a process, not a thread).
 pub fn is_process(pid: u32) -> bool {
     Process::new(pid as i32)
@@ -371,6 +393,13 @@ mod tests {
     #[test]
     fn lists_and_reads_this_process() {
         let pid = std::process::id();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert!(children(pid).contains(&child.id()));
+        child.kill().unwrap();
+        child.wait().unwrap();
         assert!(all_pids().contains(&pid));
         assert!(is_process(pid) && is_running(pid));
         let brk = current_brk(pid).unwrap();

@@ -214,6 +214,13 @@ impl Observer {
             "observing pid {pid} ({}) Python {} from {}",
             process.comm, interp.version, process.binary.display_path
         );
+        // Workers a pre-fork server forked before it was tracked (it was
+        // found while starting, or before the agent) sent no fork event.
+        for child in discover::children(pid) {
+            if !self.observed.contains_key(&child) {
+                self.inspect(child, FoundBy::Fork);
+            }
+        }
         let now = Instant::now();
         self.spawn_stack_check(&process, now, now);
         // A forked child has no imports ahead of it, and it inherits its
