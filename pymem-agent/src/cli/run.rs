@@ -136,7 +136,7 @@ pub fn run_command(args: RunArgs) -> Result<i32> {
             // SAFETY: kill has no memory-safety preconditions.
             unsafe { libc::kill(-(child_pid as i32), signal) };
         }
-        child.try_wait().ok().flatten()
+        exited(child_pid)
     });
     signals::restore_terminal();
     let status = match status {
@@ -214,6 +214,22 @@ fn join_pids(pids: &[u32]) -> String {
 
 /// Polls the source every sample interval (censuses on a thread of their
 /// own) until `done` says so; `done` is asked every 50 ms.
+/// The command's exit status once it has ended. Not `Child::try_wait`: a
+/// census pauses the command with ptrace from another thread of this
+/// process, and a plain waitpid here would take that ptrace stop for an
+/// end (a status that is neither an exit nor a signal).
+fn exited(pid: u32) -> Option<std::process::ExitStatus> {
+    use std::os::unix::process::ExitStatusExt as _;
+    let mut status = 0;
+    // SAFETY: waitpid writes only `status`. __WNOTHREAD: only children of
+    // this thread, which spawned the command, not the census thread's
+    // tracees.
+    let waited =
+        unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG | libc::__WNOTHREAD) };
+    (waited == pid as i32 && (libc::WIFEXITED(status) || libc::WIFSIGNALED(status)))
+        .then(|| std::process::ExitStatus::from_raw(status))
+}
+
 fn record_while<T>(
     source: &Source,
     recorder: &mut Recorder,
