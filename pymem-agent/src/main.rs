@@ -141,6 +141,7 @@ impl AgentArgs {
 
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    return_big_buffers_at_once();
     let cli = Cli::parse();
     match cli.command {
         Command::Agent(args) => run_agent(args),
@@ -152,6 +153,24 @@ fn main() -> Result<()> {
         Command::Holders(args) => cli::run_holders(args),
         Command::Run(args) => std::process::exit(cli::run_command(args)?),
         Command::Record(args) => std::process::exit(cli::run_record(args)?),
+    }
+}
+
+/// The agent's big buffers are transient: a binary read for analysis
+/// (15-25 MiB), a heap copied for a census. glibc's default raises its mmap
+/// threshold to the size of the first such buffer freed, so later ones come
+/// from the arenas and stay resident after they are freed: a one-way step of
+/// the agent's RSS each time a bigger binary or heap comes along. A fixed
+/// threshold keeps every buffer of 1 MiB or more in its own mapping, given
+/// back to the system when it is freed.
+fn return_big_buffers_at_once() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's tunables; it is called
+    // before any other thread exists.
+    unsafe {
+        const BIG: libc::c_int = 1 << 20;
+        libc::mallopt(libc::M_MMAP_THRESHOLD, BIG);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 2 * BIG);
     }
 }
 
