@@ -599,3 +599,66 @@ mod fixture_tests {
         assert!(ddtrace(b"\x0a\xff", &leak).is_err());
     }
 }
+
+#[cfg(test)]
+mod stack_fixture_tests {
+    use super::*;
+
+    /// bench/peers/leak.py at PEERS_SCALE 0.02 under tracemalloc_run.py 1
+    /// (1.46 MB kept), and at 0.05 under `memray run` (3.5 MB kept) as
+    /// memray_leaks.py reads it; mprof's .dat of a run at 0.05.
+    const TRACEMALLOC: &str = include_str!("fixtures/tracemalloc-1-leak.json");
+    const MEMRAY: &str = include_str!("fixtures/memray-leak.json");
+    const MPROF: &str = include_str!("fixtures/mprof-leak.dat");
+
+    fn leak(kept_bytes: f64) -> Expected<'static> {
+        Expected {
+            file: "leak.py",
+            line: 29,
+            kept_bytes,
+        }
+    }
+
+    #[test]
+    fn tracemalloc_names_the_line_only() {
+        let found = tracemalloc(TRACEMALLOC, &leak(1_457_882.0)).unwrap();
+        assert_eq!(
+            (found.process, found.line, found.type_, found.variable),
+            (
+                Verdict::Yes,
+                Verdict::Yes,
+                Verdict::NotOffered,
+                Verdict::NotOffered
+            ),
+            "{}",
+            found.detail
+        );
+        let other = Expected {
+            line: 26,
+            ..leak(1_457_882.0)
+        };
+        assert_eq!(tracemalloc(TRACEMALLOC, &other).unwrap().line, Verdict::No);
+        // More than it traced: not named.
+        assert_eq!(
+            tracemalloc(TRACEMALLOC, &leak(1e9)).unwrap().process,
+            Verdict::No
+        );
+    }
+
+    #[test]
+    fn memray_without_python_allocators_blames_an_arena() {
+        // Without --trace-python-allocators memray sees pymalloc's arenas,
+        // charged to whichever line first needed one.
+        let found = memray(MEMRAY, &leak(3_503_802.0)).unwrap();
+        assert_eq!(found.process, Verdict::Yes, "{}", found.detail);
+        assert_eq!(found.line, Verdict::No, "{}", found.detail);
+        assert!(found.detail.contains("leak.py:26"), "{}", found.detail);
+    }
+
+    #[test]
+    fn mprof_dat_from_a_real_run() {
+        let found = mprof(MPROF, &leak(3_503_802.0));
+        assert_eq!(found.process, Verdict::Yes, "{}", found.detail);
+        assert_eq!(mprof(MPROF, &leak(1e9)).process, Verdict::No);
+    }
+}
