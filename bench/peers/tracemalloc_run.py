@@ -28,7 +28,9 @@ def report(result):
         "top": [{
             "size": s.size,
             "count": s.count,
-            "frames": [{"file": f.filename, "line": f.lineno} for f in s.traceback],
+            # Innermost first, as memray's and pprof's stacks are
+            # (tracemalloc lists the oldest frame first).
+            "frames": [{"file": f.filename, "line": f.lineno} for f in reversed(s.traceback)],
         } for s in stats[:TOP]],
     }
     path = os.environ.get("PEERS_TRACEMALLOC_REPORT")

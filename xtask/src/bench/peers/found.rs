@@ -307,7 +307,13 @@ pub fn pymem_from_answers(
                 .filter_map(|t| t["type"].as_str())
                 .collect();
             detail.push(format!("top types {}", names.join(", ")));
-            Verdict::of(names.contains(&LEAK_TYPE))
+            // Classes of __main__ are named as pymem qualifies them:
+            // `__main__.SessionRecord`.
+            Verdict::of(
+                names
+                    .iter()
+                    .any(|name| name.rsplit('.').next() == Some(LEAK_TYPE)),
+            )
         }
         Err(e) => {
             detail.push(format!("types: {e}"));
@@ -560,6 +566,30 @@ mod tests {
             Some(3)
         );
         assert_eq!(marked_line("a\n", "# LEAK"), None);
+    }
+
+    #[test]
+    fn pymem_names_qualified_types_and_globals() {
+        let process =
+            json!({"growth_bytes_per_second": 4.8e6, "heap_bytes": 4e7, "leak_suspected": false});
+        let sites = Ok(json!({"sites": [{"file": "/w/bench/peers/leak.py", "line": 30}]}));
+        let types =
+            Ok(json!([{"type": "str"}, {"type": "tuple"}, {"type": "__main__.SessionRecord"}]));
+        let holders = Ok(json!([{"name": "__main__.SESSIONS"}]));
+        let found = pymem_from_answers(&process, &sites, &types, &holders, &LEAK);
+        assert_eq!(
+            (found.process, found.line, found.type_, found.variable),
+            (Verdict::Yes, Verdict::Yes, Verdict::Yes, Verdict::Yes),
+            "{}",
+            found.detail
+        );
+        let other_types = Ok(json!([{"type": "str"}, {"type": "SessionRecordish"}]));
+        let error: Result<Value, String> = Err("501".into());
+        let found = pymem_from_answers(&Value::Null, &error, &other_types, &error, &LEAK);
+        assert_eq!(
+            (found.process, found.line, found.type_, found.variable),
+            (Verdict::No, Verdict::No, Verdict::No, Verdict::No)
+        );
     }
 
     #[test]
