@@ -60,6 +60,8 @@ enum Command {
     },
     /// Rewrite README.md's support table from the results in target/support/.
     SupportTable,
+    /// Rewrite README.md's performance section from target/bench/peers.json.
+    PerfTable,
 }
 
 fn main() -> ExitCode {
@@ -84,5 +86,6 @@ fn run(command: Command) -> Result<()> {
         Command::Bench(command) => bench::run(command),
         Command::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Command::SupportTable => support::run(),
+        Command::PerfTable => bench::update_readme(),
     }
 }

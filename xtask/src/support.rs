@@ -156,20 +156,43 @@ fn render_cell(check: &Value) -> String {
 /// Replaces the text between the markers; creates README.md with just a
 /// heading and the markers when there is none.
 fn replace_section(readme: &Path, table: &str) -> Result<()> {
+    replace_between(readme, "Supported interpreters", START, END, table)
+}
+
+/// Replaces the text between `start` and `end` in `readme`; creates it with
+/// just `heading` and the markers when there is none. Shared with the
+/// benchmarks' README section (`cargo xtask perf-table`).
+pub fn replace_between(
+    readme: &Path,
+    heading: &str,
+    start_marker: &str,
+    end_marker: &str,
+    table: &str,
+) -> Result<()> {
     let current = match fs::read_to_string(readme) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            format!("# pymem\n\n## Supported interpreters\n\n{START}\n{END}\n")
+            format!("# pymem\n\n## {heading}\n\n{start_marker}\n{end_marker}\n")
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", readme.display())),
     };
-    let (Some(start), Some(end)) = (current.find(START), current.find(END)) else {
-        bail!("{} has no {START} … {END} markers", readme.display());
+    let (Some(start), Some(end)) = (current.find(start_marker), current.find(end_marker)) else {
+        bail!(
+            "{} has no {start_marker} … {end_marker} markers",
+            readme.display()
+        );
     };
     if end < start {
-        bail!("{}: {END} comes before {START}", readme.display());
+        bail!(
+            "{}: {end_marker} comes before {start_marker}",
+            readme.display()
+        );
     }
-    let updated = format!("{}{START}\n{table}{}", &current[..start], &current[end..]);
+    let updated = format!(
+        "{}{start_marker}\n{table}{}",
+        &current[..start],
+        &current[end..]
+    );
     if updated != current {
         fs::write(readme, updated).with_context(|| format!("writing {}", readme.display()))?;
     }

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use serde_json::{Value, json};
 
-use super::{Bench, agent::RunningAgent, median};
+use super::{Bench, agent::RunningAgent, idle::status_kib, median};
 use crate::{process::Supervised, workspace};
 
 const OBSERVE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -32,18 +32,18 @@ pub struct CensusArgs {
 }
 
 /// One heap's censuses.
-struct HeapResult {
-    heap_mib: u64,
-    rss_kib: u64,
+pub(super) struct HeapResult {
+    pub(super) heap_mib: u64,
+    pub(super) rss_kib: u64,
     /// Each census's JSON (`/census`), or the agent's error.
-    censuses: Vec<Result<(Value, Duration), String>>,
-    agent_peak_rss_kib: u64,
+    pub(super) censuses: Vec<Result<(Value, Duration), String>>,
+    pub(super) agent_peak_rss_kib: u64,
 }
 
 pub fn run(args: &CensusArgs, bench: &Bench) -> Result<()> {
     let python =
         test_interpreters::pyenv("3.11").context("no pyenv 3.11 under ~/.pyenv/versions")?;
-    let workload = workspace::root().join("pymem-agent/tests/workloads/census.py");
+    let workload = workload();
     let mut results = Vec::new();
     for &heap_mib in &args.heaps_mib {
         results.push(measure_heap(
@@ -61,7 +61,7 @@ pub fn run(args: &CensusArgs, bench: &Bench) -> Result<()> {
     )
 }
 
-fn measure_heap(
+pub(super) fn measure_heap(
     bench: &Bench,
     python: &Path,
     workload: &Path,
@@ -126,7 +126,7 @@ fn measure_heap(
 }
 
 /// GET `path`'s JSON, or the agent's error (its status and body).
-fn get(addr: SocketAddr, path: &str) -> Result<Value, String> {
+pub(super) fn get(addr: SocketAddr, path: &str) -> Result<Value, String> {
     let fetch = || -> Result<(String, String)> {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         stream.set_read_timeout(Some(CENSUS_TIMEOUT))?;
@@ -146,18 +146,9 @@ fn get(addr: SocketAddr, path: &str) -> Result<Value, String> {
     serde_json::from_str(&body).map_err(|e| format!("GET {path}: {e}"))
 }
 
-fn status_kib(pid: u32, field: &str) -> Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|value| value.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))
-}
-
 /// Medians over the censuses that succeeded: pause, copy, parse, total
 /// (seconds) and copied bytes.
-fn medians(result: &HeapResult) -> Option<[f64; 5]> {
+pub(super) fn medians(result: &HeapResult) -> Option<[f64; 5]> {
     let ok: Vec<&(Value, Duration)> = result
         .censuses
         .iter()
@@ -246,4 +237,9 @@ fn results_markdown(results: &[HeapResult]) -> String {
         }
     }
     md
+}
+
+/// The census workload (`bloat N` grows a heap of N MiB of small objects).
+pub(super) fn workload() -> std::path::PathBuf {
+    workspace::root().join("pymem-agent/tests/workloads/census.py")
 }

@@ -27,13 +27,13 @@ pub struct IdleArgs {
     seconds: u64,
 }
 
-struct Footprint {
-    time_to_observe_all: Duration,
-    rss_kib_after_discovery: u64,
-    rss_kib_at_end: u64,
-    peak_rss_kib: u64,
-    cpu_percent: f64,
-    measured_for: Duration,
+pub(super) struct Footprint {
+    pub(super) time_to_observe_all: Duration,
+    pub(super) rss_kib_after_discovery: u64,
+    pub(super) rss_kib_at_end: u64,
+    pub(super) peak_rss_kib: u64,
+    pub(super) cpu_percent: f64,
+    pub(super) measured_for: Duration,
 }
 
 pub fn run(args: &IdleArgs, bench: &Bench) -> Result<()> {
@@ -67,7 +67,7 @@ pub fn run(args: &IdleArgs, bench: &Bench) -> Result<()> {
     )
 }
 
-fn start_sleeper(python: &Path) -> Result<Supervised> {
+pub(super) fn start_sleeper(python: &Path) -> Result<Supervised> {
     Supervised::spawn(
         Command::new(python)
             .args(["-c", "import time; time.sleep(3600)"])
@@ -77,7 +77,7 @@ fn start_sleeper(python: &Path) -> Result<Supervised> {
     )
 }
 
-fn measure_footprint(
+pub(super) fn measure_footprint(
     agent: &RunningAgent,
     time_to_observe_all: Duration,
     seconds: u64,

@@ -6,6 +6,7 @@ mod api;
 mod census;
 mod idle;
 mod overhead;
+mod peers;
 mod soak;
 
 use std::{fs, path::PathBuf};
@@ -15,6 +16,7 @@ use clap::Subcommand;
 use serde_json::Value;
 
 use crate::{process, setup, workspace};
+pub use peers::update_readme;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -28,6 +30,10 @@ pub enum BenchCommand {
     /// The agent under process churn for minutes: its memory, its maps,
     /// what it loses or misses, and the accuracy of long-lived leakers.
     Soak(soak::SoakArgs),
+    /// pymem beside tracemalloc, memray, ddtrace's memory profiler and
+    /// mprof on five workloads: slow-down, extra RSS, what each needs and
+    /// what each finds on a leak; then the agent's scaling.
+    Peers(peers::PeersArgs),
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
@@ -49,6 +55,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Idle(args) => idle::run(&args, &bench),
         BenchCommand::Census(args) => census::run(&args, &bench),
         BenchCommand::Soak(args) => soak::run(&args, &bench),
+        BenchCommand::Peers(args) => peers::run(&args, &bench),
     }
 }
 

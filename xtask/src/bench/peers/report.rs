@@ -1,0 +1,467 @@
+//! The results of `bench peers`: every run as JSON, and from that JSON (so
+//! that `cargo xtask perf-table` can render it again) the Markdown tables,
+//! the SVG bar chart and the README's performance section.
+use std::{fs, path::Path};
+
+use anyhow::{Context as _, Result};
+use serde_json::{Value, json};
+
+use super::{Plan, Run, Tool, Workload, found::Found};
+use crate::{bench::median, support, workspace};
+
+const README_START: &str = "<!-- peers-table:start -->";
+const README_END: &str = "<!-- peers-table:end -->";
+
+/// Spread of a sample: max / min - 1, in percent.
+pub fn spread_percent(values: &[f64]) -> f64 {
+    let (min, max) = values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
+    (max / min - 1.0) * 100.0
+}
+
+/// Median of `with` over median of `without`.
+pub fn ratio(with: &[f64], without: &[f64]) -> f64 {
+    median(with) / median(without)
+}
+
+fn run_json(run: &Run) -> Value {
+    json!({
+        "wall_seconds": run.wall,
+        "cpu_seconds": run.cpu,
+        "peak_rss_kib": run.peak_rss_kib,
+        "load": run.load.as_ref().map(|l| l.to_json()),
+        "agent": run.agent.as_ref().map(|a| json!({
+            "cpu_percent": a.cpu_percent,
+            "rss_kib": a.rss_kib,
+            "peak_rss_kib": a.peak_rss_kib,
+        })),
+        "found": run.found.as_ref().map(Found::to_json),
+    })
+}
+
+pub fn results_json(
+    plan: &Plan,
+    runs: &[(Tool, Workload, Run)],
+    leak_line: u32,
+    python: &Path,
+    peers_seconds: f64,
+    scaling: Value,
+    total_seconds: f64,
+) -> Value {
+    let of = |tool: Tool, workload: Workload| -> Vec<&Run> {
+        runs.iter()
+            .filter(|(t, w, _)| *t == tool && *w == workload)
+            .map(|(_, _, r)| r)
+            .collect()
+    };
+    let values =
+        |runs: &[&Run], f: &dyn Fn(&Run) -> f64| runs.iter().map(|r| f(r)).collect::<Vec<f64>>();
+    let mut workloads = Vec::new();
+    for workload in Workload::ALL {
+        let base = of(Tool::None, workload);
+        let base_cpu = values(&base, &|r| r.cpu);
+        let base_wall = values(&base, &|r| r.wall);
+        let base_rss = values(&base, &|r| r.peak_rss_kib);
+        let mut tools = Vec::new();
+        for tool in Tool::ALL {
+            let these = of(tool, workload);
+            let load = |f: &dyn Fn(&super::load::LoadResult) -> f64| {
+                let v: Vec<f64> = these
+                    .iter()
+                    .filter_map(|r| r.load.as_ref().map(f))
+                    .collect();
+                (!v.is_empty()).then(|| median(&v))
+            };
+            let agent = |f: &dyn Fn(&super::AgentCost) -> f64| {
+                let v: Vec<f64> = these
+                    .iter()
+                    .filter_map(|r| r.agent.as_ref().map(f))
+                    .collect();
+                (!v.is_empty()).then(|| median(&v))
+            };
+            tools.push(json!({
+                "tool": tool.id(),
+                "label": tool.label(),
+                "needs": tool.needs(),
+                "cpu_ratio": ratio(&values(&these, &|r| r.cpu), &base_cpu),
+                "wall_ratio": ratio(&values(&these, &|r| r.wall), &base_wall),
+                "extra_peak_rss_mib": (median(&values(&these, &|r| r.peak_rss_kib)) - median(&base_rss)) / 1024.0,
+                "median_cpu_seconds": median(&values(&these, &|r| r.cpu)),
+                "median_wall_seconds": median(&values(&these, &|r| r.wall)),
+                "requests_per_second": load(&|l| l.requests_per_second()),
+                "p50_ms": load(&|l| l.p50_ms),
+                "p99_ms": load(&|l| l.p99_ms),
+                "agent_cpu_percent": agent(&|a| a.cpu_percent),
+                "agent_rss_mib": agent(&|a| a.rss_kib as f64 / 1024.0),
+                "agent_peak_rss_mib": agent(&|a| a.peak_rss_kib as f64 / 1024.0),
+                // The last run's findings (each run's are in `runs`).
+                "found": these.iter().rev().find_map(|r| r.found.as_ref().map(Found::to_json)),
+                "runs": these.iter().map(|r| run_json(r)).collect::<Vec<_>>(),
+            }));
+        }
+        workloads.push(json!({
+            "workload": workload.id(),
+            "noise_cpu_percent": spread_percent(&base_cpu),
+            "noise_wall_percent": spread_percent(&base_wall),
+            "tools": tools,
+        }));
+    }
+    json!({
+        "benchmark": "peers",
+        "rounds": plan.rounds,
+        "quick": plan.quick,
+        "scale": plan.scale,
+        "flask_load": {"clients": plan.load_clients, "seconds": plan.load_seconds},
+        "python": python,
+        "leak": {"file": "bench/peers/leak.py", "line": leak_line,
+                 "type": super::found::LEAK_TYPE, "variable": super::found::LEAK_VARIABLE},
+        "peers_seconds": peers_seconds,
+        "total_seconds": total_seconds,
+        "workloads": workloads,
+        "scaling": scaling,
+    })
+}
+
+fn f(value: &Value) -> f64 {
+    value.as_f64().unwrap_or(f64::NAN)
+}
+
+fn tools_of(json: &Value) -> Vec<(String, String, String)> {
+    json["workloads"][0]["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            (
+                t["tool"].as_str().unwrap_or("?").to_owned(),
+                t["label"].as_str().unwrap_or("?").to_owned(),
+                t["needs"].as_str().unwrap_or("?").to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn workload_ids(json: &Value) -> Vec<String> {
+    json["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| w["workload"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+fn cell<'a>(json: &'a Value, workload: &str, tool: &str) -> &'a Value {
+    json["workloads"]
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["workload"] == workload))
+        .and_then(|w| w["tools"].as_array())
+        .and_then(|ts| ts.iter().find(|t| t["tool"] == tool))
+        .unwrap_or(&Value::Null)
+}
+
+/// A tools × workloads table of one figure.
+fn matrix(json: &Value, title: &str, show: &dyn Fn(&Value) -> String, with_noise: bool) -> String {
+    let workloads = workload_ids(json);
+    let mut md = format!("| {title} |");
+    for w in &workloads {
+        md += &format!(" {w} |");
+    }
+    md += "\n|---|";
+    md += &"---|".repeat(workloads.len());
+    md.push('\n');
+    for (tool, label, _) in tools_of(json) {
+        if tool == "none" {
+            continue;
+        }
+        md += &format!("| {label} |");
+        for w in &workloads {
+            md += &format!(" {} |", show(cell(json, w, &tool)));
+        }
+        md.push('\n');
+    }
+    if with_noise {
+        md += "| *noise: no-tool spread (CPU / wall)* |";
+        for w in json["workloads"].as_array().into_iter().flatten() {
+            md += &format!(
+                " {:.0} % / {:.0} % |",
+                f(&w["noise_cpu_percent"]),
+                f(&w["noise_wall_percent"])
+            );
+        }
+        md.push('\n');
+    }
+    md
+}
+
+fn times(value: &Value) -> String {
+    format!("{:.2}×", f(value))
+}
+
+/// The summary: CPU and wall slow-downs, what each tool needs, and what it
+/// found on the leak. The README shows this part.
+pub fn summary(json: &Value) -> String {
+    let mut md = format!(
+        "Median of {} interleaved rounds{}, pyenv 3.11.7; ratios are the median with the \
+         tool over the median without (1.00× = no slow-down). Flask: per request, from \
+         {}-second closed-loop runs of {} clients.\n\n",
+        json["rounds"],
+        if json["quick"] == true {
+            " (`--quick`: a third of the work)"
+        } else {
+            ""
+        },
+        json["flask_load"]["seconds"],
+        json["flask_load"]["clients"],
+    );
+    md += "**CPU time of the target**\n\n";
+    md += &matrix(json, "tool", &|c| times(&c["cpu_ratio"]), true);
+    md += "\n**Wall time**\n\n";
+    md += &matrix(json, "tool", &|c| times(&c["wall_ratio"]), false);
+    md += "\n**What it takes, and what it found on the leak** (`bench/peers/leak.py`: \
+           `SessionRecord`s kept in the module-level `SESSIONS`), parsed from each tool's own output\n\n\
+           | tool | needs | process | line | type | variable | its output said |\n|---|---|---|---|---|---|---|\n";
+    for (tool, label, needs) in tools_of(json) {
+        if tool == "none" {
+            continue;
+        }
+        let found = &cell(json, "leak", &tool)["found"];
+        let v = |k: &str| found[k].as_str().unwrap_or("–").to_owned();
+        md += &format!(
+            "| {label} | {needs} | {} | {} | {} | {} | {} |\n",
+            v("process"),
+            v("line"),
+            v("type"),
+            v("variable"),
+            found["detail"].as_str().unwrap_or("–").replace('|', "/")
+        );
+    }
+    md
+}
+
+pub fn markdown(json: &Value) -> String {
+    let mut md = String::from("# pymem and its peers\n\n");
+    md += &summary(json);
+    md += "\n**Extra peak RSS of the target** (its own `ru_maxrss`, over no tool; pymem's \
+           memory is in the agent, below)\n\n";
+    md += &matrix(
+        json,
+        "tool",
+        &|c| format!("{:+.1} MiB", f(&c["extra_peak_rss_mib"])),
+        false,
+    );
+    md +=
+        "\n**Flask service under load**\n\n| tool | requests/s | p50 | p99 |\n|---|---|---|---|\n";
+    for (tool, label, _) in tools_of(json) {
+        let c = cell(json, "flask_service", &tool);
+        md += &format!(
+            "| {label} | {:.0} | {:.2} ms | {:.2} ms |\n",
+            f(&c["requests_per_second"]),
+            f(&c["p50_ms"]),
+            f(&c["p99_ms"])
+        );
+    }
+    md += "\n**The agent's own cost during pymem's runs** (medians: its CPU over the work, \
+           RSS at the end, peak RSS)\n\n| workload | agent CPU (% of one core) | RSS | peak RSS |\n|---|---|---|---|\n";
+    for w in workload_ids(json) {
+        let c = cell(json, &w, "pymem");
+        md += &format!(
+            "| {w} | {:.2} % | {:.1} MiB | {:.1} MiB |\n",
+            f(&c["agent_cpu_percent"]),
+            f(&c["agent_rss_mib"]),
+            f(&c["agent_peak_rss_mib"])
+        );
+    }
+    md += &format!(
+        "\nIn-process CPU time counts the tools' own threads (memray's writer, ddtrace's \
+         exporter); mprof samples from its parent process, which is not counted. The workload \
+         starts timing after the tool is loaded (and, for pymem, once the agent has attached every \
+         probe, its costly case). The peers ran for {:.0} s; the whole benchmark {:.0} s.\n",
+        f(&json["peers_seconds"]),
+        f(&json["total_seconds"]),
+    );
+    if !json["scaling"].is_null() {
+        md += &scaling_markdown(&json["scaling"]);
+    }
+    md
+}
+
+fn scaling_markdown(scaling: &Value) -> String {
+    let mut md = String::from(
+        "\n## Scaling\n\n| Python processes | all observed after | agent CPU (% of one core) | RSS | peak RSS | new process observed after (median) |\n|---|---|---|---|---|---|\n",
+    );
+    for s in scaling["processes"].as_array().into_iter().flatten() {
+        md += &format!(
+            "| {} | {:.1} s | {:.2} % | {:.1} MiB | {:.1} MiB | {} |\n",
+            s["label"].as_str().unwrap_or("?"),
+            f(&s["seconds_until_all_observed"]),
+            f(&s["agent_cpu_percent"]),
+            f(&s["agent_rss_kib_at_end"]) / 1024.0,
+            f(&s["agent_peak_rss_kib"]) / 1024.0,
+            s["new_process_observed_ms"]
+                .as_f64()
+                .map_or("–".to_owned(), |ms| format!("{ms:.0} ms")),
+        );
+    }
+    md += "\n| heap | pause | copy | parse | census total | copied | agent peak RSS |\n|---|---|---|---|---|---|---|\n";
+    for c in scaling["census"].as_array().into_iter().flatten() {
+        md += &match c["error"].as_str() {
+            Some(e) => format!("| ~{} MiB | failed: {e} | | | | | |\n", c["heap_mib"]),
+            None => format!(
+                "| ~{} MiB | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.0} MiB | {:.0} MiB |\n",
+                c["heap_mib"],
+                f(&c["pause_seconds"]),
+                f(&c["copy_seconds"]),
+                f(&c["parse_seconds"]),
+                f(&c["total_seconds"]),
+                f(&c["copied_bytes"]) / 1048576.0,
+                f(&c["agent_peak_rss_kib"]) / 1024.0,
+            ),
+        };
+    }
+    md
+}
+
+/// Grouped bars: the CPU-time ratio of each tool on each workload.
+pub fn svg(json: &Value) -> String {
+    let tools: Vec<(String, String, String)> = tools_of(json)
+        .into_iter()
+        .filter(|(t, _, _)| t != "none")
+        .collect();
+    let workloads = workload_ids(json);
+    let colors = [
+        "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d",
+    ];
+    let ratios: Vec<Vec<f64>> = workloads
+        .iter()
+        .map(|w| {
+            tools
+                .iter()
+                .map(|(t, _, _)| f(&cell(json, w, t)["cpu_ratio"]))
+                .collect()
+        })
+        .collect();
+    let max = ratios
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|r| r.is_finite())
+        .fold(1.0_f64, f64::max)
+        .ceil();
+    let (left, top, height, bar, gap) = (50.0, 30.0, 300.0, 14.0, 30.0);
+    let group = bar * tools.len() as f64 + gap;
+    let width = left + group * workloads.len() as f64 + 260.0;
+    let y = |r: f64| top + height - r / max * height;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{:.0}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <text x=\"{left}\" y=\"18\" font-size=\"13\">CPU time with the tool / without (median)</text>\n",
+        top + height + 50.0
+    );
+    for step in 0..=(max as u32) {
+        let r = f64::from(step);
+        svg += &format!(
+            "<line x1=\"{left}\" x2=\"{:.0}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">{r}×</text>\n",
+            left + group * workloads.len() as f64,
+            y(r),
+            y(r),
+            left - 4.0,
+            y(r) + 4.0
+        );
+    }
+    for (wi, w) in workloads.iter().enumerate() {
+        let x0 = left + gap / 2.0 + group * wi as f64;
+        for (ti, r) in ratios[wi].iter().enumerate() {
+            let r = if r.is_finite() { *r } else { 0.0 };
+            svg += &format!(
+                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{bar}\" height=\"{:.1}\" fill=\"{}\"><title>{} {w}: {r:.2}×</title></rect>\n",
+                x0 + bar * ti as f64,
+                y(r),
+                top + height - y(r),
+                colors[ti % colors.len()],
+                tools[ti].1
+            );
+        }
+        svg += &format!(
+            "<text x=\"{:.1}\" y=\"{:.0}\" text-anchor=\"middle\">{w}</text>\n",
+            x0 + bar * tools.len() as f64 / 2.0,
+            top + height + 16.0
+        );
+    }
+    for (ti, (_, label, _)) in tools.iter().enumerate() {
+        let x = left + group * workloads.len() as f64 + 20.0;
+        let ly = top + 14.0 * ti as f64;
+        svg += &format!(
+            "<rect x=\"{x:.0}\" y=\"{ly:.0}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.0}\" y=\"{:.0}\">{label}</text>\n",
+            colors[ti % colors.len()],
+            x + 14.0,
+            ly + 9.0
+        );
+    }
+    svg += "</svg>\n";
+    svg
+}
+
+/// `cargo xtask perf-table`: README.md's performance section from
+/// target/bench/peers.json.
+pub fn update_readme() -> Result<()> {
+    let path = workspace::target_dir().join("bench/peers.json");
+    let json: Value = serde_json::from_str(&fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {}: run `cargo xtask bench peers` first",
+            path.display()
+        )
+    })?)?;
+    let readme = workspace::root().join("README.md");
+    support::replace_between(
+        &readme,
+        "Performance",
+        README_START,
+        README_END,
+        &format!(
+            "{}\nFrom `cargo xtask bench peers` (kernel {}); the whole report, with peak RSS, \
+             Flask latencies, the agent's own cost and the scaling runs, is \
+             `target/bench/peers.md`.\n",
+            summary(&json),
+            json["kernel"].as_str().unwrap_or("?")
+        ),
+    )?;
+    println!(
+        "performance section: {} into {}",
+        path.display(),
+        readme.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_are_of_medians_and_spread_is_max_over_min() {
+        assert_eq!(ratio(&[2.0, 4.0, 3.0], &[1.0, 1.5, 0.5]), 3.0);
+        assert!((spread_percent(&[1.0, 1.2, 1.1]) - 20.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn summary_fills_found_columns_from_the_results() {
+        let json = json!({
+            "rounds": 1, "quick": false, "flask_load": {"seconds": 3, "clients": 2},
+            "workloads": [{"workload": "leak", "noise_cpu_percent": 5.0, "noise_wall_percent": 7.0,
+                "tools": [
+                    {"tool": "none", "label": "no tool", "needs": "–", "cpu_ratio": 1.0, "wall_ratio": 1.0},
+                    {"tool": "pymem", "label": "pymem", "needs": "neither", "cpu_ratio": 1.01, "wall_ratio": 1.02,
+                     "found": {"process": "yes", "line": "yes", "type": "no", "variable": "yes", "detail": "a|b"}}
+                ]}]
+        });
+        let md = summary(&json);
+        assert!(md.contains("| pymem | 1.01× |"), "{md}");
+        assert!(
+            md.contains("| pymem | neither | yes | yes | no | yes | a/b |"),
+            "{md}"
+        );
+        assert!(md.contains("5 % / 7 %"), "{md}");
+    }
+}
