@@ -302,10 +302,25 @@ fn ensure_numpy_for_every_pyenv() {
 }
 
 fn ensure_pip_package(python: &Path, package: &str, module: &str) -> Result<Outcome> {
-    let importable = || succeeds(Command::new(python).args(["-c", &format!("import {module}")]));
-    if importable() {
+    if importable(python, module) {
         return Ok(Outcome::Present);
     }
+    pip_install(python, &[package])?;
+    ensure!(
+        importable(python, module),
+        "installed, but `import {module}` still fails"
+    );
+    Ok(Outcome::Installed)
+}
+
+/// Whether `python` can import `module`.
+pub fn importable(python: &Path, module: &str) -> bool {
+    succeeds(Command::new(python).args(["-c", &format!("import {module}")]))
+}
+
+/// `pip install` of `packages` into `python`'s environment, from the index
+/// the machine's own pip configuration names.
+pub fn pip_install(python: &Path, packages: &[&str]) -> Result<()> {
     process::run(
         Command::new(python)
             .args([
@@ -314,10 +329,8 @@ fn ensure_pip_package(python: &Path, package: &str, module: &str) -> Result<Outc
                 "install",
                 "--quiet",
                 "--disable-pip-version-check",
-                package,
             ])
+            .args(packages)
             .env("PIP_ROOT_USER_ACTION", "ignore"),
-    )?;
-    ensure!(importable(), "installed, but `import {module}` still fails");
-    Ok(Outcome::Installed)
+    )
 }

@@ -31,8 +31,8 @@ use serde_json::Value;
 
 use super::{Bench, agent::RunningAgent, idle};
 use crate::{
-    process::{self, Supervised, succeeds},
-    workspace,
+    process::{self, Supervised},
+    setup, workspace,
 };
 pub use report::update_readme;
 
@@ -303,26 +303,14 @@ fn ensure_venv(venv: &Path) -> Result<PathBuf> {
     }
     let missing: Vec<&str> = PEER_PACKAGES
         .iter()
-        .filter(|(_, module)| {
-            !succeeds(Command::new(&python).args(["-c", &format!("import {module}")]))
-        })
+        .filter(|(_, module)| !setup::importable(&python, module))
         .map(|(package, _)| *package)
         .collect();
     if missing.is_empty() {
         println!("peers: {} has every peer", venv.display());
     } else {
         println!("peers: installing {}", missing.join(", "));
-        process::run(
-            Command::new(&python)
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                ])
-                .args(&missing),
-        )?;
+        setup::pip_install(&python, &missing)?;
     }
     Ok(python)
 }
