@@ -96,12 +96,22 @@ impl Observer {
             .map(|(map, entries)| (map.to_owned(), entries as u64))
             .collect();
         self.info.live_map_full_total = self.probes.live_map_full();
-        self.info.kernel_errors_total = self
+        let kernel_errors: BTreeMap<String, u64> = self
             .probes
             .kernel_errors()
             .into_iter()
             .map(|(map, errors)| (map.to_owned(), errors))
             .collect();
+        for (map, errors) in &kernel_errors {
+            let before = self.info.kernel_errors_total.get(map).copied().unwrap_or(0);
+            if *errors > before {
+                warn!(
+                    "kernel side: {} insertions into {map} failed since the last sample (map full); pymem_kernel_errors_total counts them",
+                    errors - before
+                );
+            }
+        }
+        self.info.kernel_errors_total = kernel_errors;
         self.info.attached_binaries = self.probes.attached_binaries();
         self.info.probe_links = self.probes.probe_links();
         self.symbolise_live_stacks();

@@ -87,6 +87,7 @@ pub(crate) fn try_gc_start(regs: *const pt_regs, cookie: u64) -> Result<u32, u32
     begin_call::<{ counter::PENDING_GC }, _>(&PENDING_GC, pid_tgid, now)
 }
 
+#[inline(always)]
 pub(crate) fn try_gc_done(regs: *const pt_regs, cookie: u64) -> Result<u32, u32> {
     let (pid_tgid, tgid, tid) = current_ids();
     // A collection that began before the probes were attached has no start.

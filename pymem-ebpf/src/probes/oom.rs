@@ -1,6 +1,7 @@
 //! OOM kills: the kernel's OOM killer marking its victim, so the agent can
 //! keep a post-mortem of an observed process before its exit drops it.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_log_ebpf::warn;
 use pymem_common::event_kind;
 
 use crate::maps::{current_ids, emit, oom_victim_anon_rss_offset, oom_victim_pid_offset};
@@ -23,7 +24,7 @@ fn try_oom_mark_victim(ctx: &TracePointContext) -> Result<u32, u32> {
         None => 0,
     };
     let (_, _, tid) = current_ids();
-    emit(
+    let sent = emit(
         event_kind::OOM_KILL,
         victim as u32,
         tid,
@@ -31,5 +32,12 @@ fn try_oom_mark_victim(ctx: &TracePointContext) -> Result<u32, u32> {
         anon_rss_kib.saturating_mul(1024),
         0,
     );
+    if !sent {
+        // Counted as a lost event too; the log says whose post-mortem it was.
+        warn!(
+            ctx,
+            "event ring buffer full: the OOM kill of pid {} is not reported", victim
+        );
+    }
     Ok(0)
 }
