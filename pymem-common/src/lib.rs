@@ -214,7 +214,9 @@ pub struct PendingCall {
 }
 
 /// Per-process token bucket of the kernel-side probe budget: refilled at
-/// the budgeted rate, one token per probe hit, capped at the burst size.
+/// the budgeted rate, one token per probe hit. Its capacity starts at the
+/// first burst and grows by one hit for each hit spent within budget, up to
+/// the burst size.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BudgetState {
@@ -222,7 +224,9 @@ pub struct BudgetState {
     pub nano_tokens: u64,
     pub last_ns: u64,
     /// Non-zero once BUDGET_EXCEEDED was sent for this process.
-    pub notified: u64,
+    pub notified: u32,
+    /// Hits the bucket holds at most, for now.
+    pub capacity_hits: u32,
 }
 
 /// Per-process state of syscall accounting (processes over budget).
@@ -304,6 +308,7 @@ pub mod names {
         names! {
             HIT_BUDGET_PER_SEC = "HIT_BUDGET_PER_SEC",
             HIT_BUDGET_BURST = "HIT_BUDGET_BURST",
+            HIT_BUDGET_FIRST_BURST = "HIT_BUDGET_FIRST_BURST",
             FORK_CHILD_PID_OFFSET = "FORK_CHILD_PID_OFFSET",
             OOM_VICTIM_PID_OFFSET = "OOM_VICTIM_PID_OFFSET",
             OOM_VICTIM_ANON_RSS_OFFSET = "OOM_VICTIM_ANON_RSS_OFFSET",

@@ -16,9 +16,16 @@ use pymem_common::{
 #[unsafe(no_mangle)]
 static HIT_BUDGET_PER_SEC: u64 = 0;
 
-/// Budgeted probe hits a process may spend at once (start-up imports).
+/// Budgeted probe hits a process may spend at once, once it has shown it
+/// stays within the rate.
 #[unsafe(no_mangle)]
 static HIT_BUDGET_BURST: u64 = 0;
+
+/// Budgeted probe hits a process may spend at once before that (at most
+/// `HIT_BUDGET_BURST`): a hot loop that starts after a quiet spell pays
+/// this, not the whole burst, before it is told over budget.
+#[unsafe(no_mangle)]
+static HIT_BUDGET_FIRST_BURST: u64 = 0;
 
 const NANO: u64 = 1_000_000_000;
 
@@ -275,8 +282,11 @@ pub fn forget<const ERROR: u32>(live: Live<ERROR>, tgid: u32, addr: u64) -> Opti
 
 /// Charges one hit of a budgeted probe to `tgid` and tells the agent, once,
 /// when the process has used up its budget: a token bucket refilled at
-/// `HIT_BUDGET_PER_SEC` and holding at most `HIT_BUDGET_BURST` hits, so that
-/// start-up bursts (imports) pass and sustained hot loops do not.
+/// `HIT_BUDGET_PER_SEC`. Its capacity starts at `HIT_BUDGET_FIRST_BURST`
+/// hits and grows by one for each hit spent within budget, up to
+/// `HIT_BUDGET_BURST`: a process earns its burst by allocating slowly, and
+/// one that is quiet until a hot loop starts is stopped after the first
+/// burst.
 #[inline(always)]
 pub fn charge(tgid: u32, tid: u32, stats: &mut ProcStats) {
     stats.probe_hits += 1;
@@ -284,17 +294,19 @@ pub fn charge(tgid: u32, tid: u32, stats: &mut ProcStats) {
     if rate == 0 {
         return;
     }
-    let capacity = unsafe { core::ptr::read_volatile(&HIT_BUDGET_BURST) } * NANO;
     let now = unsafe { bpf_ktime_get_ns() };
     let state = match BUDGET.get_ptr_mut(tgid) {
         Some(ptr) => unsafe { &mut *ptr },
         None => {
-            let full = BudgetState {
-                nano_tokens: capacity,
+            let burst = unsafe { core::ptr::read_volatile(&HIT_BUDGET_BURST) };
+            let first = unsafe { core::ptr::read_volatile(&HIT_BUDGET_FIRST_BURST) }.min(burst);
+            let fresh = BudgetState {
+                nano_tokens: first * NANO,
                 last_ns: now,
                 notified: 0,
+                capacity_hits: first as u32,
             };
-            if BUDGET.insert(tgid, full, 0).is_err() {
+            if BUDGET.insert(tgid, fresh, 0).is_err() {
                 map_error::<{ counter::BUDGET }>();
             }
             match BUDGET.get_ptr_mut(tgid) {
@@ -303,12 +315,17 @@ pub fn charge(tgid: u32, tid: u32, stats: &mut ProcStats) {
             }
         }
     };
+    let capacity = state.capacity_hits as u64 * NANO;
     // Cap the elapsed time before multiplying so the refill cannot overflow.
     let elapsed = now.saturating_sub(state.last_ns).min(capacity / rate + 1);
     state.last_ns = now;
     state.nano_tokens = (state.nano_tokens + elapsed * rate).min(capacity);
     if state.nano_tokens >= NANO {
         state.nano_tokens -= NANO;
+        let burst = unsafe { core::ptr::read_volatile(&HIT_BUDGET_BURST) };
+        if (state.capacity_hits as u64) < burst {
+            state.capacity_hits += 1;
+        }
     } else if state.notified == 0 {
         state.notified = 1;
         emit(

@@ -25,8 +25,10 @@ pub(super) static EBPF_OBJECT: &[u8] =
 pub struct KernelConfig {
     /// Budgeted probe hits per process per second; 0 = unlimited.
     pub hit_budget_per_sec: u64,
-    /// Hits a process may spend at once on top of the rate.
+    /// Hits a process may spend at once on top of the rate, once earned.
     pub hit_budget_burst: u64,
+    /// Hits a process may spend at once before it has earned the burst.
+    pub hit_budget_first_burst: u64,
     /// Size of the event ring buffer (a power of two, at least a page).
     pub ring_buffer_bytes: u32,
     /// Perf-event uprobes for the per-process probes even where multi-uprobe
@@ -133,6 +135,11 @@ impl Probes {
         loader
             .override_global(global::HIT_BUDGET_PER_SEC, &config.hit_budget_per_sec, true)
             .override_global(global::HIT_BUDGET_BURST, &config.hit_budget_burst, true)
+            .override_global(
+                global::HIT_BUDGET_FIRST_BURST,
+                &config.hit_budget_first_burst,
+                true,
+            )
             .override_global(global::FORK_CHILD_PID_OFFSET, &fork_offset, true)
             .override_global(global::OOM_VICTIM_PID_OFFSET, &oom_pid_offset, true)
             .override_global(
@@ -292,6 +299,7 @@ mod tests {
             let (mut probes, _events) = Probes::load(KernelConfig {
                 hit_budget_per_sec: 1000,
                 hit_budget_burst: 100,
+                hit_budget_first_burst: 20,
                 ring_buffer_bytes: 1 << 16,
                 perf_uprobes,
             })
@@ -321,6 +329,7 @@ mod tests {
         let config = KernelConfig {
             hit_budget_per_sec: 0,
             hit_budget_burst: 0,
+            hit_budget_first_burst: 0,
             ring_buffer_bytes: 1 << 16,
             perf_uprobes: true,
         };

@@ -29,6 +29,7 @@ pub const LEAK_MIN_GROWTH: u64 = 1 << 20;
 pub const LEAK_MIN_FIT: f64 = 0.8;
 pub const PROBE_BUDGET: u64 = 1000;
 pub const PROBE_BURST: u64 = 500;
+pub const PROBE_FIRST_BURST: u64 = 100;
 pub const PROBE_DELAY: DurationDefault = seconds!(5);
 pub const SAMPLE_BYTES: u64 = 256 << 10;
 pub const RING_BUFFER_BYTES: u32 = 1 << 20;
@@ -43,8 +44,12 @@ pub struct ObserverConfig {
     /// Budgeted probe hits per process per second before it is moved to
     /// syscall accounting; 0 = never.
     pub hit_budget_per_sec: u64,
-    /// Hits a process may spend at once (start-up imports) on top of the rate.
+    /// Hits a process may spend at once on top of the rate, once it has
+    /// spent as many within the rate.
     pub hit_budget_burst: u64,
+    /// Hits a process may spend at once before that: what a hot loop costs
+    /// before it is moved to syscall accounting.
+    pub hit_budget_first_burst: u64,
     /// Full /proc rescans, a safety net behind exec/fork events.
     pub rescan_interval: Duration,
     /// Heap history kept per process (for the UI).
@@ -75,6 +80,7 @@ impl Default for ObserverConfig {
             policy: LeakPolicy::default(),
             hit_budget_per_sec: PROBE_BUDGET,
             hit_budget_burst: PROBE_BURST,
+            hit_budget_first_burst: PROBE_FIRST_BURST,
             rescan_interval: RESCAN_INTERVAL,
             history: HISTORY,
             probe_delay: PROBE_DELAY.value,
@@ -95,6 +101,7 @@ impl ObserverConfig {
         KernelConfig {
             hit_budget_per_sec: self.hit_budget_per_sec,
             hit_budget_burst: self.hit_budget_burst,
+            hit_budget_first_burst: self.hit_budget_first_burst,
             ring_buffer_bytes: self.ring_buffer_bytes,
             perf_uprobes: self.perf_uprobes,
         }
@@ -118,9 +125,15 @@ pub struct ObserveArgs {
     #[arg(long, default_value_t = PROBE_BUDGET)]
     pub probe_budget: u64,
     /// Allocation-probe hits a process may spend at once before the
-    /// per-second budget applies (~5 ms of probe time at ~10 µs a hit).
+    /// per-second budget applies (~5 ms of probe time at ~10 µs a hit),
+    /// once it has spent as many within the budget.
     #[arg(long, default_value_t = PROBE_BURST)]
     pub probe_burst: u64,
+    /// Allocation-probe hits a process may spend at once before it has
+    /// earned --probe-burst: what a hot loop in a quiet process costs
+    /// before it is moved to syscall accounting (~1 ms at ~10 µs a hit).
+    #[arg(long, default_value_t = PROBE_FIRST_BURST)]
+    pub probe_first_burst: u64,
     /// Process age before per-allocation probes are attached; until then
     /// (start-up imports) memory outside pymalloc is accounted by syscalls.
     #[arg(long, default_value = PROBE_DELAY.text, value_parser = humantime::parse_duration)]
@@ -159,6 +172,7 @@ impl ObserveArgs {
             },
             hit_budget_per_sec: self.probe_budget,
             hit_budget_burst: self.probe_burst,
+            hit_budget_first_burst: self.probe_first_burst,
             probe_delay: self.probe_delay,
             sample_bytes: self.sample_bytes,
             ring_buffer_bytes: self.ring_buffer_bytes,

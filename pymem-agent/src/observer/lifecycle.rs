@@ -40,10 +40,13 @@ impl Observer {
                 }
                 self.info.budget_switches_total += 1;
                 info!(
-                    "pid {pid} ({}): over its allocation-probe budget ({} hits/s, burst {}) after {hits} hits; now accounting memory outside pymalloc by brk/mmap syscalls",
+                    "pid {pid} ({}): over its allocation-probe budget ({} hits/s, burst {} from a first {}) after {hits} hits; now accounting memory outside pymalloc by brk/mmap syscalls",
                     observed.process.comm,
                     self.config.hit_budget_per_sec,
-                    self.config.hit_budget_burst
+                    self.config.hit_budget_burst,
+                    self.config
+                        .hit_budget_first_burst
+                        .min(self.config.hit_budget_burst)
                 );
             }
             Err(e) => warn!("pid {pid}: switching to syscall accounting failed: {e:#}"),
