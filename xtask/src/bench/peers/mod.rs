@@ -42,6 +42,8 @@ const OBSERVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// As `bench overhead`: after the agent lists the workload with its probes
 /// attached, let it settle.
 const SETTLE: Duration = Duration::from_secs(1);
+/// Over one sample interval of the agent (1 s by default).
+const SAMPLED: Duration = Duration::from_millis(1200);
 
 /// The peers, into the benchmark's own virtual environment: (pip name,
 /// module that must import). pip takes its index from the machine's own
@@ -199,6 +201,10 @@ struct AgentCost {
     cpu_percent: f64,
     rss_kib: u64,
     peak_rss_kib: u64,
+    /// The workload's budgeted probe hits over its life, as the agent
+    /// counted them (the start-up burst's cost), and its accounting then.
+    probe_hits: Option<u64>,
+    accounting: Option<String>,
 }
 
 pub fn run(args: &PeersArgs, bench: &Bench) -> Result<()> {
@@ -440,7 +446,7 @@ impl Context<'_> {
             thread::sleep(SETTLE);
         }
         let agent_before = match &agent {
-            Some(agent) => Some((idle::cpu_ticks(agent.pid())?, Instant::now())),
+            Some(agent) => Some((idle::cpu_nanos(agent.pid())?, Instant::now())),
             None => None,
         };
         target.send("go")?;
@@ -458,16 +464,17 @@ impl Context<'_> {
             None
         };
         let result = target.expect("RESULT", RESULT_TIMEOUT)?;
-        let agent_cost = match (&agent, agent_before) {
-            (Some(agent), Some((ticks, since))) => {
-                let ticks = idle::cpu_ticks(agent.pid())? - ticks;
+        let mut agent_cost = match (&agent, agent_before) {
+            (Some(agent), Some((nanos, since))) => {
+                // Nanoseconds, not clock ticks: the short loop's runs take
+                // less of the agent's time than one tick.
+                let nanos = idle::cpu_nanos(agent.pid())?.saturating_sub(nanos);
                 Some(AgentCost {
-                    cpu_percent: ticks as f64
-                        / idle::clock_ticks_per_second()
-                        / since.elapsed().as_secs_f64()
-                        * 100.0,
+                    cpu_percent: nanos as f64 / 1e9 / since.elapsed().as_secs_f64() * 100.0,
                     rss_kib: idle::status_kib(agent.pid(), "VmRSS")?,
                     peak_rss_kib: idle::status_kib(agent.pid(), "VmHWM")?,
+                    probe_hits: None,
+                    accounting: None,
                 })
             }
             _ => None,
@@ -485,6 +492,17 @@ impl Context<'_> {
         }
         let peak_rss_kib = field("peak_rss_kib")?;
         let kept_bytes = result["kept_bytes"].as_f64().unwrap_or(0.0);
+        if let (Some(agent), Some(cost)) = (&agent, agent_cost.as_mut()) {
+            // The next sample counts the run's last hits.
+            thread::sleep(SAMPLED);
+            let process = agent.process(pid)?;
+            cost.probe_hits = process
+                .as_ref()
+                .and_then(|p| p["probe_hits_total"].as_u64());
+            cost.accounting = process
+                .as_ref()
+                .and_then(|p| p["accounting"].as_str().map(str::to_owned));
+        }
         // pymem is asked while the process still runs.
         let mut found = match (&agent, workload) {
             (Some(agent), Workload::Leak) => {

@@ -37,6 +37,8 @@ fn run_json(run: &Run) -> Value {
             "cpu_percent": a.cpu_percent,
             "rss_kib": a.rss_kib,
             "peak_rss_kib": a.peak_rss_kib,
+            "probe_hits": a.probe_hits,
+            "accounting": a.accounting,
         })),
         "found": run.found.as_ref().map(Found::to_json),
     })
@@ -82,6 +84,11 @@ pub fn results_json(
                     .collect();
                 (!v.is_empty()).then(|| median(&v))
             };
+            let hits: Vec<f64> = these
+                .iter()
+                .filter_map(|r| r.agent.as_ref()?.probe_hits.map(|h| h as f64))
+                .collect();
+            let probe_hits = (!hits.is_empty()).then(|| median(&hits));
             tools.push(json!({
                 "tool": tool.id(),
                 "label": tool.label(),
@@ -97,6 +104,8 @@ pub fn results_json(
                 "agent_cpu_percent": agent(&|a| a.cpu_percent),
                 "agent_rss_mib": agent(&|a| a.rss_kib as f64 / 1024.0),
                 "agent_peak_rss_mib": agent(&|a| a.peak_rss_kib as f64 / 1024.0),
+                "probe_hits": probe_hits,
+                "accounting": these.iter().rev().find_map(|r| r.agent.as_ref()?.accounting.clone()),
                 // The last run's findings (each run's are in `runs`).
                 "found": these.iter().rev().find_map(|r| r.found.as_ref().map(Found::to_json)),
                 "runs": these.iter().map(|r| run_json(r)).collect::<Vec<_>>(),
@@ -264,14 +273,22 @@ pub fn markdown(json: &Value) -> String {
         );
     }
     md += "\n**The agent's own cost during pymem's runs** (medians: its CPU over the work, \
-           RSS at the end, peak RSS)\n\n| workload | agent CPU (% of one core) | RSS | peak RSS |\n|---|---|---|---|\n";
+           RSS at the end, peak RSS; and the workload's probe hits over its life, each a trap \
+           into the kernel of ~11 µs here, with its accounting at the end)\n\n| workload | agent CPU (% of one core) | RSS | peak RSS | probe hits | accounting |\n|---|---|---|---|---|---|\n";
     for w in workload_ids(json) {
         let c = cell(json, &w, "pymem");
+        let hits = f(&c["probe_hits"]);
         md += &format!(
-            "| {w} | {:.2} % | {:.1} MiB | {:.1} MiB |\n",
+            "| {w} | {:.2} % | {:.1} MiB | {:.1} MiB | {} | {} |\n",
             f(&c["agent_cpu_percent"]),
             f(&c["agent_rss_mib"]),
-            f(&c["agent_peak_rss_mib"])
+            f(&c["agent_peak_rss_mib"]),
+            if hits.is_finite() {
+                format!("{hits:.0}")
+            } else {
+                "–".to_owned()
+            },
+            c["accounting"].as_str().unwrap_or("–"),
         );
     }
     md += &format!(
@@ -324,7 +341,12 @@ fn scaling_markdown(scaling: &Value) -> String {
     md
 }
 
-/// Grouped bars: the CPU-time ratio of each tool on each workload.
+/// Ratios at which the chart's scale has a line.
+const SVG_TICKS: [f64; 10] = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0];
+
+/// Grouped bars: the CPU-time ratio of each tool on each workload, on a
+/// log scale (tracemalloc's 50× and pymem's 1.01× on one chart), each bar
+/// drawn from 1× (no slow-down) and labelled with its ratio.
 pub fn svg(json: &Value) -> String {
     let tools: Vec<(String, String, String)> = tools_of(json)
         .into_iter()
@@ -343,44 +365,71 @@ pub fn svg(json: &Value) -> String {
                 .collect()
         })
         .collect();
-    let max = ratios
+    let finite = || {
+        ratios
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|r| r.is_finite() && *r > 0.0)
+    };
+    let largest = finite().fold(1.0_f64, f64::max);
+    let smallest = finite().fold(1.0_f64, f64::min);
+    let lo = SVG_TICKS
         .iter()
-        .flatten()
         .copied()
-        .filter(|r| r.is_finite())
-        .fold(1.0_f64, f64::max)
-        .ceil();
-    let (left, top, height, bar, gap) = (50.0, 30.0, 300.0, 14.0, 30.0);
+        .rev()
+        .find(|t| *t <= smallest)
+        .unwrap_or(SVG_TICKS[0]);
+    let hi = SVG_TICKS
+        .iter()
+        .copied()
+        .find(|t| *t >= largest && *t > 1.0)
+        .unwrap_or(SVG_TICKS[SVG_TICKS.len() - 1]);
+    let (left, top, height, bar, gap) = (50.0, 30.0, 300.0, 16.0, 30.0);
     let group = bar * tools.len() as f64 + gap;
     let width = left + group * workloads.len() as f64 + 260.0;
-    let y = |r: f64| top + height - r / max * height;
+    let y = |r: f64| {
+        let r = r.clamp(lo, hi);
+        top + height - (r.ln() - lo.ln()) / (hi.ln() - lo.ln()) * height
+    };
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{:.0}\" font-family=\"sans-serif\" font-size=\"11\">\n\
-         <text x=\"{left}\" y=\"18\" font-size=\"13\">CPU time with the tool / without (median)</text>\n",
+         <text x=\"{left}\" y=\"18\" font-size=\"13\">CPU time with the tool / without (median; log scale, bars from 1×)</text>\n",
         top + height + 50.0
     );
-    for step in 0..=(max as u32) {
-        let r = f64::from(step);
+    for tick in SVG_TICKS.iter().copied().filter(|t| (lo..=hi).contains(t)) {
+        let stroke = if tick == 1.0 { "#888" } else { "#ddd" };
         svg += &format!(
-            "<line x1=\"{left}\" x2=\"{:.0}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">{r}×</text>\n",
+            "<line x1=\"{left}\" x2=\"{:.0}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"{stroke}\"/><text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">{tick}×</text>\n",
             left + group * workloads.len() as f64,
-            y(r),
-            y(r),
+            y(tick),
+            y(tick),
             left - 4.0,
-            y(r) + 4.0
+            y(tick) + 4.0
         );
     }
     for (wi, w) in workloads.iter().enumerate() {
         let x0 = left + gap / 2.0 + group * wi as f64;
         for (ti, r) in ratios[wi].iter().enumerate() {
-            let r = if r.is_finite() { *r } else { 0.0 };
+            if !r.is_finite() || *r <= 0.0 {
+                continue;
+            }
+            let (from, to) = (y(1.0), y(*r));
+            let x = x0 + bar * ti as f64;
             svg += &format!(
-                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{bar}\" height=\"{:.1}\" fill=\"{}\"><title>{} {w}: {r:.2}×</title></rect>\n",
-                x0 + bar * ti as f64,
-                y(r),
-                top + height - y(r),
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{bar}\" height=\"{:.1}\" fill=\"{}\"><title>{} {w}: {r:.2}×</title></rect>\n",
+                from.min(to),
+                (from - to).abs().max(1.0),
                 colors[ti % colors.len()],
                 tools[ti].1
+            );
+            // The ratio beside the bar's end, turned to fit its width.
+            let label_y = if *r >= 1.0 { to - 3.0 } else { to + 3.0 };
+            let anchor = if *r >= 1.0 { "start" } else { "end" };
+            svg += &format!(
+                "<text x=\"{:.1}\" y=\"{label_y:.1}\" font-size=\"9\" text-anchor=\"{anchor}\" transform=\"rotate(-90 {:.1} {label_y:.1})\">{r:.2}</text>\n",
+                x + bar / 2.0 + 3.0,
+                x + bar / 2.0 + 3.0,
             );
         }
         svg += &format!(
@@ -463,5 +512,33 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("5 % / 7 %"), "{md}");
+    }
+
+    #[test]
+    fn svg_scale_shows_small_and_large_ratios_together() {
+        let json = json!({
+            "workloads": [{"workload": "alloc_heavy", "tools": [
+                {"tool": "none", "label": "no tool", "cpu_ratio": 1.0},
+                {"tool": "pymem", "label": "pymem", "cpu_ratio": 1.02},
+                {"tool": "tracemalloc", "label": "tracemalloc", "cpu_ratio": 54.0},
+                {"tool": "mprof", "label": "mprof", "cpu_ratio": 0.9}
+            ]}]
+        });
+        let svg = svg(&json);
+        let height_of = |label: &str| -> f64 {
+            let rect = svg
+                .lines()
+                .find(|l| l.starts_with("<rect") && l.contains(&format!("<title>{label} ")))
+                .unwrap_or_else(|| panic!("no bar of {label} in\n{svg}"));
+            let at = rect.find("height=\"").unwrap() + 8;
+            rect[at..].split('"').next().unwrap().parse().unwrap()
+        };
+        // 300 px from 0.5× to 100×: 54× is most of it, 1.02× still a bar.
+        assert!(height_of("tracemalloc") > 200.0, "{svg}");
+        assert!(height_of("pymem") >= 1.0, "{svg}");
+        assert!(height_of("mprof") > 5.0, "{svg}");
+        for text in [">1.02<", ">54.00<", ">0.90<", ">100×<", ">0.5×<"] {
+            assert!(svg.contains(text), "{text} missing:\n{svg}");
+        }
     }
 }
