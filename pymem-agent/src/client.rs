@@ -1,10 +1,14 @@
 //! A running `pymem agent`'s JSON API, as `pymem top` and the site commands
 //! (`pymem sites`, `pymem snapshot`) read it.
-use std::time::Duration;
+use std::{fmt, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow};
+use base64::Engine as _;
 use serde::{Deserialize, de::DeserializeOwned};
-use ureq::http::StatusCode;
+use ureq::{
+    http::{StatusCode, header::AUTHORIZATION},
+    tls::{Certificate, RootCerts, TlsConfig},
+};
 
 use crate::{
     census::{CensusErrorBody, CensusReport},
@@ -40,33 +44,170 @@ pub enum Caller {
     Command,
 }
 
+/// The environment variables a client command takes the agent's basic
+/// auth credentials from (kept out of the command line, which `ps` shows).
+pub const USER_ENV: &str = "PYMEM_AGENT_USER";
+pub const PASSWORD_ENV: &str = "PYMEM_AGENT_PASSWORD";
+
+/// Basic auth credentials for a protected agent (`--web-config-file`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl Credentials {
+    /// The user and password of the `--agent` URL's userinfo, each else
+    /// from the environment (`env_user`, `env_password`); none without a
+    /// user.
+    pub fn resolve(
+        from_url: Option<UserInfo>,
+        env_user: Option<String>,
+        env_password: Option<String>,
+    ) -> Option<Self> {
+        let (url_user, url_password) =
+            from_url.map_or((None, None), |u| (Some(u.user), u.password));
+        let user = url_user.or(env_user).filter(|u| !u.is_empty())?;
+        let password = url_password.or(env_password).unwrap_or_default();
+        Some(Self { user, password })
+    }
+
+    /// From the URL's userinfo and PYMEM_AGENT_USER / PYMEM_AGENT_PASSWORD.
+    fn from_env(from_url: Option<UserInfo>) -> Option<Self> {
+        Self::resolve(
+            from_url,
+            std::env::var(USER_ENV).ok(),
+            std::env::var(PASSWORD_ENV).ok(),
+        )
+    }
+
+    fn authorization(&self) -> String {
+        let pair = format!("{}:{}", self.user, self.password);
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(pair)
+        )
+    }
+}
+
+/// Never the password, wherever credentials are debug-printed.
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `user[:password]` of a URL, percent-decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserInfo {
+    pub user: String,
+    pub password: Option<String>,
+}
+
+/// `url` without its userinfo, and that userinfo: `https://u:p@host:1/x`
+/// is `https://host:1/x` and `u`, `p`.
+pub fn split_userinfo(url: &str) -> (String, Option<UserInfo>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_string(), None);
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    // The last '@': a password may hold an unencoded one.
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return (url.to_string(), None);
+    };
+    let decode = |part: &str| {
+        percent_encoding::percent_decode_str(part)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let (user, password) = match userinfo.split_once(':') {
+        Some((user, password)) => (decode(user), Some(decode(password))),
+        None => (decode(userinfo), None),
+    };
+    (
+        format!("{scheme}://{host}{path}"),
+        Some(UserInfo { user, password }),
+    )
+}
+
+/// Where the agent is and how to reach it, as the client commands' options
+/// say.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AgentTarget<'a> {
+    /// URL, HOST:PORT or port; None is the default address.
+    pub url: Option<&'a str>,
+    /// PEM certificates to trust instead of the system's roots (the
+    /// DaemonSet's self-signed CA).
+    pub ca_file: Option<&'a Path>,
+}
+
+impl<'a> AgentTarget<'a> {
+    pub fn new(url: Option<&'a str>, ca_file: Option<&'a Path>) -> Self {
+        Self { url, ca_file }
+    }
+}
+
+/// The agent answered, but would not serve this client: it wants
+/// credentials, or TLS with it failed. Commands do not fall back to an
+/// observer of their own then, since an agent is there.
+#[derive(Debug)]
+struct Refused(String);
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Whether `e` says that an agent is there but refused this client (see
+/// `Refused`), rather than that none answered.
+pub fn is_refusal(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| cause.is::<Refused>())
+}
+
 /// A `pymem agent`'s JSON API.
 pub struct AgentClient {
+    /// Without userinfo: it is shown in errors.
     base_url: String,
+    credentials: Option<Credentials>,
+    ca_file: Option<String>,
     http: ureq::Agent,
     caller: Caller,
 }
 
 impl AgentClient {
-    /// The agent at `agent` (URL, HOST:PORT or port), or at the default
-    /// address.
-    pub fn new(agent: Option<&str>, caller: Caller) -> Self {
+    /// The agent at `target`, or at the default address; credentials come
+    /// from the URL's userinfo or the environment (PYMEM_AGENT_USER,
+    /// PYMEM_AGENT_PASSWORD).
+    pub fn new(target: AgentTarget<'_>, caller: Caller) -> Result<Self> {
         let (connect, total) = match caller {
             Caller::View => (1, 3),
             Caller::Command => (2, 30),
         };
+        let url = target
+            .url
+            .map_or_else(default_agent_url, normalize_agent_url);
+        let (base_url, userinfo) = split_userinfo(&url);
         let http = ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(connect)))
             .timeout_global(Some(Duration::from_secs(total)))
             // Error statuses carry the agent's explanation in the body.
             .http_status_as_error(false)
+            .tls_config(tls_config(target.ca_file)?)
             .build()
             .into();
-        Self {
-            base_url: agent.map_or_else(default_agent_url, normalize_agent_url),
+        Ok(Self {
+            base_url,
+            credentials: Credentials::from_env(userinfo),
+            ca_file: target.ca_file.map(|p| p.display().to_string()),
             http,
             caller,
-        }
+        })
     }
 
     pub fn base_url(&self) -> &str {
@@ -149,19 +290,27 @@ impl AgentClient {
         self.get_json_within(&path, "the holders", CENSUS_TIMEOUT)
     }
 
-    /// Whether an agent answers at all (a quick liveness check).
-    pub fn answers(&self) -> bool {
-        let url = format!("{}/healthz", self.base_url);
-        self.http
-            .get(&url)
-            .call()
-            .is_ok_and(|r| r.status().is_success())
+    /// Whether an agent answers and serves this client (a quick check of
+    /// the process list, which a protected agent guards as it does the
+    /// rest): why not if it does not.
+    pub fn answers(&self) -> Result<()> {
+        self.get_json::<serde_json::Value>("/api/v1/processes", "processes")
+            .map(drop)
+    }
+
+    /// A GET of `url` with the credentials, if any.
+    fn get(&self, url: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        let request = self.http.get(url);
+        match &self.credentials {
+            Some(credentials) => request.header(AUTHORIZATION, credentials.authorization()),
+            None => request,
+        }
     }
 
     /// GET `path` as JSON; `what` names the answer in errors.
     fn get_json<T: DeserializeOwned>(&self, path: &str, what: &str) -> Result<T> {
         let url = format!("{}{path}", self.base_url);
-        let response = self.http.get(&url).call();
+        let response = self.get(&url).call();
         self.read_json(response, path, &url, what)
     }
 
@@ -175,7 +324,6 @@ impl AgentClient {
     ) -> Result<T> {
         let url = format!("{}{path}", self.base_url);
         let response = self
-            .http
             .get(&url)
             .config()
             .timeout_global(Some(timeout))
@@ -210,8 +358,11 @@ impl AgentClient {
         Err(self.refused(path, &url, status, &reason))
     }
 
-    /// Nothing answered at `url`.
+    /// Nothing answered at `url`, or TLS with it failed.
     fn unreachable(&self, url: &str, e: ureq::Error) -> anyhow::Error {
+        if let Some(tls) = rustls_error(&e) {
+            return self.tls_failed(tls).into();
+        }
         match self.caller {
             Caller::View => anyhow!(e).context(format!("GET {url}")),
             Caller::Command => anyhow!(
@@ -221,8 +372,45 @@ impl AgentClient {
         }
     }
 
+    /// TLS with the agent failed with `e`: what to do about it.
+    fn tls_failed(&self, e: &rustls::Error) -> Refused {
+        use rustls::{CertificateError, Error};
+        let agent = &self.base_url;
+        Refused(match (e, &self.ca_file) {
+            (
+                Error::InvalidCertificate(
+                    CertificateError::UnknownIssuer | CertificateError::BadSignature,
+                ),
+                None,
+            ) => format!(
+                "the agent at {agent} presented a certificate from a CA this host does not trust ({e}): pass that CA's PEM file with --agent-ca-file (or {CA_FILE_ENV})"
+            ),
+            (_, Some(ca_file)) => {
+                format!("TLS with the agent at {agent} failed ({e}), trusting the CA in {ca_file}")
+            }
+            (_, None) => format!("TLS with the agent at {agent} failed: {e}"),
+        })
+    }
+
+    /// The agent asked for credentials (401).
+    fn unauthorized(&self) -> Refused {
+        let agent = &self.base_url;
+        Refused(match &self.credentials {
+            None => {
+                format!("the agent at {agent} asks for credentials: set {USER_ENV}/{PASSWORD_ENV}")
+            }
+            Some(credentials) => format!(
+                "the agent at {agent} refused the credentials of user {:?}: check {USER_ENV}/{PASSWORD_ENV}",
+                credentials.user
+            ),
+        })
+    }
+
     /// The agent answered `status`, explained by `reason` (its body).
     fn refused(&self, path: &str, url: &str, status: StatusCode, reason: &str) -> anyhow::Error {
+        if status == StatusCode::UNAUTHORIZED {
+            return self.unauthorized().into();
+        }
         match (self.caller, status.as_u16(), reason) {
             (Caller::View, ..) => anyhow!("GET {url}: {status}: {reason}"),
             // axum's own 404 for an unknown route has no body.
@@ -238,6 +426,49 @@ impl AgentClient {
             }
             (Caller::Command, status, reason) => anyhow!("GET {url}: HTTP {status}: {reason}"),
         }
+    }
+}
+
+/// The environment variable for --agent-ca-file.
+pub const CA_FILE_ENV: &str = "PYMEM_AGENT_CA_FILE";
+
+/// rustls with ring (the agent's own provider: no second one in the
+/// binary), trusting the CA in `ca_file` if given, else the system's roots.
+fn tls_config(ca_file: Option<&Path>) -> Result<TlsConfig> {
+    let roots = match ca_file {
+        None => RootCerts::PlatformVerifier,
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading the agent's CA file {}", path.display()))?;
+            let certificates = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<Vec<Certificate<'static>>, _>>()
+                .with_context(|| format!("parsing the agent's CA file {}", path.display()))?;
+            anyhow::ensure!(
+                !certificates.is_empty(),
+                "the agent's CA file {} holds no PEM certificate",
+                path.display()
+            );
+            RootCerts::new_with_certs(&certificates)
+        }
+    };
+    Ok(TlsConfig::builder()
+        .root_certs(roots)
+        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .build())
+}
+
+/// The rustls error under `e`, where TLS failed.
+fn rustls_error(e: &ureq::Error) -> Option<&rustls::Error> {
+    match e {
+        ureq::Error::Rustls(tls) => Some(tls),
+        // The handshake's errors come through the socket's io::Error.
+        ureq::Error::Io(io) => io.get_ref()?.downcast_ref::<rustls::Error>(),
+        _ => None,
     }
 }
 
@@ -278,7 +509,9 @@ mod tests {
         assert_eq!(normalize_agent_url("9500"), "http://127.0.0.1:9500");
         assert_eq!(default_agent_url(), "http://127.0.0.1:9477");
         assert_eq!(
-            AgentClient::new(None, Caller::Command).base_url(),
+            AgentClient::new(AgentTarget::default(), Caller::Command)
+                .unwrap()
+                .base_url(),
             "http://127.0.0.1:9477"
         );
     }
@@ -296,7 +529,8 @@ mod tests {
     #[test]
     fn an_absent_agent_is_an_error_not_a_hang() {
         let started = Instant::now();
-        let err = AgentClient::new(Some(&free_port()), Caller::View)
+        let err = AgentClient::new(AgentTarget::new(Some(&free_port()), None), Caller::View)
+            .unwrap()
             .processes()
             .unwrap_err();
         assert!(format!("{err:#}").contains("/api/v1/processes"), "{err:#}");
@@ -306,7 +540,8 @@ mod tests {
     #[test]
     fn commands_name_the_absent_agent() {
         let port = free_port();
-        let err = AgentClient::new(Some(&port), Caller::Command)
+        let err = AgentClient::new(AgentTarget::new(Some(&port), None), Caller::Command)
+            .unwrap()
             .sites(1, Duration::ZERO)
             .unwrap_err();
         assert!(
@@ -315,5 +550,108 @@ mod tests {
             )),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn userinfo_is_split_from_the_url_and_percent_decoded() {
+        assert_eq!(
+            split_userinfo("https://alice:p%40ss:w0rd@node.example:9477/api"),
+            (
+                "https://node.example:9477/api".to_string(),
+                Some(UserInfo {
+                    user: "alice".into(),
+                    password: Some("p@ss:w0rd".into())
+                })
+            )
+        );
+        // A raw '@' in the password: the host is after the last one.
+        assert_eq!(
+            split_userinfo("https://bob:a@b@127.0.0.1:9477"),
+            (
+                "https://127.0.0.1:9477".to_string(),
+                Some(UserInfo {
+                    user: "bob".into(),
+                    password: Some("a@b".into())
+                })
+            )
+        );
+        assert_eq!(
+            split_userinfo("https://carol@127.0.0.1:9477"),
+            (
+                "https://127.0.0.1:9477".to_string(),
+                Some(UserInfo {
+                    user: "carol".into(),
+                    password: None
+                })
+            )
+        );
+        // An '@' after the authority is not userinfo.
+        assert_eq!(
+            split_userinfo("http://127.0.0.1:9477/a@b"),
+            ("http://127.0.0.1:9477/a@b".to_string(), None)
+        );
+        assert_eq!(
+            split_userinfo("127.0.0.1:9477"),
+            ("127.0.0.1:9477".to_string(), None)
+        );
+    }
+
+    #[test]
+    fn credentials_come_from_the_url_else_the_environment() {
+        let info = |user: &str, password: Option<&str>| {
+            Some(UserInfo {
+                user: user.into(),
+                password: password.map(String::from),
+            })
+        };
+        let env = |v: &str| Some(v.to_string());
+        let credentials = |user: &str, password: &str| {
+            Some(Credentials {
+                user: user.into(),
+                password: password.into(),
+            })
+        };
+        assert_eq!(Credentials::resolve(None, None, None), None);
+        assert_eq!(
+            Credentials::resolve(None, env("sre"), env("secret")),
+            credentials("sre", "secret")
+        );
+        assert_eq!(
+            Credentials::resolve(info("alice", Some("url")), env("sre"), env("secret")),
+            credentials("alice", "url")
+        );
+        // A user in the URL, its password from the environment.
+        assert_eq!(
+            Credentials::resolve(info("alice", None), None, env("secret")),
+            credentials("alice", "secret")
+        );
+        // A password alone is no credentials.
+        assert_eq!(Credentials::resolve(None, None, env("secret")), None);
+    }
+
+    #[test]
+    fn the_client_shows_the_agent_url_without_its_password() {
+        let client = AgentClient::new(
+            AgentTarget::new(Some("https://alice:hunter2@127.0.0.1:9477/"), None),
+            Caller::Command,
+        )
+        .unwrap();
+        assert_eq!(client.base_url(), "https://127.0.0.1:9477");
+        let credentials = client.credentials.as_ref().unwrap();
+        assert_eq!(credentials.user, "alice");
+        assert_eq!(credentials.authorization(), "Basic YWxpY2U6aHVudGVyMg==");
+        assert!(!format!("{credentials:?}").contains("hunter2"));
+        assert!(!format!("{:#}", client.unauthorized()).contains("hunter2"));
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.crt");
+        std::fs::write(&file, "not a certificate\n").unwrap();
+        let err = AgentClient::new(AgentTarget::new(None, Some(&file)), Caller::Command)
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains("no PEM certificate"), "{err:#}");
     }
 }

@@ -23,20 +23,32 @@ use anyhow::{Context as _, Result};
 use self::snapshot::SiteSnapshot;
 use crate::sites::{keys::GroupBy, state::Attribution};
 use crate::{
-    client::{AgentClient, Caller},
+    client::{AgentClient, AgentTarget, Caller},
     format,
 };
 
 #[derive(clap::Args)]
 pub struct AgentArg {
     /// The pymem agent to ask (URL, HOST:PORT or port) [default: http://127.0.0.1:9477].
+    /// A protected agent (--web-config-file) takes https:// and basic auth
+    /// credentials from PYMEM_AGENT_USER and PYMEM_AGENT_PASSWORD (better
+    /// for the password than https://USER:PASS@HOST:PORT, which `ps`
+    /// shows).
     #[arg(long, value_name = "URL")]
     pub(crate) agent: Option<String>,
+    /// PEM file of the CA that signed an https agent's certificate (the
+    /// DaemonSet's self-signed one) [default: the system's roots].
+    #[arg(long, value_name = "PATH", env = "PYMEM_AGENT_CA_FILE")]
+    pub(crate) agent_ca_file: Option<PathBuf>,
 }
 
 impl AgentArg {
-    fn api(&self) -> AgentClient {
-        AgentClient::new(self.agent.as_deref(), Caller::Command)
+    pub(crate) fn target(&self) -> AgentTarget<'_> {
+        AgentTarget::new(self.agent.as_deref(), self.agent_ca_file.as_deref())
+    }
+
+    fn api(&self) -> Result<AgentClient> {
+        AgentClient::new(self.target(), Caller::Command)
     }
 }
 
@@ -122,7 +134,7 @@ pub struct DiffArgs {
 pub fn run_sites(args: SitesArgs) -> Result<()> {
     let snapshot = match args.target.parse::<u32>() {
         Ok(pid) => SiteSnapshot::take_attributed(
-            &args.agent.api(),
+            &args.agent.api()?,
             pid,
             args.attribution.query(),
             args.group_by,
@@ -152,7 +164,7 @@ pub fn run_sites(args: SitesArgs) -> Result<()> {
 }
 
 pub fn run_snapshot(args: SnapshotArgs) -> Result<()> {
-    let snapshot = SiteSnapshot::take_with_census(&args.agent.api(), args.pid)?;
+    let snapshot = SiteSnapshot::take_with_census(&args.agent.api()?, args.pid)?;
     snapshot.write(&args.output)?;
     match (&snapshot.census, &snapshot.census_error) {
         (Some(census), _) => eprintln!("{}", types::census_summary(census)),

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    client::{AgentClient, Caller},
+    client::{AgentClient, AgentTarget, Caller, is_refusal},
     observer::config::ObserveArgs,
     recording::{
         Checks, Recorder, Recording, RunSummary,
@@ -65,8 +65,16 @@ pub struct RecordOptions {
     pub no_census: bool,
     /// pymem agent to read from [default: http://127.0.0.1:9477, and when
     /// no agent answers there, observe from this process (root)].
+    /// A protected agent (--web-config-file) takes https:// and basic auth
+    /// credentials from PYMEM_AGENT_USER and PYMEM_AGENT_PASSWORD (better
+    /// for the password than https://USER:PASS@HOST:PORT, which `ps`
+    /// shows).
     #[arg(long, value_name = "URL")]
     pub agent: Option<String>,
+    /// PEM file of the CA that signed an https agent's certificate (the
+    /// DaemonSet's self-signed one) [default: the system's roots].
+    #[arg(long, value_name = "PATH", env = "PYMEM_AGENT_CA_FILE")]
+    pub agent_ca_file: Option<PathBuf>,
     /// Observe from this process even if an agent is running.
     #[arg(long, conflicts_with = "agent")]
     pub embedded: bool,
@@ -344,10 +352,13 @@ fn connect(options: &RecordOptions) -> Result<Source> {
     if options.embedded {
         return embedded();
     }
-    let agent = AgentClient::new(options.agent.as_deref(), Caller::Command);
+    let target = AgentTarget::new(options.agent.as_deref(), options.agent_ca_file.as_deref());
+    let agent = AgentClient::new(target, Caller::Command)?;
     let url = agent.base_url().to_string();
     match agent.processes() {
         Ok(_) => Ok(Source::Agent(agent)),
+        // An agent that wants credentials or another CA says so itself.
+        Err(e) if is_refusal(&e) => Err(e),
         Err(e) if options.agent.is_some() => {
             Err(e.context(format!("no pymem agent answered at {url}")))
         }

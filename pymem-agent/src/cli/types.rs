@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use super::{AgentArg, print_json, table::shown};
 use crate::{
     census::{Census, CensusReport, TypeGrowth, TypeStats},
-    client::{AgentClient, Caller},
+    client::{AgentClient, Caller, is_refusal},
     format,
     observer::ObserverConfig,
     top::source::{EmbeddedObserver, Source},
@@ -74,12 +74,13 @@ pub fn run_types(args: TypesArgs) -> Result<()> {
 /// The agent at `--agent` (which must answer), else the default one if it
 /// answers, else an observer in this process (root).
 pub(super) fn connect(agent: &AgentArg) -> Result<Source> {
-    let client = AgentClient::new(agent.agent.as_deref(), Caller::Command);
-    if client.answers() {
-        return Ok(Source::Agent(client));
-    }
-    if agent.agent.is_some() {
-        bail!("no pymem agent answered at {}", client.base_url());
+    let client = AgentClient::new(agent.target(), Caller::Command)?;
+    match client.answers() {
+        Ok(()) => return Ok(Source::Agent(client)),
+        // An agent that wants credentials or another CA says so itself.
+        Err(e) if is_refusal(&e) => return Err(e),
+        Err(e) if agent.agent.is_some() => return Err(e),
+        Err(_) => {}
     }
     let url = client.base_url().to_string();
     let observer = EmbeddedObserver::start(ObserverConfig::default()).with_context(|| {

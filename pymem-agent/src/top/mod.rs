@@ -13,6 +13,7 @@ mod ui;
 
 use std::{
     io::Write as _,
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -31,7 +32,7 @@ use self::{
 };
 use crate::{
     census::{self, CensusReport},
-    client::{AgentClient, Caller},
+    client::{AgentClient, AgentTarget, Caller, is_refusal},
     format, holders,
     model::{OomKill, ProcessInfo},
     observer::config::ObserveArgs,
@@ -42,8 +43,16 @@ use crate::{
 pub struct TopArgs {
     /// pymem agent to read from [default: http://127.0.0.1:9477, and when
     /// no agent answers there, observe from this process (root)].
+    /// A protected agent (--web-config-file) takes https:// and basic auth
+    /// credentials from PYMEM_AGENT_USER and PYMEM_AGENT_PASSWORD (better
+    /// for the password than https://USER:PASS@HOST:PORT, which `ps`
+    /// shows).
     #[arg(long, value_name = "URL")]
     pub agent: Option<String>,
+    /// PEM file of the CA that signed an https agent's certificate (the
+    /// DaemonSet's self-signed one) [default: the system's roots].
+    #[arg(long, value_name = "PATH", env = "PYMEM_AGENT_CA_FILE")]
+    pub agent_ca_file: Option<PathBuf>,
     /// Observe from this process even if an agent is running.
     #[arg(long, conflicts_with = "agent")]
     pub embedded: bool,
@@ -105,10 +114,13 @@ fn connect(args: &TopArgs) -> Result<Source> {
     if args.embedded {
         return start_embedded(args);
     }
-    let agent = AgentClient::new(args.agent.as_deref(), Caller::View);
+    let target = AgentTarget::new(args.agent.as_deref(), args.agent_ca_file.as_deref());
+    let agent = AgentClient::new(target, Caller::View)?;
     let url = agent.base_url().to_string();
     match agent.processes() {
         Ok(_) => Ok(Source::Agent(agent)),
+        // An agent that wants credentials or another CA says so itself.
+        Err(e) if is_refusal(&e) => Err(e),
         Err(e) if args.agent.is_some() => {
             Err(e.context(format!("no pymem agent answered at {url}")))
         }
