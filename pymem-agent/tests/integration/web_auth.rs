@@ -452,3 +452,139 @@ fn a_client_over_its_rate_limit_gets_429_with_retry_after_and_others_routes_stil
     assert_eq!(call(&types).0, 404, "after Retry-After");
     assert_eq!(call(&types).0, 429, "one token back, not more");
 }
+
+/// `pymem ARGS` with `env` set and the agent's own variables otherwise
+/// unset: (success, stdout, stderr).
+fn pymem_client(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pymem"));
+    command.args(args).stdin(Stdio::null());
+    for name in [
+        "PYMEM_AGENT_USER",
+        "PYMEM_AGENT_PASSWORD",
+        "PYMEM_AGENT_CA_FILE",
+    ] {
+        command.env_remove(name);
+    }
+    command.envs(env.iter().copied());
+    let output = command.output().expect("running pymem");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn client_commands_reach_a_protected_agent_with_its_ca_and_credentials() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _, _) = certificates(dir.path());
+    let hash = bcrypt::hash(PASSWORD, bcrypt::DEFAULT_COST).unwrap();
+    let web_config = dir.path().join("web-config.yml");
+    fs::write(
+        &web_config,
+        format!(
+            "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\nbasic_auth_users:\n  {USER}: '{hash}'\n"
+        ),
+    )
+    .unwrap();
+    let web_config_arg = web_config.display().to_string();
+    let agent = Agent::start_until(&["--web-config-file", &web_config_arg], |agent| {
+        let url = format!("https://127.0.0.1:{}/healthz", agent.port);
+        matches!(curl(&url, &ca, None), Ok((200, _, _)))
+    });
+    let python_process = SecretHolder::start(&python, dir.path());
+    let pid = python_process.child.id();
+    let url = format!("https://127.0.0.1:{}", agent.port);
+    let ca_arg = ca.display().to_string();
+    let credentials = [
+        ("PYMEM_AGENT_USER", USER),
+        ("PYMEM_AGENT_PASSWORD", PASSWORD),
+    ];
+    let top = ["top", "--once", "--json", "--agent", &url];
+    let lists_pid = |stdout: &str| {
+        serde_json::from_str::<Vec<Value>>(stdout)
+            .is_ok_and(|list| list.iter().any(|p| p["pid"] == u64::from(pid)))
+    };
+
+    // The CA from --agent-ca-file, the credentials from the environment.
+    let with_ca: Vec<&str> = top
+        .iter()
+        .copied()
+        .chain(["--agent-ca-file", &ca_arg])
+        .collect();
+    let deadline = Instant::now() + OBSERVE_TIMEOUT;
+    loop {
+        let (ok, stdout, stderr) = pymem_client(&with_ca, &credentials);
+        assert!(ok, "pymem top over TLS with credentials: {stderr}");
+        if lists_pid(&stdout) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pid {pid} not listed within {OBSERVE_TIMEOUT:?}:\n{stdout}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // The CA from the environment, the credentials from the URL (the
+    // password percent-encoded).
+    let encoded = PASSWORD.replace(' ', "%20");
+    let url_with_userinfo = format!("https://{USER}:{encoded}@127.0.0.1:{}", agent.port);
+    let (ok, stdout, stderr) = pymem_client(
+        &["top", "--once", "--json", "--agent", &url_with_userinfo],
+        &[("PYMEM_AGENT_CA_FILE", &ca_arg)],
+    );
+    assert!(ok, "credentials in the URL: {stderr}");
+    assert!(lists_pid(&stdout), "{stdout}");
+
+    // Without credentials: the agent's 401, for a view and for a command.
+    let types_pid = pid.to_string();
+    for args in [
+        with_ca.clone(),
+        vec![
+            "types",
+            &types_pid,
+            "--agent",
+            &url,
+            "--agent-ca-file",
+            &ca_arg,
+        ],
+    ] {
+        let (ok, _, stderr) = pymem_client(&args, &[]);
+        assert!(!ok, "{args:?} succeeded without credentials");
+        assert!(
+            stderr.contains(&format!(
+                "the agent at {url} asks for credentials: set PYMEM_AGENT_USER/PYMEM_AGENT_PASSWORD"
+            )),
+            "{args:?}: {stderr}"
+        );
+    }
+    // A wrong password, in the URL: refused, and not shown.
+    let wrong = format!("https://{USER}:not-the-password@127.0.0.1:{}", agent.port);
+    let (ok, _, stderr) = pymem_client(
+        &[
+            "top",
+            "--once",
+            "--agent",
+            &wrong,
+            "--agent-ca-file",
+            &ca_arg,
+        ],
+        &[],
+    );
+    assert!(!ok, "a wrong password was accepted");
+    assert!(
+        stderr.contains(&format!(
+            "the agent at {url} refused the credentials of user"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("not-the-password"), "{stderr}");
+
+    // Without the CA file: the system's roots do not know the test CA.
+    let (ok, _, stderr) = pymem_client(&top, &credentials);
+    assert!(!ok, "connected without trusting the CA");
+    assert!(stderr.contains("--agent-ca-file"), "{stderr}");
+    assert!(stderr.contains(&url), "{stderr}");
+    assert!(!stderr.contains(PASSWORD), "{stderr}");
+}
