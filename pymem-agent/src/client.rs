@@ -385,6 +385,15 @@ impl AgentClient {
             ) => format!(
                 "the agent at {agent} presented a certificate from a CA this host does not trust ({e}): pass that CA's PEM file with --agent-ca-file (or {CA_FILE_ENV})"
             ),
+            (
+                Error::InvalidCertificate(
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. },
+                ),
+                _,
+            ) => format!(
+                "the agent at {agent} presented a certificate for other names ({e}): connect by a name or address the certificate holds"
+            ),
             (_, Some(ca_file)) => {
                 format!("TLS with the agent at {agent} failed ({e}), trusting the CA in {ca_file}")
             }
