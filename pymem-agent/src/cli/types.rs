@@ -79,7 +79,9 @@ pub(super) fn connect(agent: &AgentArg) -> Result<Source> {
         Ok(()) => return Ok(Source::Agent(client)),
         // An agent that wants credentials or another CA says so itself.
         Err(e) if is_refusal(&e) => return Err(e),
-        Err(e) if agent.agent.is_some() => return Err(e),
+        Err(_) if agent.agent.is_some() => {
+            bail!("no pymem agent answered at {}", client.base_url())
+        }
         Err(_) => {}
     }
     let url = client.base_url().to_string();
