@@ -286,16 +286,21 @@ fn read_cmdline(proc_dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
     Ok(raw)
 }
 
-/// The children of every thread of `pid`, at most `MAX_CHILDREN`: the
-/// processes it forked before it was tracked, whose fork events the kernel
-/// did not report.
+/// The children of the first `MAX_TASKS` threads of `pid` (the main thread
+/// first, which is the one pre-fork servers fork from), at most
+/// `MAX_CHILDREN`: the processes it forked before it was tracked, whose
+/// fork events the kernel did not report. Read on the observer's loop right
+/// after tracking, as a read before it would leave a window for forks, so
+/// bounded: a process with thousands of threads costs no more than 256
+/// reads.
 pub fn children(pid: u32) -> Vec<u32> {
     const MAX_CHILDREN: usize = 4096;
+    const MAX_TASKS: usize = 256;
     let Ok(tasks) = Process::new(pid as i32).and_then(|p| p.tasks()) else {
         return Vec::new();
     };
     let mut children = Vec::new();
-    for task in tasks.flatten() {
+    for task in tasks.flatten().take(MAX_TASKS) {
         children.extend(task.children().unwrap_or_default());
         if children.len() >= MAX_CHILDREN {
             children.truncate(MAX_CHILDREN);
