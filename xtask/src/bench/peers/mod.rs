@@ -29,7 +29,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::Value;
 
-use super::{Bench, agent::RunningAgent, idle};
+use super::{Bench, agent::RunningAgent, census, idle};
 use crate::{
     process::{self, Supervised},
     setup, workspace,
@@ -205,6 +205,10 @@ struct AgentCost {
     /// counted them (the start-up burst's cost), and its accounting then.
     probe_hits: Option<u64>,
     accounting: Option<String>,
+    /// How long one object census paused the workload, taken after its
+    /// work (so that it does not disturb the timing): what a census every
+    /// minute would cost it is this over 60 s.
+    census_pause_seconds: Option<f64>,
 }
 
 pub fn run(args: &PeersArgs, bench: &Bench) -> Result<()> {
@@ -475,6 +479,7 @@ impl Context<'_> {
                     peak_rss_kib: idle::status_kib(agent.pid(), "VmHWM")?,
                     probe_hits: None,
                     accounting: None,
+                    census_pause_seconds: None,
                 })
             }
             _ => None,
@@ -502,6 +507,13 @@ impl Context<'_> {
             cost.accounting = process
                 .as_ref()
                 .and_then(|p| p["accounting"].as_str().map(str::to_owned));
+            match census::get(
+                agent.addr(),
+                &format!("/api/v1/processes/{pid}/census?max_age=0&limit=1"),
+            ) {
+                Ok(answer) => cost.census_pause_seconds = answer["pause_seconds"].as_f64(),
+                Err(e) => eprintln!("  census of {}: {e}", workload.id()),
+            }
         }
         // pymem is asked while the process still runs.
         let mut found = match (&agent, workload) {

@@ -39,6 +39,7 @@ fn run_json(run: &Run) -> Value {
             "peak_rss_kib": a.peak_rss_kib,
             "probe_hits": a.probe_hits,
             "accounting": a.accounting,
+            "census_pause_seconds": a.census_pause_seconds,
         })),
         "found": run.found.as_ref().map(Found::to_json),
     })
@@ -89,6 +90,11 @@ pub fn results_json(
                 .filter_map(|r| r.agent.as_ref()?.probe_hits.map(|h| h as f64))
                 .collect();
             let probe_hits = (!hits.is_empty()).then(|| median(&hits));
+            let pauses: Vec<f64> = these
+                .iter()
+                .filter_map(|r| r.agent.as_ref()?.census_pause_seconds)
+                .collect();
+            let census_pause = (!pauses.is_empty()).then(|| median(&pauses));
             tools.push(json!({
                 "tool": tool.id(),
                 "label": tool.label(),
@@ -105,6 +111,7 @@ pub fn results_json(
                 "agent_rss_mib": agent(&|a| a.rss_kib as f64 / 1024.0),
                 "agent_peak_rss_mib": agent(&|a| a.peak_rss_kib as f64 / 1024.0),
                 "probe_hits": probe_hits,
+                "census_pause_seconds": census_pause,
                 "accounting": these.iter().rev().find_map(|r| r.agent.as_ref()?.accounting.clone()),
                 // The last run's findings (each run's are in `runs`).
                 "found": these.iter().rev().find_map(|r| r.found.as_ref().map(Found::to_json)),
@@ -274,12 +281,23 @@ pub fn markdown(json: &Value) -> String {
     }
     md += "\n**The agent's own cost during pymem's runs** (medians: its CPU over the work, \
            RSS at the end, peak RSS; and the workload's probe hits over its life, each a trap \
-           into the kernel of ~11 µs here, with its accounting at the end)\n\n| workload | agent CPU (% of one core) | RSS | peak RSS | probe hits | accounting |\n|---|---|---|---|---|---|\n";
+           into the kernel of ~11 µs here, with its accounting at the end; and the pause of one \
+           object census taken after the work, with what a census every minute would cost: \
+           that pause over 60 s)\n\n| workload | agent CPU (% of one core) | RSS | peak RSS | probe hits | accounting | census pause | a census a minute |\n|---|---|---|---|---|---|---|---|\n";
     for w in workload_ids(json) {
         let c = cell(json, &w, "pymem");
         let hits = f(&c["probe_hits"]);
+        let pause = f(&c["census_pause_seconds"]);
+        let (pause_text, per_minute) = if pause.is_finite() {
+            (
+                format!("{:.1} ms", pause * 1e3),
+                format!("{:.3} %", pause / 60.0 * 100.0),
+            )
+        } else {
+            ("–".to_owned(), "–".to_owned())
+        };
         md += &format!(
-            "| {w} | {:.2} % | {:.1} MiB | {:.1} MiB | {} | {} |\n",
+            "| {w} | {:.2} % | {:.1} MiB | {:.1} MiB | {} | {} | {pause_text} | {per_minute} |\n",
             f(&c["agent_cpu_percent"]),
             f(&c["agent_rss_mib"]),
             f(&c["agent_peak_rss_mib"]),
