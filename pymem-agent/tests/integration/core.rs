@@ -81,6 +81,52 @@ fn over_budget_process_moves_to_syscall_accounting_promptly() {
     agent.assert_logged("over its allocation-probe budget");
 }
 
+/// A quiet process whose hot loop starts after its probes are attached is
+/// stopped after the first burst, not the whole one: with a burst of 2,000
+/// from a first 100, the loop's probe hits stay far below 2,000 (the whole
+/// burst would be spent first), and its growth is still measured.
+#[test]
+fn a_hot_loop_in_a_quiet_process_costs_only_the_first_burst() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let agent = Agent::start(&["--probe-burst", "2000", "--probe-first-burst", "100"]);
+    let mut work = agent.workload_with_probes(&python);
+    let m = agent.measure(&mut work, "leak_bytes 4 5000");
+    assert_eq!(m.after.accounting, Accounting::Syscalls, "{:?}", m.after);
+    let hits = m.after.probe_hits_total as f64;
+    assert!(
+        hits < 1000.0,
+        "{hits} probe hits: the hot loop spent more than the first burst of 100 (and its tail)\n{}",
+        agent.log()
+    );
+    m.assert_heap_grew_by_the_leak("heap growth");
+}
+
+/// A process that allocates slowly earns the whole burst: after 3 s of
+/// 8 KiB blocks at 100 a second (~200 probe hits a second, within the
+/// budget), 150 blocks at once (~300 hits, three times the first burst)
+/// leave it on exact probe accounting, its growth the blocks' sizes.
+#[test]
+fn a_slow_allocator_earns_its_burst_and_keeps_probe_accounting() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let agent = Agent::start(&[]);
+    let mut work = agent.workload_with_probes(&python);
+    let m = agent.measure(&mut work, "leak_bytes 3 100 150");
+    assert_eq!(
+        m.after.accounting,
+        Accounting::Probes,
+        "{:?}\n{}",
+        m.after,
+        agent.log()
+    );
+    let hits = m.after.probe_hits_total as f64;
+    assert!(
+        hits > 700.0,
+        "{hits} probe hits for 450 blocks: {}",
+        m.result
+    );
+    m.assert_heap_grew_by_the_leak("heap growth");
+}
+
 /// Kernels before 6.6 have no multi-uprobe links: the same programs as one
 /// perf-event uprobe per hook count the same blocks.
 #[test]

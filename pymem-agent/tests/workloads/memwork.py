@@ -83,7 +83,8 @@ def leak_small(seconds, mbps):
     return {"objects": paced(seconds, per_second, step)}
 
 
-def leak_bytes(seconds, per_second):
+def leak_bytes(seconds, per_second, burst=0):
+    """8 KiB blocks kept, per_second for seconds, then `burst` at once."""
     before = sys.getsizeof(kept)
     sizes = []
 
@@ -93,6 +94,8 @@ def leak_bytes(seconds, per_second):
         sizes.append(sys.getsizeof(blob))
 
     paced(seconds, per_second, step)
+    for i in range(int(burst)):
+        step(i)
     return {"bytes": sum(sizes) + sys.getsizeof(kept) - before, "objects": len(sizes)}
 
 
