@@ -447,21 +447,11 @@ fn tls_config(ca_file: Option<&Path>) -> Result<TlsConfig> {
     let roots = match ca_file {
         None => RootCerts::PlatformVerifier,
         Some(path) => {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("reading the agent's CA file {}", path.display()))?;
-            let certificates = ureq::tls::parse_pem(&pem)
-                .filter_map(|item| match item {
-                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
-                    Ok(_) => None,
-                    Err(e) => Some(Err(e)),
-                })
-                .collect::<Result<Vec<Certificate<'static>>, _>>()
-                .with_context(|| format!("parsing the agent's CA file {}", path.display()))?;
-            anyhow::ensure!(
-                !certificates.is_empty(),
-                "the agent's CA file {} holds no PEM certificate",
-                path.display()
-            );
+            let certificates: Vec<Certificate<'static>> =
+                crate::export::pem_certificates(path, "the agent's CA file")?
+                    .iter()
+                    .map(|der| Certificate::from_der(der.as_ref()).to_owned())
+                    .collect();
             RootCerts::new_with_certs(&certificates)
         }
     };

@@ -25,6 +25,7 @@ mod rate_limit;
 mod site_routes;
 mod web_config;
 
+pub(crate) use self::web_config::pem_certificates;
 pub use self::{
     listener::AgentListener,
     metrics::{DEFAULT_LABELS, ProcessLabel, render_metrics},

@@ -159,15 +159,22 @@ fn protocol_versions(tls: &TlsServerConfig) -> Result<Vec<&'static SupportedProt
         .collect())
 }
 
+/// The certificates of the PEM file `path` (at least one); `what` names the
+/// file in errors.
+pub(crate) fn pem_certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        bail!("{what} {}: no PEM certificate", path.display());
+    }
+    Ok(certs)
+}
+
 fn server_config(tls: &TlsServerConfig, base: &Path) -> Result<ServerConfig> {
     let cert_file = resolve(base, &tls.cert_file);
     let key_file = resolve(base, &tls.key_file);
-    let certs = CertificateDer::pem_file_iter(&cert_file)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| anyhow::anyhow!("cert_file {}: {e}", cert_file.display()))?;
-    if certs.is_empty() {
-        bail!("cert_file {}: no PEM certificate", cert_file.display());
-    }
+    let certs = pem_certificates(&cert_file, "cert_file")?;
     let key = PrivateKeyDer::from_pem_file(&key_file)
         .map_err(|e| anyhow::anyhow!("key_file {}: {e}", key_file.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -180,16 +187,10 @@ fn server_config(tls: &TlsServerConfig, base: &Path) -> Result<ServerConfig> {
         };
         let ca_file = resolve(base, ca_file);
         let mut roots = RootCertStore::empty();
-        let cas = CertificateDer::pem_file_iter(&ca_file)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| anyhow::anyhow!("client_ca_file {}: {e}", ca_file.display()))?;
-        for ca in cas {
+        for ca in pem_certificates(&ca_file, "client_ca_file")? {
             roots
                 .add(ca)
                 .map_err(|e| anyhow::anyhow!("client_ca_file {}: {e}", ca_file.display()))?;
-        }
-        if roots.is_empty() {
-            bail!("client_ca_file {}: no PEM certificate", ca_file.display());
         }
         Ok(Arc::new(roots))
     };
