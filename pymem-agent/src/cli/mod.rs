@@ -36,15 +36,29 @@ pub struct AgentArg {
     /// shows).
     #[arg(long, value_name = "URL")]
     pub(crate) agent: Option<String>,
+    #[command(flatten)]
+    pub(crate) ca: AgentCaFile,
+}
+
+/// `--agent-ca-file`, beside every client command's `--agent`.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct AgentCaFile {
     /// PEM file of the CA that signed an https agent's certificate (the
     /// DaemonSet's self-signed one) [default: the system's roots].
     #[arg(long, value_name = "PATH", env = "PYMEM_AGENT_CA_FILE")]
-    pub(crate) agent_ca_file: Option<PathBuf>,
+    pub agent_ca_file: Option<PathBuf>,
+}
+
+impl AgentCaFile {
+    /// The agent at `url` reached with this CA.
+    pub fn target<'a>(&'a self, url: Option<&'a str>) -> AgentTarget<'a> {
+        AgentTarget::new(url, self.agent_ca_file.as_deref())
+    }
 }
 
 impl AgentArg {
     pub(crate) fn target(&self) -> AgentTarget<'_> {
-        AgentTarget::new(self.agent.as_deref(), self.agent_ca_file.as_deref())
+        self.ca.target(self.agent.as_deref())
     }
 
     fn api(&self) -> Result<AgentClient> {

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    client::{AgentClient, AgentTarget, Caller, is_refusal},
+    client::{AgentClient, Caller, is_refusal},
     observer::config::ObserveArgs,
     recording::{
         Checks, Recorder, Recording, RunSummary,
@@ -71,10 +71,8 @@ pub struct RecordOptions {
     /// shows).
     #[arg(long, value_name = "URL")]
     pub agent: Option<String>,
-    /// PEM file of the CA that signed an https agent's certificate (the
-    /// DaemonSet's self-signed one) [default: the system's roots].
-    #[arg(long, value_name = "PATH", env = "PYMEM_AGENT_CA_FILE")]
-    pub agent_ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub ca: crate::cli::AgentCaFile,
     /// Observe from this process even if an agent is running.
     #[arg(long, conflicts_with = "agent")]
     pub embedded: bool,
@@ -352,7 +350,7 @@ fn connect(options: &RecordOptions) -> Result<Source> {
     if options.embedded {
         return embedded();
     }
-    let target = AgentTarget::new(options.agent.as_deref(), options.agent_ca_file.as_deref());
+    let target = options.ca.target(options.agent.as_deref());
     let agent = AgentClient::new(target, Caller::Command)?;
     let url = agent.base_url().to_string();
     match agent.processes() {

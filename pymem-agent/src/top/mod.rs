@@ -13,7 +13,6 @@ mod ui;
 
 use std::{
     io::Write as _,
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -32,7 +31,7 @@ use self::{
 };
 use crate::{
     census::{self, CensusReport},
-    client::{AgentClient, AgentTarget, Caller, is_refusal},
+    client::{AgentClient, Caller, is_refusal},
     format, holders,
     model::{OomKill, ProcessInfo},
     observer::config::ObserveArgs,
@@ -49,10 +48,8 @@ pub struct TopArgs {
     /// shows).
     #[arg(long, value_name = "URL")]
     pub agent: Option<String>,
-    /// PEM file of the CA that signed an https agent's certificate (the
-    /// DaemonSet's self-signed one) [default: the system's roots].
-    #[arg(long, value_name = "PATH", env = "PYMEM_AGENT_CA_FILE")]
-    pub agent_ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub ca: crate::cli::AgentCaFile,
     /// Observe from this process even if an agent is running.
     #[arg(long, conflicts_with = "agent")]
     pub embedded: bool,
@@ -114,7 +111,7 @@ fn connect(args: &TopArgs) -> Result<Source> {
     if args.embedded {
         return start_embedded(args);
     }
-    let target = AgentTarget::new(args.agent.as_deref(), args.agent_ca_file.as_deref());
+    let target = args.ca.target(args.agent.as_deref());
     let agent = AgentClient::new(target, Caller::View)?;
     let url = agent.base_url().to_string();
     match agent.processes() {
