@@ -78,23 +78,14 @@ pub fn results_json(
                     .collect();
                 (!v.is_empty()).then(|| median(&v))
             };
-            let agent = |f: &dyn Fn(&super::AgentCost) -> f64| {
+            // The median of a figure over the runs that have it.
+            let agent = |f: &dyn Fn(&super::AgentCost) -> Option<f64>| {
                 let v: Vec<f64> = these
                     .iter()
-                    .filter_map(|r| r.agent.as_ref().map(f))
+                    .filter_map(|r| r.agent.as_ref().and_then(f))
                     .collect();
                 (!v.is_empty()).then(|| median(&v))
             };
-            let hits: Vec<f64> = these
-                .iter()
-                .filter_map(|r| r.agent.as_ref()?.probe_hits.map(|h| h as f64))
-                .collect();
-            let probe_hits = (!hits.is_empty()).then(|| median(&hits));
-            let pauses: Vec<f64> = these
-                .iter()
-                .filter_map(|r| r.agent.as_ref()?.census_pause_seconds)
-                .collect();
-            let census_pause = (!pauses.is_empty()).then(|| median(&pauses));
             tools.push(json!({
                 "tool": tool.id(),
                 "label": tool.label(),
@@ -107,11 +98,11 @@ pub fn results_json(
                 "requests_per_second": load(&|l| l.requests_per_second()),
                 "p50_ms": load(&|l| l.p50_ms),
                 "p99_ms": load(&|l| l.p99_ms),
-                "agent_cpu_percent": agent(&|a| a.cpu_percent),
-                "agent_rss_mib": agent(&|a| a.rss_kib as f64 / 1024.0),
-                "agent_peak_rss_mib": agent(&|a| a.peak_rss_kib as f64 / 1024.0),
-                "probe_hits": probe_hits,
-                "census_pause_seconds": census_pause,
+                "agent_cpu_percent": agent(&|a| Some(a.cpu_percent)),
+                "agent_rss_mib": agent(&|a| Some(a.rss_kib as f64 / 1024.0)),
+                "agent_peak_rss_mib": agent(&|a| Some(a.peak_rss_kib as f64 / 1024.0)),
+                "probe_hits": agent(&|a| a.probe_hits.map(|h| h as f64)),
+                "census_pause_seconds": agent(&|a| a.census_pause_seconds),
                 "accounting": these.iter().rev().find_map(|r| r.agent.as_ref()?.accounting.clone()),
                 // The last run's findings (each run's are in `runs`).
                 "found": these.iter().rev().find_map(|r| r.found.as_ref().map(Found::to_json)),
