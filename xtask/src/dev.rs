@@ -28,7 +28,7 @@ pub fn test(cargo_args: &[String]) -> Result<()> {
         eprintln!("support table not updated: {e:#}");
     }
     // Every fuzz target briefly, and its regression inputs, pass or fail.
-    let fuzzed = fuzz::run(fuzz::TEST_SECONDS, &[]);
+    let fuzzed = fuzz::run(fuzz::TEST_SECONDS, fuzz::default_jobs(), &[]);
     if let Err(e) = &fuzzed {
         eprintln!("error: {e:#}");
     }

@@ -1,10 +1,14 @@
 //! `cargo xtask fuzz [--seconds N] [TARGET...]`: the fuzz targets of `fuzz/`
 //! (cargo-fuzz, libFuzzer) on the pinned nightly, each for N seconds after
-//! replaying its regression inputs; fails if any input crashes one.
+//! replaying its regression inputs; fails if any input crashes one. Targets
+//! run `--jobs` at a time (default: one per CPU), each a single libFuzzer
+//! process, so that N seconds per target is N CPU-seconds each.
 use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
+    sync::Mutex,
+    thread,
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -46,7 +50,12 @@ struct Outcome {
     crashes: Vec<PathBuf>,
 }
 
-pub fn run(seconds: u64, chosen: &[String]) -> Result<()> {
+/// One job per CPU.
+pub fn default_jobs() -> usize {
+    thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+pub fn run(seconds: u64, jobs: usize, chosen: &[String]) -> Result<()> {
     setup::ensure_nightly()?;
     ensure_cargo_fuzz()?;
     let all = targets()?;
@@ -59,11 +68,13 @@ pub fn run(seconds: u64, chosen: &[String]) -> Result<()> {
     }
     let targets = if chosen.is_empty() { &all } else { chosen };
     process::run(cargo_fuzz().args(["build", "--debug-assertions"]))?;
-    let mut outcomes = Vec::new();
-    for target in targets {
-        outcomes.push(fuzz_one(target, seconds)?);
-    }
-    println!("fuzz: {seconds} s per target");
+    let outcomes = fuzz_all(targets, seconds, jobs)?;
+    let cpu_seconds = seconds * outcomes.len() as u64;
+    println!(
+        "fuzz: {seconds} s per target, {} at a time: {:.2} CPU-hours",
+        jobs.clamp(1, outcomes.len().max(1)),
+        cpu_seconds as f64 / 3600.0
+    );
     for o in &outcomes {
         let count = |v: Option<u64>| v.map_or("?".into(), |v| v.to_string());
         println!(
@@ -120,6 +131,30 @@ fn ensure_cargo_fuzz() -> Result<()> {
     Ok(())
 }
 
+/// Every target, `jobs` at a time, in the order given; the first error
+/// (a target that cannot start, or a regression input that crashes again)
+/// once all have run.
+fn fuzz_all(targets: &[String], seconds: u64, jobs: usize) -> Result<Vec<Outcome>> {
+    let next = Mutex::new(targets.iter().enumerate());
+    let results: Mutex<Vec<(usize, Result<Outcome>)>> = Mutex::new(Vec::new());
+    thread::scope(|scope| {
+        for _ in 0..jobs.clamp(1, targets.len().max(1)) {
+            scope.spawn(|| {
+                loop {
+                    let Some((index, target)) = next.lock().expect("fuzz queue").next() else {
+                        break;
+                    };
+                    let outcome = fuzz_one(target, seconds);
+                    results.lock().expect("fuzz results").push((index, outcome));
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().expect("fuzz results");
+    results.sort_by_key(|(index, _)| *index);
+    results.into_iter().map(|(_, outcome)| outcome).collect()
+}
+
 fn fuzz_one(target: &str, seconds: u64) -> Result<Outcome> {
     let dir = fuzz_dir();
     let binary = dir
@@ -161,7 +196,16 @@ fn fuzz_one(target: &str, seconds: u64) -> Result<Outcome> {
         .arg(&seeds)
         .arg(format!("-max_total_time={seconds}"))
         .arg(format!("-max_len={max_len}"))
-        .args(["-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1"])
+        // A single allocation over 2 GiB is a finding (sizes taken from
+        // the input unchecked); the process's RSS may grow past that, as
+        // libFuzzer keeps its whole corpus in memory, and the census's
+        // corpus of heap copies passes 1.5 GiB within 15 minutes.
+        .args([
+            "-timeout=10",
+            "-malloc_limit_mb=2048",
+            "-rss_limit_mb=8192",
+            "-print_final_stats=1",
+        ])
         .arg(format!("-artifact_prefix={}/", artifacts.display()));
     let output = fuzz
         .output()

@@ -55,6 +55,9 @@ enum Command {
         /// Seconds each target runs.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Targets run at once (default: one per CPU).
+        #[arg(long, default_value_t = fuzz::default_jobs())]
+        jobs: usize,
         /// Targets to run (default: all).
         targets: Vec<String>,
     },
@@ -84,7 +87,11 @@ fn run(command: Command) -> Result<()> {
         Command::Agent { agent_args } => dev::agent(&agent_args),
         Command::Rootfs { suite } => rootfs::run(suite),
         Command::Bench(command) => bench::run(command),
-        Command::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
+        Command::Fuzz {
+            seconds,
+            jobs,
+            targets,
+        } => fuzz::run(seconds, jobs, &targets),
         Command::SupportTable => support::run(),
         Command::PerfTable => bench::update_readme(),
     }
