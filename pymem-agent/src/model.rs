@@ -458,6 +458,10 @@ pub struct AgentInfo {
     /// Processes waiting to be inspected now.
     #[serde(default)]
     pub inspections_pending: usize,
+    /// Object censuses queued (asked for, or baselines and automatic ones
+    /// waiting for their pace).
+    #[serde(default)]
+    pub censuses_queued: usize,
     /// Entries of the kernel maps that are swept (stacks, live blocks,
     /// per-process counters) after their last sweep, by map.
     #[serde(default)]

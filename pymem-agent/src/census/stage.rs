@@ -1,6 +1,6 @@
 //! Which censuses run when: the observer's bookkeeping of requests,
-//! waiters, the agent-wide concurrency limit and each process's last two
-//! censuses. No I/O here: it hands back [`CensusJob`]s for the observer to
+//! waiters, the agent-wide concurrency limit, the pace of the censuses
+//! nobody waits for, and each process's last two censuses. No I/O here: it hands back [`CensusJob`]s for the observer to
 //! run on blocking threads, and takes their [`CensusDone`]s back.
 use std::{
     collections::{HashMap, VecDeque},
@@ -18,6 +18,8 @@ use crate::discover::Binary;
 /// Defaults of the census options (`pymem agent --census-*`).
 pub const MAX_BYTES: u64 = 2 << 30;
 pub const CONCURRENCY: usize = 1;
+/// Share of one CPU, in percent, that censuses nobody waits for may take.
+pub const BACKGROUND_CPU_PERCENT: u32 = 25;
 /// Censuses kept per process: the latest, and the one growth is measured
 /// from.
 const KEPT: usize = 2;
@@ -38,6 +40,11 @@ pub struct CensusConfig {
     /// A census of each process found older than its observation, for its
     /// heap baseline.
     pub baseline: bool,
+    /// Censuses nobody waits for (baselines, automatic ones) start only as
+    /// often as keeps all censuses under this share of one CPU, in percent
+    /// (100: back to back). An agent that finds 500 processes running
+    /// censuses them over a minute or two instead of a core for 15 s.
+    pub background_cpu_percent: u32,
 }
 
 impl Default for CensusConfig {
@@ -48,6 +55,7 @@ impl Default for CensusConfig {
             max_bytes: MAX_BYTES,
             type_metrics: 0,
             baseline: true,
+            background_cpu_percent: BACKGROUND_CPU_PERCENT,
         }
     }
 }
@@ -69,6 +77,13 @@ pub enum CensusFailure {
 }
 
 pub type CensusReply = oneshot::Sender<Result<CensusAnswer, CensusFailure>>;
+
+/// Which queue a census waits in.
+#[derive(Clone, Copy)]
+enum Queue {
+    Asked,
+    Background,
+}
 
 /// A census to run off the loop, of the process `target` describes (its
 /// interpreter binary; the bookkeeping does not look into it).
@@ -138,8 +153,17 @@ impl ProcessCensuses {
 pub struct CensusStage<T = Binary> {
     config: CensusConfig,
     running: usize,
-    /// Pids waiting for a free slot, first come first served.
-    queue: VecDeque<(u32, T)>,
+    /// Pids whose censuses somebody waits for, first come first served:
+    /// they go before the background ones, and are not paced.
+    asked: VecDeque<(u32, T)>,
+    /// Pids of censuses nobody waits for, started one at a time no sooner
+    /// than `background_after`.
+    background: VecDeque<(u32, T)>,
+    /// The earliest start of the next background census: the time the
+    /// last census took, stretched to `background_cpu_percent`.
+    background_after: Option<Instant>,
+    /// A wake-up at `background_after` was handed out and has not come.
+    wakeup_pending: bool,
     processes: HashMap<u32, ProcessCensuses>,
     /// Processes whose waiters need a census that starts after the one
     /// under way: queued again when it ends.
@@ -151,7 +175,10 @@ impl<T: Clone> CensusStage<T> {
         Self {
             config,
             running: 0,
-            queue: VecDeque::new(),
+            asked: VecDeque::new(),
+            background: VecDeque::new(),
+            background_after: None,
+            wakeup_pending: false,
             processes: HashMap::new(),
             again: HashMap::new(),
         }
@@ -188,8 +215,19 @@ impl<T: Clone> CensusStage<T> {
         process.waiters.push((reply, oldest));
         if process.pending {
             self.again.insert(pid, target.clone());
+            // Queued in the background: somebody waits for it now.
+            if let Some(at) = self
+                .background
+                .iter()
+                .position(|(queued, _)| *queued == pid)
+            {
+                let queued = self.background.remove(at).expect("a queued census");
+                self.asked.push_back(queued);
+                self.again.remove(&pid);
+            }
+            return self.next_job();
         }
-        self.enqueue(pid, target)
+        self.enqueue(pid, target, Queue::Asked)
     }
 
     /// An automatic census of a leak-suspected process, if one is due.
@@ -203,7 +241,7 @@ impl<T: Clone> CensusStage<T> {
             return None;
         }
         debug!("automatic census of leak-suspected pid {pid}");
-        self.enqueue(pid, target)
+        self.enqueue(pid, target, Queue::Background)
     }
 
     /// A census measuring what a process older than its observation held
@@ -215,25 +253,63 @@ impl<T: Clone> CensusStage<T> {
             return None;
         }
         debug!("baseline census of pid {pid}");
-        self.enqueue(pid, target)
+        self.enqueue(pid, target, Queue::Background)
     }
 
-    fn enqueue(&mut self, pid: u32, target: &T) -> Option<CensusJob<T>> {
+    fn enqueue(&mut self, pid: u32, target: &T, queue: Queue) -> Option<CensusJob<T>> {
         let process = self.processes.entry(pid).or_default();
         if process.pending {
             return None;
         }
         process.pending = true;
-        self.queue.push_back((pid, target.clone()));
+        match queue {
+            Queue::Asked => self.asked.push_back((pid, target.clone())),
+            Queue::Background => self.background.push_back((pid, target.clone())),
+        }
         self.next_job()
     }
 
-    /// The next queued census, if a slot is free.
+    /// Censuses queued (asked for or in the background), not yet running.
+    pub fn queued(&self) -> usize {
+        self.asked.len() + self.background.len()
+    }
+
+    /// When to call [`Self::woken`]: the background census that waits only
+    /// for its pace, once per such wait.
+    pub fn take_wakeup(&mut self) -> Option<Instant> {
+        let at = self.background_after?;
+        let waits = !self.wakeup_pending
+            && self.asked.is_empty()
+            && !self.background.is_empty()
+            && self.running < self.config.concurrency.max(1)
+            && at > Instant::now();
+        waits.then(|| {
+            self.wakeup_pending = true;
+            at
+        })
+    }
+
+    /// The wake-up of [`Self::take_wakeup`] came: the next census, if due.
+    pub fn woken(&mut self) -> Option<CensusJob<T>> {
+        self.wakeup_pending = false;
+        self.next_job()
+    }
+
+    /// The next queued census, if a slot is free: an asked one first, else
+    /// a background one whose pace allows it.
     fn next_job(&mut self) -> Option<CensusJob<T>> {
         if self.running >= self.config.concurrency.max(1) {
             return None;
         }
-        let (pid, target) = self.queue.pop_front()?;
+        let (pid, target) = match self.asked.pop_front() {
+            Some(next) => next,
+            None => {
+                if self.background_after.is_some_and(|at| at > Instant::now()) {
+                    return None;
+                }
+                self.background.pop_front()?
+            }
+        };
         self.running += 1;
         if let Some(process) = self.processes.get_mut(&pid) {
             process.last_started = Some(Instant::now());
@@ -249,6 +325,7 @@ impl<T: Clone> CensusStage<T> {
     /// next queued one, if any.
     pub fn finished(&mut self, done: CensusDone) -> Option<CensusJob<T>> {
         self.running = self.running.saturating_sub(1);
+        self.pace_after(done.started.elapsed());
         let pid = done.pid;
         // Forgotten meanwhile (the process exited): nobody waits.
         if let Some(process) = self.processes.get_mut(&pid) {
@@ -296,10 +373,20 @@ impl<T: Clone> CensusStage<T> {
                 && let Some(target) = again
             {
                 process.pending = true;
-                self.queue.push_back((pid, target));
+                self.asked.push_back((pid, target));
             }
         }
         self.next_job()
+    }
+
+    /// A census took `took` (its CPU, mostly: the pause, the copy, the
+    /// parse): the next background one waits long enough for all of them
+    /// to stay within `background_cpu_percent` of one CPU.
+    fn pace_after(&mut self, took: Duration) {
+        let percent = self.config.background_cpu_percent.clamp(1, 100);
+        let idle = took.mul_f64(f64::from(100 - percent) / f64::from(percent));
+        let at = Instant::now() + idle;
+        self.background_after = Some(self.background_after.map_or(at, |after| after.max(at)));
     }
 
     /// The process is gone: its censuses and queued requests with it.
@@ -309,7 +396,8 @@ impl<T: Clone> CensusStage<T> {
                 let _ = waiter.send(Err(CensusFailure::NotObserved));
             }
         }
-        self.queue.retain(|(queued, _)| *queued != pid);
+        self.asked.retain(|(queued, _)| *queued != pid);
+        self.background.retain(|(queued, _)| *queued != pid);
         self.again.remove(&pid);
     }
 
@@ -460,6 +548,66 @@ mod tests {
             stage.maybe_automatic(2, &()).is_some(),
             "another process is due"
         );
+    }
+
+    /// A census of `pid` that began `ago` before now.
+    fn done_after(pid: u32, ago: Duration) -> CensusDone {
+        CensusDone {
+            started: Instant::now() - ago,
+            ..done(pid, Ok(census(pid, unix_now())))
+        }
+    }
+
+    #[test]
+    fn background_censuses_wait_for_their_pace_and_asked_ones_do_not() {
+        let mut stage = CensusStage::new(CensusConfig {
+            background_cpu_percent: 20,
+            ..CensusConfig::default()
+        });
+        assert_eq!(stage.baseline(1, &()).map(|j| j.pid), Some(1));
+        assert!(stage.baseline(2, &()).is_none(), "one at a time");
+        assert!(stage.baseline(3, &()).is_none());
+        // 40 ms at 20 %: the next background census waits 160 ms.
+        let finished_at = Instant::now();
+        assert!(
+            stage
+                .finished(done_after(1, Duration::from_millis(40)))
+                .is_none()
+        );
+        let wakeup = stage.take_wakeup().expect("a wake-up for pid 2");
+        let wait = wakeup - finished_at;
+        assert!(
+            wait >= Duration::from_millis(150) && wait <= Duration::from_millis(400),
+            "{wait:?}"
+        );
+        assert!(stage.take_wakeup().is_none(), "one wake-up per wait");
+        assert!(stage.woken().is_none(), "woken early: still paced");
+        // Somebody asks: no pace, and ahead of the queue.
+        let (job, _answer) = ask(&mut stage, 9, 0);
+        assert_eq!(job.map(|j| j.pid), Some(9));
+        assert!(stage.finished(done_after(9, Duration::ZERO)).is_none());
+        // Asking for a process queued in the background starts it now.
+        let (job, mut answer) = ask(&mut stage, 3, 0);
+        assert_eq!(job.map(|j| j.pid), Some(3));
+        assert!(stage.finished(done_after(3, Duration::ZERO)).is_none());
+        assert!(answer.try_recv().unwrap().is_ok());
+        assert_eq!(stage.queued(), 1, "pid 2 still waits");
+        let at = stage.take_wakeup().expect("a wake-up for pid 2");
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        assert_eq!(stage.woken().map(|j| j.pid), Some(2));
+        assert_eq!(stage.queued(), 0);
+    }
+
+    #[test]
+    fn at_100_percent_background_censuses_run_back_to_back() {
+        let mut stage = CensusStage::new(CensusConfig {
+            background_cpu_percent: 100,
+            ..CensusConfig::default()
+        });
+        assert!(stage.baseline(1, &()).is_some());
+        assert!(stage.baseline(2, &()).is_none());
+        let next = stage.finished(done_after(1, Duration::from_millis(50)));
+        assert_eq!(next.map(|j| j.pid), Some(2));
     }
 
     fn unix_now() -> f64 {

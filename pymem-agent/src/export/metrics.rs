@@ -328,6 +328,11 @@ pub fn render_metrics(snapshot: &Snapshot, labels: &[ProcessLabel]) -> Result<St
         agent.inspections_pending as f64,
     )?;
     plain_gauge(
+        "pymem_censuses_queued",
+        "Object censuses waiting to run (asked for, or baselines and automatic ones held to --census-background-cpu)",
+        agent.censuses_queued as f64,
+    )?;
+    plain_gauge(
         "pymem_probe_links",
         "uprobe attachments held by the agent",
         agent.probe_links as f64,

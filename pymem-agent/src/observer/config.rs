@@ -211,6 +211,13 @@ pub struct CensusArgs {
     /// attach (`heap_baseline: since_attach`).
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub census_baseline: bool,
+    /// Most of one CPU, in percent, that censuses nobody asked for
+    /// (baselines, automatic ones) take over time: after one that took T
+    /// the next waits T x (100 / PERCENT - 1); 100 runs them back to back.
+    /// Censuses asked for (`pymem types`, `/census`) never wait.
+    #[arg(long, value_name = "PERCENT", default_value_t = crate::census::stage::BACKGROUND_CPU_PERCENT,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub census_background_cpu: u32,
 }
 
 impl CensusArgs {
@@ -221,6 +228,7 @@ impl CensusArgs {
             max_bytes: self.census_max_bytes,
             type_metrics: self.type_metrics,
             baseline: self.census_baseline,
+            background_cpu_percent: self.census_background_cpu,
         }
     }
 }

@@ -91,6 +91,8 @@ enum Found {
     StackCheck(Box<stacks::LayoutChecked>),
     /// An object census finished.
     Census(Box<CensusDone>),
+    /// The pace of background censuses allows the next one now.
+    CensusDue,
 }
 
 struct Observed {
@@ -321,6 +323,10 @@ impl Observer {
                 let next = self.census.finished(*done);
                 self.spawn_census(next);
             }
+            Found::CensusDue => {
+                let next = self.census.woken();
+                self.spawn_census(next);
+            }
         }
     }
 
@@ -346,9 +352,19 @@ impl Observer {
     }
 
     /// Runs a census on a blocking thread (it pauses the process and copies
-    /// its heap): never on this loop.
-    fn spawn_census(&self, job: Option<CensusJob>) {
-        let Some(job) = job else { return };
+    /// its heap): never on this loop. Without one to run, wakes the loop
+    /// when the next background census is due.
+    fn spawn_census(&mut self, job: Option<CensusJob>) {
+        let Some(job) = job else {
+            if let Some(at) = self.census.take_wakeup() {
+                let tx = self.found_tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at.into()).await;
+                    let _ = tx.send(Found::CensusDue);
+                });
+            }
+            return;
+        };
         let tx = self.found_tx.clone();
         let stats = self.stats_reader.clone();
         tokio::task::spawn_blocking(move || {

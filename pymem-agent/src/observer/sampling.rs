@@ -89,6 +89,7 @@ impl Observer {
         self.info.events_lost_total = self.probes.events_lost();
         self.info.inspections_dropped_total = self.inspections.dropped();
         self.info.inspections_pending = self.inspections.pending();
+        self.info.censuses_queued = self.census.queued();
         self.info.kernel_map_entries = self
             .probes
             .map_entries()

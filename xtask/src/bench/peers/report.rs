@@ -316,13 +316,19 @@ pub fn markdown(json: &Value) -> String {
 
 fn scaling_markdown(scaling: &Value) -> String {
     let mut md = String::from(
-        "\n## Scaling\n\n| Python processes | all observed after | agent CPU (% of one core) | RSS | peak RSS | new process observed after (median) |\n|---|---|---|---|---|---|\n",
+        "\n## Scaling\n\nCatching up is the agent's start: observing each process and censusing each once for its heap baseline, paced to `--census-background-cpu` (25 % of one core). The CPU and RSS columns are measured after that.\n\n| Python processes | all observed after | baselines done after | catch-up CPU | agent CPU (% of one core) | RSS | peak RSS | new process observed after (median) |\n|---|---|---|---|---|---|---|---|\n",
     );
+    let optional = |v: &Value, unit: &str| {
+        v.as_f64()
+            .map_or("–".to_owned(), |x| format!("{x:.1} {unit}"))
+    };
     for s in scaling["processes"].as_array().into_iter().flatten() {
         md += &format!(
-            "| {} | {:.1} s | {:.2} % | {:.1} MiB | {:.1} MiB | {} |\n",
+            "| {} | {:.1} s | {} | {} | {:.2} % | {:.1} MiB | {:.1} MiB | {} |\n",
             s["label"].as_str().unwrap_or("?"),
             f(&s["seconds_until_all_observed"]),
+            optional(&s["seconds_until_all_baselines"], "s"),
+            optional(&s["catch_up_cpu_seconds"], "s"),
             f(&s["agent_cpu_percent"]),
             f(&s["agent_rss_kib_at_end"]) / 1024.0,
             f(&s["agent_peak_rss_kib"]) / 1024.0,

@@ -65,8 +65,9 @@ pub fn run(bench: &Bench, plan: &Plan) -> Result<Value> {
 }
 
 /// `n` processes (idle sleepers, or busy allocators) started before the
-/// agent; its footprint once it observes them all, and how soon it then
-/// observes a new one.
+/// agent; how long and how much CPU it takes to catch up with them (observe
+/// each, and census each once for its heap baseline, paced), its footprint
+/// after that, and how soon it then observes a new one.
 fn measure(
     bench: &Bench,
     python: &Path,
@@ -92,7 +93,11 @@ fn measure(
         .collect::<Result<Vec<_>>>()?;
     let pids: Vec<u32> = workers.iter().map(Supervised::pid).collect();
     let mut agent = RunningAgent::start(&bench.agent_binary, log, &[])?;
+    let started = Instant::now();
     let observed_after = agent.wait_until_observed(&pids, OBSERVE_TIMEOUT)?;
+    let baselines_after = wait_for_baselines(&agent, &pids, started)?;
+    let catch_up_cpu_seconds =
+        idle::cpu_ticks(agent.pid())? as f64 / idle::clock_ticks_per_second();
     let footprint = idle::measure_footprint(&agent, observed_after, seconds)?;
     let new_process = if busy {
         None
@@ -104,8 +109,10 @@ fn measure(
         Some(median(&times))
     };
     println!(
-        "  observed all after {:.1} s; agent {:.2} % CPU, {:.1} MiB RSS{}",
+        "  observed all after {:.1} s, their baselines after {:.1} s ({:.1} s of agent CPU); then agent {:.2} % CPU, {:.1} MiB RSS{}",
         observed_after.as_secs_f64(),
+        baselines_after.as_secs_f64(),
+        catch_up_cpu_seconds,
         footprint.cpu_percent,
         footprint.rss_kib_at_end as f64 / 1024.0,
         new_process.map_or(String::new(), |ms| format!(
@@ -119,12 +126,40 @@ fn measure(
         "processes": n,
         "busy": busy,
         "seconds_until_all_observed": observed_after.as_secs_f64(),
+        "seconds_until_all_baselines": baselines_after.as_secs_f64(),
+        "catch_up_cpu_seconds": catch_up_cpu_seconds,
         "agent_cpu_percent": footprint.cpu_percent,
         "agent_rss_kib_at_end": footprint.rss_kib_at_end,
         "agent_peak_rss_kib": footprint.peak_rss_kib,
         "measured_seconds": footprint.measured_for.as_secs_f64(),
         "new_process_observed_ms": new_process,
     }))
+}
+
+/// From the agent's start until each of `pids` has its heap baseline from a
+/// census (`heap_baseline` no longer `since_attach`).
+fn wait_for_baselines(agent: &RunningAgent, pids: &[u32], started: Instant) -> Result<Duration> {
+    loop {
+        let processes = agent.processes()?;
+        let waiting = processes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| {
+                p["pid"]
+                    .as_u64()
+                    .is_some_and(|pid| pids.contains(&(pid as u32)))
+            })
+            .filter(|p| p["heap_baseline"] == "since_attach")
+            .count();
+        if waiting == 0 {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > OBSERVE_TIMEOUT {
+            bail!("{waiting} processes still without a baseline census after {OBSERVE_TIMEOUT:?}");
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// From spawning a Python process to the agent's API listing it.
