@@ -68,11 +68,11 @@ pub fn run(seconds: u64, jobs: usize, chosen: &[String]) -> Result<()> {
     }
     let targets = if chosen.is_empty() { &all } else { chosen };
     process::run(cargo_fuzz().args(["build", "--debug-assertions"]))?;
+    let jobs = jobs.clamp(1, targets.len().max(1));
     let outcomes = fuzz_all(targets, seconds, jobs)?;
     let cpu_seconds = seconds * outcomes.len() as u64;
     println!(
-        "fuzz: {seconds} s per target, {} at a time: {:.2} CPU-hours",
-        jobs.clamp(1, outcomes.len().max(1)),
+        "fuzz: {seconds} s per target, {jobs} at a time: {:.2} CPU-hours",
         cpu_seconds as f64 / 3600.0
     );
     for o in &outcomes {
@@ -138,7 +138,7 @@ fn fuzz_all(targets: &[String], seconds: u64, jobs: usize) -> Result<Vec<Outcome
     let next = Mutex::new(targets.iter().enumerate());
     let results: Mutex<Vec<(usize, Result<Outcome>)>> = Mutex::new(Vec::new());
     thread::scope(|scope| {
-        for _ in 0..jobs.clamp(1, targets.len().max(1)) {
+        for _ in 0..jobs {
             scope.spawn(|| {
                 loop {
                     let Some((index, target)) = next.lock().expect("fuzz queue").next() else {

@@ -1,7 +1,8 @@
 //! Which censuses run when: the observer's bookkeeping of requests,
 //! waiters, the agent-wide concurrency limit, the pace of the censuses
-//! nobody waits for, and each process's last two censuses. No I/O here: it hands back [`CensusJob`]s for the observer to
-//! run on blocking threads, and takes their [`CensusDone`]s back.
+//! nobody waits for, and each process's last two censuses. No I/O here: it
+//! hands back [`CensusJob`]s for the observer to run on blocking threads,
+//! and takes their [`CensusDone`]s back.
 use std::{
     collections::{HashMap, VecDeque},
     sync::Arc,
@@ -214,16 +215,17 @@ impl<T: Clone> CensusStage<T> {
             .unwrap_or_else(Instant::now);
         process.waiters.push((reply, oldest));
         if process.pending {
-            self.again.insert(pid, target.clone());
-            // Queued in the background: somebody waits for it now.
-            if let Some(at) = self
+            // Queued in the background: not begun, so it answers this
+            // request, which makes it an asked one.
+            match self
                 .background
                 .iter()
                 .position(|(queued, _)| *queued == pid)
             {
-                let queued = self.background.remove(at).expect("a queued census");
-                self.asked.push_back(queued);
-                self.again.remove(&pid);
+                Some(at) => self.asked.extend(self.background.remove(at)),
+                None => {
+                    self.again.insert(pid, target.clone());
+                }
             }
             return self.next_job();
         }
@@ -274,6 +276,11 @@ impl<T: Clone> CensusStage<T> {
         self.asked.len() + self.background.len()
     }
 
+    /// Fewer censuses run than `concurrency` allows (0 counts as 1).
+    fn slot_free(&self) -> bool {
+        self.running < self.config.concurrency.max(1)
+    }
+
     /// When to call [`Self::woken`]: the background census that waits only
     /// for its pace, once per such wait.
     pub fn take_wakeup(&mut self) -> Option<Instant> {
@@ -281,7 +288,7 @@ impl<T: Clone> CensusStage<T> {
         let waits = !self.wakeup_pending
             && self.asked.is_empty()
             && !self.background.is_empty()
-            && self.running < self.config.concurrency.max(1)
+            && self.slot_free()
             && at > Instant::now();
         waits.then(|| {
             self.wakeup_pending = true;
@@ -298,7 +305,7 @@ impl<T: Clone> CensusStage<T> {
     /// The next queued census, if a slot is free: an asked one first, else
     /// a background one whose pace allows it.
     fn next_job(&mut self) -> Option<CensusJob<T>> {
-        if self.running >= self.config.concurrency.max(1) {
+        if !self.slot_free() {
             return None;
         }
         let (pid, target) = match self.asked.pop_front() {

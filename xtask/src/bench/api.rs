@@ -51,6 +51,14 @@ pub fn pids_past_startup(processes: &Value) -> Vec<u32> {
     pids_where(processes, |process| process["accounting"] != "startup")
 }
 
+/// The pids whose heap baseline is still to come (`since_attach`: no
+/// census of what they held before the agent found them yet).
+pub fn pids_without_baseline(processes: &Value) -> Vec<u32> {
+    pids_where(processes, |process| {
+        process["heap_baseline"] == "since_attach"
+    })
+}
+
 fn pids_where(processes: &Value, keep: impl Fn(&Value) -> bool) -> Vec<u32> {
     processes
         .as_array()
@@ -64,17 +72,18 @@ fn pids_where(processes: &Value, keep: impl Fn(&Value) -> bool) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
-    use super::{pids, pids_past_startup};
+    use super::{pids, pids_past_startup, pids_without_baseline};
 
     #[test]
     fn pids_of_process_list() {
         let list = serde_json::json!([
-            {"pid": 7, "accounting": "probes"},
-            {"pid": 8, "accounting": "startup"},
+            {"pid": 7, "accounting": "probes", "heap_baseline": "census"},
+            {"pid": 8, "accounting": "startup", "heap_baseline": "since_attach"},
             {"pid": 9},
         ]);
         assert_eq!(pids(&list), vec![7, 8, 9]);
         assert_eq!(pids_past_startup(&list), vec![7, 9]);
+        assert_eq!(pids_without_baseline(&list), vec![8]);
         assert!(pids(&serde_json::json!({"error": 1})).is_empty());
     }
 }

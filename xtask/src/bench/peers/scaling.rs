@@ -140,17 +140,9 @@ fn measure(
 /// census (`heap_baseline` no longer `since_attach`).
 fn wait_for_baselines(agent: &RunningAgent, pids: &[u32], started: Instant) -> Result<Duration> {
     loop {
-        let processes = agent.processes()?;
-        let waiting = processes
-            .as_array()
+        let waiting = api::pids_without_baseline(&agent.processes()?)
             .into_iter()
-            .flatten()
-            .filter(|p| {
-                p["pid"]
-                    .as_u64()
-                    .is_some_and(|pid| pids.contains(&(pid as u32)))
-            })
-            .filter(|p| p["heap_baseline"] == "since_attach")
+            .filter(|pid| pids.contains(pid))
             .count();
         if waiting == 0 {
             return Ok(started.elapsed());
