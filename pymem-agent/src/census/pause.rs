@@ -31,15 +31,40 @@ pub struct Pause {
 impl Pause {
     /// Seizes and stops every thread of `pid` within `timeout`; on failure
     /// every thread seized is let go and the reason returned.
+    ///
+    /// A thread held by another pymem's pause (a second agent, `pymem run`
+    /// beside a DaemonSet) is waited for, within `timeout`: such pauses
+    /// last milliseconds. Any other tracer (a debugger, py-spy) is reported
+    /// at once.
     pub fn stop(pid: u32, timeout: Duration) -> Result<Self, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match Self::try_stop(pid, deadline) {
+                Ok(pause) => return Ok(pause),
+                Err(Failed::HeldByAnotherPause(reason)) => {
+                    // Everything seized was let go, so the other pause can
+                    // finish; a backoff that differs between agents keeps
+                    // two of them from colliding again in step.
+                    let backoff = contention_backoff();
+                    if Instant::now() + backoff >= deadline {
+                        return Err(reason);
+                    }
+                    std::thread::sleep(backoff);
+                }
+                Err(Failed::Other(reason)) => return Err(reason),
+            }
+        }
+    }
+
+    fn try_stop(pid: u32, deadline: Instant) -> Result<Self, Failed> {
         let mut pause = Self {
             pid,
             threads: BTreeMap::new(),
             stopped_at: Instant::now(),
         };
-        let deadline = Instant::now() + timeout;
         for _ in 0..THREAD_ROUNDS {
-            let new: Vec<i32> = threads_of(pid)?
+            let new: Vec<i32> = threads_of(pid)
+                .map_err(Failed::Other)?
                 .into_iter()
                 .filter(|tid| !pause.threads.contains_key(tid))
                 .collect();
@@ -48,19 +73,33 @@ impl Pause {
                 return Ok(pause);
             }
             if pause.threads.len() + new.len() > MAX_THREADS {
-                return Err(format!("more than {MAX_THREADS} threads"));
+                return Err(Failed::Other(format!("more than {MAX_THREADS} threads")));
             }
+            let mut seized = Vec::with_capacity(new.len());
+            let mut failure = None;
             for &tid in &new {
-                seize_and_interrupt(tid).map_err(|e| seize_failure(tid, &e))?;
+                match seize_and_interrupt(tid) {
+                    Ok(()) => seized.push(tid),
+                    Err(error) => {
+                        failure = Some(seize_failure(tid, &error));
+                        break;
+                    }
+                }
+            }
+            // Every seized thread is waited for even when one failed: only
+            // a stopped tracee can be detached, so the retry finds none of
+            // them still traced by this thread.
+            for &tid in &seized {
                 pause.threads.insert(tid, 0);
+                pause.wait_for_stop(tid, deadline).map_err(Failed::Other)?;
             }
-            for &tid in &new {
-                pause.wait_for_stop(tid, deadline)?;
+            if let Some(failure) = failure {
+                return Err(failure);
             }
         }
-        Err(format!(
+        Err(Failed::Other(format!(
             "pid {pid} kept starting threads while being paused"
-        ))
+        )))
     }
 
     /// Seconds since every thread stopped.
@@ -144,12 +183,45 @@ fn seize_and_interrupt(tid: i32) -> io::Result<()> {
     Ok(())
 }
 
-fn seize_failure(tid: i32, error: &io::Error) -> String {
-    let traced_by = tracer_of(tid).filter(|&t| t != 0);
-    match traced_by {
-        Some(tracer) => format!("thread {tid} is already traced by pid {tracer}"),
-        None => format!("cannot ptrace thread {tid}: {error}"),
+/// Why one attempt at a pause failed.
+enum Failed {
+    /// A thread is in another pymem's pause: worth waiting for.
+    HeldByAnotherPause(String),
+    Other(String),
+}
+
+/// The name of every pause thread, by which another pymem's pause is told
+/// apart from a debugger's.
+const PAUSE_THREAD: &str = "pymem-pause";
+
+fn seize_failure(tid: i32, error: &io::Error) -> Failed {
+    match tracer_of(tid).filter(|&t| t != 0) {
+        Some(tracer) => {
+            let reason = format!("thread {tid} is already traced by pid {tracer}");
+            if thread_name(tracer).as_deref() == Some(PAUSE_THREAD) {
+                Failed::HeldByAnotherPause(reason)
+            } else {
+                Failed::Other(reason)
+            }
+        }
+        None => Failed::Other(format!("cannot ptrace thread {tid}: {error}")),
     }
+}
+
+/// `comm` of a thread (its id is what `TracerPid` names).
+fn thread_name(tid: u32) -> Option<String> {
+    let comm = std::fs::read_to_string(format!("/proc/{tid}/comm")).ok()?;
+    Some(comm.trim_end().to_owned())
+}
+
+/// 2 to 6 ms, varying between calls and agents.
+fn contention_backoff() -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let jitter = (nanos ^ std::process::id().wrapping_mul(2_654_435_761)) % 4_000;
+    Duration::from_micros(2_000 + u64::from(jitter))
 }
 
 /// `TracerPid` of a thread.
@@ -191,7 +263,7 @@ pub fn while_paused<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> io::Result<Paused<T>> {
     let tracer = std::thread::Builder::new()
-        .name("pymem-pause".into())
+        .name(PAUSE_THREAD.into())
         .spawn(move || {
             let started = Instant::now();
             let pause = Pause::stop(pid, timeout);
@@ -216,4 +288,70 @@ pub fn while_paused<T: Send + 'static>(
     tracer
         .join()
         .map_err(|_| io::Error::other("the pause thread panicked"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Child, Command};
+    use std::sync::mpsc;
+
+    fn sleeper() -> Child {
+        Command::new("sleep").arg("30").spawn().unwrap()
+    }
+
+    /// Holds a pause of `pid` on a thread named `name` for `hold`; returns
+    /// once the pause is in place.
+    fn hold_on_a_thread(pid: u32, name: &str, hold: Duration) -> std::thread::JoinHandle<()> {
+        let (held, is_held) = mpsc::channel();
+        let holder = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let pause = Pause::stop(pid, STOP_TIMEOUT).unwrap();
+                held.send(()).unwrap();
+                std::thread::sleep(hold);
+                drop(pause);
+            })
+            .unwrap();
+        is_held.recv().unwrap();
+        holder
+    }
+
+    fn gettid() -> u32 {
+        // SAFETY: gettid has no arguments and cannot fail.
+        unsafe { libc::gettid() as u32 }
+    }
+
+    #[test]
+    fn a_pause_waits_for_another_pymem_pause_to_end() {
+        let mut child = sleeper();
+        let holder = hold_on_a_thread(child.id(), PAUSE_THREAD, Duration::from_millis(200));
+        assert_ne!(tracer_of(child.id() as i32), Some(gettid()));
+        let pause = Pause::stop(child.id(), STOP_TIMEOUT);
+        let traced_by = tracer_of(child.id() as i32);
+        let pause = pause.unwrap_or_else(|reason| panic!("not paused: {reason}"));
+        assert_eq!(traced_by, Some(gettid()));
+        assert_eq!(pause.threads(), 1);
+        drop(pause);
+        holder.join().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_debugger_holding_the_process_is_reported_without_waiting() {
+        let mut child = sleeper();
+        let holder = hold_on_a_thread(child.id(), "debugger", Duration::from_secs(3));
+        let debugger = tracer_of(child.id() as i32).unwrap();
+        let failed = Pause::stop(child.id(), STOP_TIMEOUT).err().unwrap();
+        // Still held by the debugger: the pause gave up before it let go.
+        assert_eq!(tracer_of(child.id() as i32), Some(debugger));
+        assert_eq!(
+            failed,
+            format!("thread {} is already traced by pid {debugger}", child.id())
+        );
+        holder.join().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 }
