@@ -150,6 +150,29 @@ pub fn run(args: &OverheadArgs, bench: &Bench) -> Result<()> {
 /// loop), so a few suffice.
 const CALIBRATION_ROUNDS: usize = 5;
 
+/// CPU seconds one probe hit costs a process of `python`: the calibration
+/// alone, for other benchmarks to price the hits they count.
+pub(super) fn seconds_per_probe_hit(bench: &Bench, python: &Path) -> Result<f64> {
+    let agent_log = bench.results_dir()?.join("calibration-agent.log");
+    std::fs::write(&agent_log, "")?;
+    let runner = Runner {
+        python,
+        workload: &workspace::root().join(WORKLOAD),
+        loop_args: &["probe-cost"],
+        agent_binary: &bench.agent_binary,
+        agent_args: &CALIBRATION_AGENT_ARGS,
+        agent_log: &agent_log,
+    };
+    let calibration = runner.series(CALIBRATION_ROUNDS, &mut String::new())?;
+    let per_hit = calibration.seconds_per_hit();
+    ensure!(
+        per_hit.is_finite() && per_hit > 0.0,
+        "the calibration priced a probe hit at {per_hit} s: too noisy to use"
+    );
+    println!("  one probe hit: {:.2} µs", per_hit * 1e6);
+    Ok(per_hit)
+}
+
 /// Runs one loop of the workload under one agent configuration.
 struct Runner<'a> {
     python: &'a Path,
@@ -263,6 +286,12 @@ impl Series {
         (max / min - 1.0) * 100.0
     }
 
+    /// CPU seconds per probe hit, when this is a calibration series: the
+    /// extra CPU time of the observed runs over their probe hits.
+    fn seconds_per_hit(&self) -> f64 {
+        (median(&self.cpu_with_agent) - median(&self.cpu_without_agent)) / self.median_probe_hits()
+    }
+
     fn median_probe_hits(&self) -> f64 {
         let hits: Vec<f64> = self
             .observations
@@ -277,8 +306,7 @@ impl Measurement {
     /// CPU seconds one probe hit costs the process, from the calibration:
     /// the extra CPU time of the observed runs over their probe hits.
     fn seconds_per_hit(&self) -> f64 {
-        let c = &self.calibration;
-        (median(&c.cpu_with_agent) - median(&c.cpu_without_agent)) / c.median_probe_hits()
+        self.calibration.seconds_per_hit()
     }
 
     /// The probe time of a workload run (its hits at the calibrated price)

@@ -73,6 +73,14 @@ pub struct PeersArgs {
     /// Also rewrite README.md's performance section from the results.
     #[arg(long)]
     readme: bool,
+    /// Only these tools (ids as in the report: pymem, memray, ...), beside
+    /// the runs without a tool; the results go to peers-subset.{json,md}
+    /// and the scaling section is skipped.
+    #[arg(long, value_delimiter = ',', value_parser = Tool::parse)]
+    tools: Vec<Tool>,
+    /// Only these workloads (alloc_heavy, flask_service, ...); as --tools.
+    #[arg(long, value_delimiter = ',', value_parser = Workload::parse)]
+    workloads: Vec<Workload>,
 }
 
 /// How the run is sized.
@@ -84,6 +92,16 @@ pub(super) struct Plan {
     /// How long the load generator drives the Flask service per run.
     load_seconds: u64,
     load_clients: usize,
+    /// Every tool run, no tool first.
+    tools: Vec<Tool>,
+    workloads: Vec<Workload>,
+}
+
+impl Plan {
+    /// Whether every tool and workload runs (the README's table needs all).
+    fn is_complete(&self) -> bool {
+        self.tools.len() == Tool::ALL.len() && self.workloads.len() == Workload::ALL.len()
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -121,6 +139,16 @@ impl Tool {
             Tool::Ddtrace => "ddtrace",
             Tool::Mprof => "mprof",
         }
+    }
+
+    fn parse(id: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|tool| tool.id() == id)
+            .ok_or_else(|| {
+                let ids: Vec<_> = Self::ALL.iter().map(|t| t.id()).collect();
+                format!("no tool {id:?}; one of {}", ids.join(", "))
+            })
     }
 
     pub(super) fn label(self) -> &'static str {
@@ -177,6 +205,16 @@ impl Workload {
         }
     }
 
+    fn parse(id: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|workload| workload.id() == id)
+            .ok_or_else(|| {
+                let ids: Vec<_> = Self::ALL.iter().map(|w| w.id()).collect();
+                format!("no workload {id:?}; one of {}", ids.join(", "))
+            })
+    }
+
     fn script(self) -> PathBuf {
         workspace::root()
             .join("bench/peers")
@@ -204,6 +242,12 @@ struct AgentCost {
     /// The workload's budgeted probe hits over its life, as the agent
     /// counted them (the start-up burst's cost), and its accounting then.
     probe_hits: Option<u64>,
+    /// Of those, the hits during the timed work: from the agent's last
+    /// snapshot before "go" (up to a sample interval old, so hits just
+    /// before the work may count) to its first after the result.
+    probe_hits_during_work: Option<u64>,
+    /// The target's CPU seconds over the whole work (Flask: all requests).
+    work_cpu_seconds: f64,
     accounting: Option<String>,
     /// How long one object census paused the workload, taken after its
     /// work (so that it does not disturb the timing): what a census every
@@ -218,8 +262,20 @@ pub fn run(args: &PeersArgs, bench: &Bench) -> Result<()> {
         scale: if args.quick { 0.35 } else { 1.0 },
         load_seconds: if args.quick { 3 } else { 8 },
         load_clients: 2,
+        tools: Tool::ALL
+            .into_iter()
+            .filter(|t| *t == Tool::None || args.tools.is_empty() || args.tools.contains(t))
+            .collect(),
+        workloads: Workload::ALL
+            .into_iter()
+            .filter(|w| args.workloads.is_empty() || args.workloads.contains(w))
+            .collect(),
     };
     ensure!(plan.rounds > 0, "--rounds must be at least 1");
+    ensure!(
+        plan.is_complete() || !args.readme,
+        "--readme needs every tool and workload: the README's table shows them all"
+    );
     let dir = bench.results_dir()?;
     // zstd decompresses ddtrace's profiles.
     crate::setup::ensure_apt_packages(&["zstd"]);
@@ -234,15 +290,21 @@ pub fn run(args: &PeersArgs, bench: &Bench) -> Result<()> {
     fs::write(&logs.tools, "")?;
     let leak_line = found::marked_line(&fs::read_to_string(Workload::Leak.script())?, "# LEAK")
         .context("bench/peers/leak.py has no line marked # LEAK")?;
+    let seconds_per_probe_hit = if plan.tools.contains(&Tool::Pymem) {
+        println!("peers: pricing one probe hit (the calibration of bench overhead)");
+        Some(super::overhead::seconds_per_probe_hit(bench, &venv)?)
+    } else {
+        None
+    };
     let mut runs: Vec<(Tool, Workload, Run)> = Vec::new();
     let started = Instant::now();
     for round in 0..plan.rounds {
-        for (w, &workload) in Workload::ALL.iter().enumerate() {
+        for (w, &workload) in plan.workloads.iter().enumerate() {
             // Each round and workload starts at another tool, so slow
             // drift of the machine spreads over all of them.
-            let n = Tool::ALL.len();
+            let n = plan.tools.len();
             for k in 0..n {
-                let tool = Tool::ALL[(k + round + w) % n];
+                let tool = plan.tools[(k + round + w) % n];
                 let context = Context {
                     bench,
                     venv: &venv,
@@ -272,24 +334,25 @@ pub fn run(args: &PeersArgs, bench: &Bench) -> Result<()> {
         }
     }
     let peers_seconds = started.elapsed().as_secs_f64();
-    let scaling = if args.no_scaling {
+    let scaling = if args.no_scaling || !plan.is_complete() {
         Value::Null
     } else {
         scaling::run(bench, &plan)?
     };
-    let json = report::results_json(
-        &plan,
-        &runs,
-        leak_line,
-        &venv,
-        peers_seconds,
-        scaling,
-        started.elapsed().as_secs_f64(),
-    );
+    let mut json = report::results_json(&plan, &runs, leak_line, &venv, seconds_per_probe_hit);
+    json["peers_seconds"] = peers_seconds.into();
+    json["scaling"] = scaling;
+    json["total_seconds"] = started.elapsed().as_secs_f64().into();
     let markdown = report::markdown(&json);
-    fs::write(dir.join("peers.svg"), report::svg(&json))?;
-    bench.write_results("peers", json, &markdown)?;
-    println!("wrote {}", dir.join("peers.svg").display());
+    let name = if plan.is_complete() {
+        "peers"
+    } else {
+        "peers-subset"
+    };
+    let svg = dir.join(format!("{name}.svg"));
+    fs::write(&svg, report::svg(&json))?;
+    bench.write_results(name, json, &markdown)?;
+    println!("wrote {}", svg.display());
     if args.readme {
         update_readme()?;
     }
@@ -445,9 +508,11 @@ impl Context<'_> {
         )?;
         let ready = target.expect("READY", READY_TIMEOUT)?;
         let pid = u32::try_from(ready["pid"].as_u64().context("READY without pid")?)?;
+        let mut hits_before_work = None;
         if let Some(agent) = agent.as_mut() {
             agent.wait_until_observed(&[pid], OBSERVE_TIMEOUT)?;
             thread::sleep(SETTLE);
+            hits_before_work = probe_hits(&agent.process(pid)?);
         }
         let agent_before = match &agent {
             Some(agent) => Some((idle::cpu_nanos(agent.pid())?, Instant::now())),
@@ -478,6 +543,8 @@ impl Context<'_> {
                     rss_kib: idle::status_kib(agent.pid(), "VmRSS")?,
                     peak_rss_kib: idle::status_kib(agent.pid(), "VmHWM")?,
                     probe_hits: None,
+                    probe_hits_during_work: None,
+                    work_cpu_seconds: 0.0,
                     accounting: None,
                     census_pause_seconds: None,
                 })
@@ -501,9 +568,12 @@ impl Context<'_> {
             // The next sample counts the run's last hits.
             thread::sleep(SAMPLED);
             let process = agent.process(pid)?;
-            cost.probe_hits = process
-                .as_ref()
-                .and_then(|p| p["probe_hits_total"].as_u64());
+            cost.probe_hits = probe_hits(&process);
+            cost.probe_hits_during_work = cost
+                .probe_hits
+                .zip(hits_before_work)
+                .map(|(after, before)| after.saturating_sub(before));
+            cost.work_cpu_seconds = field("cpu_seconds")?;
             cost.accounting = process
                 .as_ref()
                 .and_then(|p| p["accounting"].as_str().map(str::to_owned));
@@ -590,6 +660,10 @@ impl Context<'_> {
 }
 
 /// The newest file in `dir` whose name ends with `suffix`.
+fn probe_hits(process: &Option<Value>) -> Option<u64> {
+    process.as_ref()?["probe_hits_total"].as_u64()
+}
+
 fn newest_with_suffix(dir: &Path, suffix: &str) -> Result<Option<PathBuf>> {
     let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
     for entry in fs::read_dir(dir)? {

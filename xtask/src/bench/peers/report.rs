@@ -27,6 +27,39 @@ pub fn ratio(with: &[f64], without: &[f64]) -> f64 {
     median(with) / median(without)
 }
 
+/// A 95 % bootstrap interval of [`ratio`]: both samples resampled with
+/// replacement, 2,000 times (a fixed seed, so a report renders the same).
+/// On a machine whose runs without a tool spread by tens of percent, this
+/// says which ratios the run can tell from 1.00× at all.
+pub fn ratio_interval(with: &[f64], without: &[f64]) -> (f64, f64) {
+    const RESAMPLES: usize = 2000;
+    if with.is_empty() || without.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = |n: usize| {
+        // xorshift64*: enough for resampling indices.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+    };
+    let mut ratios: Vec<f64> = (0..RESAMPLES)
+        .map(|_| {
+            let a: Vec<f64> = (0..with.len()).map(|_| with[next(with.len())]).collect();
+            let b: Vec<f64> = (0..without.len())
+                .map(|_| without[next(without.len())])
+                .collect();
+            ratio(&a, &b)
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    (
+        ratios[RESAMPLES * 25 / 1000],
+        ratios[RESAMPLES * 975 / 1000 - 1],
+    )
+}
+
 fn run_json(run: &Run) -> Value {
     json!({
         "wall_seconds": run.wall,
@@ -38,6 +71,8 @@ fn run_json(run: &Run) -> Value {
             "rss_kib": a.rss_kib,
             "peak_rss_kib": a.peak_rss_kib,
             "probe_hits": a.probe_hits,
+            "probe_hits_during_work": a.probe_hits_during_work,
+            "work_cpu_seconds": a.work_cpu_seconds,
             "accounting": a.accounting,
             "census_pause_seconds": a.census_pause_seconds,
         })),
@@ -50,9 +85,7 @@ pub fn results_json(
     runs: &[(Tool, Workload, Run)],
     leak_line: u32,
     python: &Path,
-    peers_seconds: f64,
-    scaling: Value,
-    total_seconds: f64,
+    seconds_per_probe_hit: Option<f64>,
 ) -> Value {
     let of = |tool: Tool, workload: Workload| -> Vec<&Run> {
         runs.iter()
@@ -63,13 +96,13 @@ pub fn results_json(
     let values =
         |runs: &[&Run], f: &dyn Fn(&Run) -> f64| runs.iter().map(|r| f(r)).collect::<Vec<f64>>();
     let mut workloads = Vec::new();
-    for workload in Workload::ALL {
+    for &workload in &plan.workloads {
         let base = of(Tool::None, workload);
         let base_cpu = values(&base, &|r| r.cpu);
         let base_wall = values(&base, &|r| r.wall);
         let base_rss = values(&base, &|r| r.peak_rss_kib);
         let mut tools = Vec::new();
-        for tool in Tool::ALL {
+        for &tool in &plan.tools {
             let these = of(tool, workload);
             let load = |f: &dyn Fn(&super::load::LoadResult) -> f64| {
                 let v: Vec<f64> = these
@@ -86,11 +119,20 @@ pub fn results_json(
                     .collect();
                 (!v.is_empty()).then(|| median(&v))
             };
+            let cpu = values(&these, &|r| r.cpu);
+            let (cpu_low, cpu_high) = ratio_interval(&cpu, &base_cpu);
+            // The share of each run's CPU its probe hits in the work took,
+            // at the calibrated price.
+            let probe_cpu_percent = agent(&|a| {
+                let hits = a.probe_hits_during_work? as f64;
+                Some(hits * seconds_per_probe_hit? / a.work_cpu_seconds * 100.0)
+            });
             tools.push(json!({
                 "tool": tool.id(),
                 "label": tool.label(),
                 "needs": tool.needs(),
-                "cpu_ratio": ratio(&values(&these, &|r| r.cpu), &base_cpu),
+                "cpu_ratio": ratio(&cpu, &base_cpu),
+                "cpu_ratio_interval": [cpu_low, cpu_high],
                 "wall_ratio": ratio(&values(&these, &|r| r.wall), &base_wall),
                 "extra_peak_rss_mib": (median(&values(&these, &|r| r.peak_rss_kib)) - median(&base_rss)) / 1024.0,
                 "median_cpu_seconds": median(&values(&these, &|r| r.cpu)),
@@ -102,6 +144,8 @@ pub fn results_json(
                 "agent_rss_mib": agent(&|a| Some(a.rss_kib as f64 / 1024.0)),
                 "agent_peak_rss_mib": agent(&|a| Some(a.peak_rss_kib as f64 / 1024.0)),
                 "probe_hits": agent(&|a| a.probe_hits.map(|h| h as f64)),
+                "probe_hits_during_work": agent(&|a| a.probe_hits_during_work.map(|h| h as f64)),
+                "probe_cpu_percent": probe_cpu_percent,
                 "census_pause_seconds": agent(&|a| a.census_pause_seconds),
                 "accounting": these.iter().rev().find_map(|r| r.agent.as_ref()?.accounting.clone()),
                 // The last run's findings (each run's are in `runs`).
@@ -123,12 +167,11 @@ pub fn results_json(
         "scale": plan.scale,
         "flask_load": {"clients": plan.load_clients, "seconds": plan.load_seconds},
         "python": python,
+        "seconds_per_probe_hit": seconds_per_probe_hit,
         "leak": {"file": "bench/peers/leak.py", "line": leak_line,
                  "type": super::found::LEAK_TYPE, "variable": super::found::LEAK_VARIABLE},
-        "peers_seconds": peers_seconds,
-        "total_seconds": total_seconds,
+
         "workloads": workloads,
-        "scaling": scaling,
     })
 }
 
@@ -223,8 +266,22 @@ pub fn summary(json: &Value) -> String {
         json["flask_load"]["seconds"],
         json["flask_load"]["clients"],
     );
-    md += "**CPU time of the target**\n\n";
-    md += &matrix(json, "tool", &|c| times(&c["cpu_ratio"]), true);
+    md += "**CPU time of the target** (in brackets: a 95 % bootstrap interval of the ratio; \
+           one that holds 1.00× cannot be told from no slow-down on this machine)\n\n";
+    md += &matrix(
+        json,
+        "tool",
+        &|c| {
+            let interval = &c["cpu_ratio_interval"];
+            let (low, high) = (f(&interval[0]), f(&interval[1]));
+            if low.is_finite() && high.is_finite() {
+                format!("{} ({low:.2}–{high:.2})", times(&c["cpu_ratio"]))
+            } else {
+                times(&c["cpu_ratio"])
+            }
+        },
+        true,
+    );
     md += "\n**Wall time**\n\n";
     md += &matrix(json, "tool", &|c| times(&c["wall_ratio"]), false);
     md += "\n**What it takes, and what it found on the leak** (`bench/peers/leak.py`: \
@@ -270,14 +327,32 @@ pub fn markdown(json: &Value) -> String {
             f(&c["p99_ms"])
         );
     }
-    md += "\n**The agent's own cost during pymem's runs** (medians: its CPU over the work, \
-           RSS at the end, peak RSS; and the workload's probe hits over its life, each a trap \
-           into the kernel of ~11 µs here, with its accounting at the end; and the pause of one \
-           object census taken after the work, with what a census every minute would cost: \
-           that pause over 60 s)\n\n| workload | agent CPU (% of one core) | RSS | peak RSS | probe hits | accounting | census pause | a census a minute |\n|---|---|---|---|---|---|---|---|\n";
+    let per_hit = f(&json["seconds_per_probe_hit"]);
+    md += &format!(
+        "\n**The agent's own cost during pymem's runs** (medians: its CPU over the work, \
+         RSS at the end, peak RSS; the workload's probe hits over its life and during the timed \
+         work, each a trap into the kernel priced at {} by the calibration of `bench overhead`, \
+         and that price of the work's hits as a share of the work's CPU time: what pymem's \
+         probes took from the target, measured without the machine's noise; its accounting at \
+         the end; and the pause of one object census taken after the work, with what a census \
+         every minute would cost: that pause over 60 s)\n\n| workload | agent CPU (% of one core) | RSS | peak RSS | probe hits | in the work | probe time | accounting | census pause | a census a minute |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        if per_hit.is_finite() {
+            format!("{:.1} µs a hit", per_hit * 1e6)
+        } else {
+            "– (not calibrated)".to_owned()
+        }
+    );
     for w in workload_ids(json) {
         let c = cell(json, &w, "pymem");
-        let hits = f(&c["probe_hits"]);
+        let count = |v: &Value| {
+            let n = f(v);
+            if n.is_finite() {
+                format!("{n:.0}")
+            } else {
+                "–".to_owned()
+            }
+        };
+        let probe_time = f(&c["probe_cpu_percent"]);
         let pause = f(&c["census_pause_seconds"]);
         let (pause_text, per_minute) = if pause.is_finite() {
             (
@@ -288,12 +363,14 @@ pub fn markdown(json: &Value) -> String {
             ("–".to_owned(), "–".to_owned())
         };
         md += &format!(
-            "| {w} | {:.2} % | {:.1} MiB | {:.1} MiB | {} | {} | {pause_text} | {per_minute} |\n",
+            "| {w} | {:.2} % | {:.1} MiB | {:.1} MiB | {} | {} | {} | {} | {pause_text} | {per_minute} |\n",
             f(&c["agent_cpu_percent"]),
             f(&c["agent_rss_mib"]),
             f(&c["agent_peak_rss_mib"]),
-            if hits.is_finite() {
-                format!("{hits:.0}")
+            count(&c["probe_hits"]),
+            count(&c["probe_hits_during_work"]),
+            if probe_time.is_finite() {
+                format!("{probe_time:.2} %")
             } else {
                 "–".to_owned()
             },
@@ -507,6 +584,36 @@ mod tests {
     fn ratios_are_of_medians_and_spread_is_max_over_min() {
         assert_eq!(ratio(&[2.0, 4.0, 3.0], &[1.0, 1.5, 0.5]), 3.0);
         assert!((spread_percent(&[1.0, 1.2, 1.1]) - 20.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_ratio_interval_holds_the_ratio_and_narrows_with_less_noise() {
+        // No noise: every resample gives the same ratio.
+        assert_eq!(ratio_interval(&[2.0; 5], &[1.0; 5]), (2.0, 2.0));
+        let without = [0.38, 0.52, 0.68, 0.70, 0.60, 0.73, 0.41];
+        let with = [0.60, 0.72, 0.40, 0.71, 0.57, 0.42, 0.52];
+        let (low, high) = ratio_interval(&with, &without);
+        let point = ratio(&with, &without);
+        assert!(low < point && point < high, "{low} {point} {high}");
+        // Runs this noisy cannot tell 1.00× from a 10 % slow-down.
+        assert!(low < 0.9 && high > 1.1, "{low} {high}");
+        let tight: Vec<f64> = without.iter().map(|v| 0.6 + (v - 0.6) / 100.0).collect();
+        let (low, high) = ratio_interval(&tight, &tight);
+        assert!(low > 0.99 && high < 1.01, "{low} {high}");
+    }
+
+    #[test]
+    fn the_cpu_table_shows_the_interval_beside_the_ratio() {
+        let json = json!({
+            "rounds": 1, "quick": false, "flask_load": {"seconds": 3, "clients": 2},
+            "workloads": [{"workload": "alloc_heavy", "noise_cpu_percent": 5.0, "noise_wall_percent": 7.0,
+                "tools": [
+                    {"tool": "none", "label": "no tool", "needs": "–", "cpu_ratio": 1.0, "wall_ratio": 1.0},
+                    {"tool": "pymem", "label": "pymem", "needs": "neither", "cpu_ratio": 1.01,
+                     "cpu_ratio_interval": [0.93, 1.12], "wall_ratio": 1.02}
+                ]}]
+        });
+        assert!(summary(&json).contains("| pymem | 1.01× (0.93–1.12) |"));
     }
 
     #[test]
