@@ -255,6 +255,7 @@ pub(crate) mod tests {
             pause_seconds: 0.0,
             copy_seconds: 0.0,
             parse_seconds: 0.0,
+            cpu_seconds: 0.0,
             copied_bytes: 0,
             heap: HeapCensus {
                 objects: 700_000,

@@ -37,6 +37,10 @@ pub struct Census {
     pub pause_seconds: f64,
     pub copy_seconds: f64,
     pub parse_seconds: f64,
+    /// CPU time the agent spent on this census (pause, copy and parse),
+    /// what `--census-background-cpu` paces by.
+    #[serde(default)]
+    pub cpu_seconds: f64,
     pub copied_bytes: u64,
     pub heap: HeapCensus,
 }

@@ -253,6 +253,8 @@ pub struct Paused<T> {
     pub held: Duration,
     /// How long `work` took.
     pub work: Duration,
+    /// CPU time of the pause thread: seizing, `work`, detaching.
+    pub cpu: Duration,
 }
 
 /// Runs `work` while `pid` is paused, on a thread of its own (see the
@@ -283,6 +285,7 @@ pub fn while_paused<T: Send + 'static>(
                 pause,
                 held,
                 work: work_took,
+                cpu: super::run::thread_cpu_time(),
             }
         })?;
     tracer

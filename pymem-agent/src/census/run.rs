@@ -1,6 +1,6 @@
 //! One census, start to end, on blocking threads: pause, copy, resume,
 //! then parse the copy while the process runs on.
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{
     Census, PAUSED,
@@ -23,6 +23,7 @@ pub fn take<R: Send + 'static>(
     let target = engine::CensusTarget::for_process(pid, binary)
         .map_err(|e| CensusError::Unsupported(format!("{e:#}")))?;
     let taken_at = super::unix_seconds_now();
+    let cpu_before = thread_cpu_time();
     let paused = pause::while_paused(pid, pause::STOP_TIMEOUT, move || {
         let image = engine::capture(pid, max_bytes);
         (image, at_copy(pid))
@@ -37,6 +38,8 @@ pub fn take<R: Send + 'static>(
     };
     let parse_started = Instant::now();
     let heap = engine::take_census(&image, &target)?;
+    // The pause thread's (seize, copy, detach) and this one's (parse).
+    let cpu = paused.cpu + thread_cpu_time().saturating_sub(cpu_before);
     let census = Census {
         pid,
         taken_at,
@@ -44,6 +47,7 @@ pub fn take<R: Send + 'static>(
         pause_seconds: paused.held.as_secs_f64(),
         copy_seconds: paused.work.as_secs_f64(),
         parse_seconds: parse_started.elapsed().as_secs_f64(),
+        cpu_seconds: cpu.as_secs_f64(),
         copied_bytes: image.copied_bytes(),
         heap,
     };
@@ -60,4 +64,21 @@ pub fn return_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// CPU time the calling thread has used so far (zero if the clock cannot
+/// be read).
+pub fn thread_cpu_time() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only `now`.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        u64::try_from(now.tv_sec).unwrap_or(0),
+        u32::try_from(now.tv_nsec).unwrap_or(0),
+    )
 }

@@ -100,15 +100,22 @@ impl CensusJob {
     /// the process is still paused, so that they and the copy agree.
     pub fn run(self, counters: impl FnOnce(u32) -> ProcStats + Send + 'static) -> CensusDone {
         let started = Instant::now();
+        let cpu_before = run::thread_cpu_time();
         let (result, counters_at_copy) =
             match run::take(self.pid, &self.target, self.max_bytes, counters) {
                 Ok((census, counters)) => (Ok(census), Some(counters)),
                 Err(e) => (Err(e), None),
             };
         run::return_memory();
+        let cpu = match &result {
+            Ok(census) => Duration::from_secs_f64(census.cpu_seconds),
+            // Only this thread's part of a census that failed.
+            Err(_) => run::thread_cpu_time().saturating_sub(cpu_before),
+        };
         CensusDone {
             pid: self.pid,
             started,
+            cpu,
             result,
             counters_at_copy,
         }
@@ -121,6 +128,9 @@ pub struct CensusDone {
     /// When the job started: a process observed since then is another one
     /// that reuses the pid.
     pub started: Instant,
+    /// CPU time the census took: its pace, which a loaded node's wall
+    /// time would overstate.
+    pub cpu: Duration,
     pub result: Result<Census, CensusError>,
     /// The process's kernel counters as they were when its heap was copied.
     pub counters_at_copy: Option<ProcStats>,
@@ -332,7 +342,7 @@ impl<T: Clone> CensusStage<T> {
     /// next queued one, if any.
     pub fn finished(&mut self, done: CensusDone) -> Option<CensusJob<T>> {
         self.running = self.running.saturating_sub(1);
-        self.pace_after(done.started.elapsed());
+        self.pace_after(done.cpu);
         let pid = done.pid;
         // Forgotten meanwhile (the process exited): nobody waits.
         if let Some(process) = self.processes.get_mut(&pid) {
@@ -345,14 +355,15 @@ impl<T: Clone> CensusStage<T> {
             let answer = match done.result {
                 Ok(census) => {
                     info!(
-                        "census of pid {pid}: {} objects of {} types ({}), paused {:.3} s, copied {} bytes in {:.3} s, parsed in {:.3} s",
+                        "census of pid {pid}: {} objects of {} types ({}), paused {:.3} s, copied {} bytes in {:.3} s, parsed in {:.3} s, {:.3} s of CPU",
                         census.heap.objects,
                         census.heap.types.len(),
                         census.consistency,
                         census.pause_seconds,
                         census.copied_bytes,
                         census.copy_seconds,
-                        census.parse_seconds
+                        census.parse_seconds,
+                        census.cpu_seconds
                     );
                     process.recent.push_back(Arc::new(census));
                     while process.recent.len() > KEPT {
@@ -386,8 +397,8 @@ impl<T: Clone> CensusStage<T> {
         self.next_job()
     }
 
-    /// A census took `took` (its CPU, mostly: the pause, the copy, the
-    /// parse): the next background one waits long enough for all of them
+    /// A census took `took` of CPU (the pause, the copy, the parse): the
+    /// next background one waits long enough for all of them
     /// to stay within `background_cpu_percent` of one CPU.
     fn pace_after(&mut self, took: Duration) {
         let percent = self.config.background_cpu_percent.clamp(1, 100);
@@ -431,6 +442,7 @@ mod tests {
             pause_seconds: 0.0,
             copy_seconds: 0.0,
             parse_seconds: 0.0,
+            cpu_seconds: 0.0,
             copied_bytes: 0,
             heap: HeapCensus::default(),
         }
@@ -440,6 +452,7 @@ mod tests {
         CensusDone {
             pid,
             started: Instant::now(),
+            cpu: Duration::ZERO,
             result,
             counters_at_copy: None,
         }
@@ -557,10 +570,12 @@ mod tests {
         );
     }
 
-    /// A census of `pid` that began `ago` before now.
-    fn done_after(pid: u32, ago: Duration) -> CensusDone {
+    /// A census of `pid` that took `cpu` of CPU time and four times that
+    /// of wall time (a loaded node).
+    fn done_after(pid: u32, cpu: Duration) -> CensusDone {
         CensusDone {
-            started: Instant::now() - ago,
+            started: Instant::now() - cpu * 4,
+            cpu,
             ..done(pid, Ok(census(pid, unix_now())))
         }
     }
@@ -574,7 +589,8 @@ mod tests {
         assert_eq!(stage.baseline(1, &()).map(|j| j.pid), Some(1));
         assert!(stage.baseline(2, &()).is_none(), "one at a time");
         assert!(stage.baseline(3, &()).is_none());
-        // 40 ms at 20 %: the next background census waits 160 ms.
+        // 40 ms of CPU at 20 %: the next background census waits 160 ms,
+        // whatever the wall time was.
         let finished_at = Instant::now();
         assert!(
             stage

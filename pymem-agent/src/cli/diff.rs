@@ -296,6 +296,7 @@ mod tests {
             pause_seconds: 0.0,
             copy_seconds: 0.0,
             parse_seconds: 0.0,
+            cpu_seconds: 0.0,
             copied_bytes: 0,
             heap: HeapCensus {
                 types: vec![TypeStats {

@@ -244,6 +244,7 @@ mod tests {
                 pause_seconds: 0.012,
                 copy_seconds: 0.01,
                 parse_seconds: 0.2,
+                cpu_seconds: 0.0,
                 copied_bytes: 64 << 20,
                 heap: HeapCensus {
                     types: vec![

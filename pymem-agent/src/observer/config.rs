@@ -213,7 +213,9 @@ pub struct CensusArgs {
     pub census_baseline: bool,
     /// Most of one CPU, in percent, that censuses nobody asked for
     /// (baselines, automatic ones) take over time: after one that took T
-    /// the next waits T x (100 / PERCENT - 1); 100 runs them back to back.
+    /// of CPU (the agent's pause, copy and parse threads, not the wall
+    /// time a loaded node stretches) the next waits T x (100 / PERCENT - 1);
+    /// 100 runs them back to back.
     /// Censuses asked for (`pymem types`, `/census`) never wait.
     #[arg(long, value_name = "PERCENT", default_value_t = crate::census::stage::BACKGROUND_CPU_PERCENT,
           value_parser = clap::value_parser!(u32).range(1..=100))]

@@ -207,6 +207,7 @@ mod tests {
             pause_seconds: 0.0,
             copy_seconds: 0.0,
             parse_seconds: 0.0,
+            cpu_seconds: 0.0,
             copied_bytes: 0,
             heap: HeapCensus {
                 object_bytes: 1000,
