@@ -184,7 +184,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         // A bad web config file, then a busy port, fail before the probes
         // load: fast and clean.
         let protection = args.protection()?;
@@ -225,7 +225,12 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         let result = observer.run(events, shutdown_signal()).await;
         server.abort();
         result
-    })
+    });
+    // The probes are detached by now. A census still parsing on a blocking
+    // thread is not waited for: a stop (a pod's SIGTERM and its grace
+    // period) should not wait for a heap copy to be counted.
+    runtime.shutdown_background();
+    served
 }
 
 /// SIGINT or SIGTERM.

@@ -1,11 +1,13 @@
 //! `pymem top`: a live terminal view of every Python process's memory.
 //!
-//! An input thread and a data thread feed one event channel; the main
-//! thread applies each event to `App` and redraws it (`ui::render` is pure
-//! state -> frame). The data comes from a running agent or, when none
-//! answers, from an observer embedded in this process. The main thread
-//! tells the data thread which process's allocation sites to fetch along
-//! (the one in the detail view, if any).
+//! An input thread, a data thread and a census thread feed one event
+//! channel; the main thread applies each event to `App` and redraws it
+//! (`ui::render` is pure state -> frame). The data comes from a running
+//! agent or, when none answers, from an observer embedded in this process.
+//! The main thread tells the data thread which process's allocation sites
+//! to fetch along (the one in the detail view, if any); what needs a
+//! census of it (its sites by heap state, its types) waits on the census
+//! thread, never in the way of the process list.
 mod app;
 pub mod source;
 pub(crate) mod text;
@@ -15,7 +17,7 @@ use std::{
     io::Write as _,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         mpsc,
     },
     thread::JoinHandle,
@@ -213,13 +215,15 @@ type SitesWanted = Option<u32>;
 
 fn run_tui(source: Source, args: &TopArgs) -> Result<()> {
     let mut app = App::new(source.describe(), args.sort, args.filter.clone());
+    let source = Arc::new(source);
     let (events_tx, events_rx) = mpsc::channel();
-    // Dropping `wanted` stops the data thread.
+    // Dropping `wanted` stops the data thread, and the census thread after
+    // it.
     let (wanted, wanted_rx) = mpsc::channel::<SitesWanted>();
     let input_running = Arc::new(AtomicBool::new(true));
     // A floor on the interval: refreshing faster only burns CPU.
     let interval = args.interval.max(Duration::from_millis(100));
-    let data = spawn_data_thread(source, interval, events_tx.clone(), wanted_rx)?;
+    let data = spawn_data_thread(source.clone(), interval, events_tx.clone(), wanted_rx)?;
     let input = spawn_input_thread(events_tx, input_running.clone())?;
 
     // Raw mode + alternate screen, and a panic hook that restores both.
@@ -230,12 +234,27 @@ fn run_tui(source: Source, args: &TopArgs) -> Result<()> {
 
     input_running.store(false, Ordering::Relaxed);
     drop(wanted);
-    // Joining the data thread drops the source: an embedded observer
-    // detaches its probes before we exit.
-    let _ = data.join();
+    if let Ok(census) = data.join() {
+        // A census under way (queued behind another process's) is not
+        // waited for long: quitting is not held up by a heap being parsed.
+        let deadline = Instant::now() + CENSUS_AT_EXIT;
+        while !census.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if census.is_finished() {
+            let _ = census.join();
+        }
+    }
     let _ = input.join();
+    // The last holder of the source drops it: an embedded observer detaches
+    // its probes before we exit (if a census thread still holds it, the
+    // kernel closes its links at exit).
+    drop(source);
     result
 }
+
+/// How long quitting waits for a census under way.
+const CENSUS_AT_EXIT: Duration = Duration::from_secs(1);
 
 /// ratatui's hook restores the terminal on a panic in any thread, but a
 /// panic off the main thread (data, embedded observer) would leave this
@@ -278,39 +297,102 @@ fn event_loop(
 }
 
 /// Fetches from `source` every `interval`: the processes, then the sites
-/// of the process `wanted` last named (at most once per refresh). A newly
-/// wanted process refreshes at once; dropping `wanted`'s sender stops.
+/// of the process `wanted` last named (at most once per refresh) from
+/// allocation samples, until the census thread it starts has that
+/// process's sites by heap state. A newly wanted process refreshes at once;
+/// dropping `wanted`'s sender stops it, and it returns the census thread.
 fn spawn_data_thread(
-    source: Source,
+    source: Arc<Source>,
     interval: Duration,
     events: mpsc::Sender<Event>,
     wanted: mpsc::Receiver<SitesWanted>,
-) -> Result<JoinHandle<()>> {
+) -> Result<JoinHandle<JoinHandle<()>>> {
+    let heap_sites_of = Arc::new(AtomicU32::new(0));
+    let (census_wanted, census_wanted_rx) = mpsc::channel::<SitesWanted>();
+    let census = spawn_census_thread(
+        source.clone(),
+        interval,
+        events.clone(),
+        census_wanted_rx,
+        heap_sites_of.clone(),
+    )?;
     let thread = std::thread::Builder::new()
         .name("pymem-top-data".into())
         .spawn(move || {
             let mut sites_of: SitesWanted = None;
             let mut next_refresh = Instant::now();
-            let mut census = CensusSchedule::default();
             loop {
                 let wait = next_refresh.saturating_duration_since(Instant::now());
                 match wanted.recv_timeout(wait) {
                     Ok(pid) => {
                         if pid.is_some() && pid != sites_of {
                             next_refresh = Instant::now();
-                            census = CensusSchedule::default();
                         }
                         sites_of = pid;
+                        let _ = census_wanted.send(pid);
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+                next_refresh = Instant::now() + interval;
+                let sampled = sites_of.filter(|&pid| heap_sites_of.load(Ordering::Relaxed) != pid);
+                if !refresh(&source, sampled, &events) {
+                    break;
+                }
+            }
+            census
+        })?;
+    Ok(thread)
+}
+
+/// What pauses the process, on a thread of its own so that a census queued
+/// behind another (one at a time agent-wide) holds up neither the process
+/// list nor quitting: the sites by heap state of the wanted process every
+/// `interval` (the agent reuses a census up to `SITES_CENSUS_AGE` old),
+/// noted in `heap_sites_of` once they come, and its types every
+/// `CENSUS_EVERY`.
+fn spawn_census_thread(
+    source: Arc<Source>,
+    interval: Duration,
+    events: mpsc::Sender<Event>,
+    wanted: mpsc::Receiver<SitesWanted>,
+    heap_sites_of: Arc<AtomicU32>,
+) -> Result<JoinHandle<()>> {
+    let thread = std::thread::Builder::new()
+        .name("pymem-top-census".into())
+        .spawn(move || {
+            let mut of: SitesWanted = None;
+            let mut next = Instant::now();
+            let mut census = CensusSchedule::default();
+            loop {
+                let wait = next.saturating_duration_since(Instant::now());
+                match wanted.recv_timeout(wait) {
+                    Ok(pid) => {
+                        if pid != of {
+                            heap_sites_of.store(0, Ordering::Relaxed);
+                            next = Instant::now();
+                            census = CensusSchedule::default();
+                        }
+                        of = pid;
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
-                next_refresh = Instant::now() + interval;
-                if !refresh(&source, sites_of, &events) {
-                    return;
+                next = Instant::now() + interval;
+                let Some(pid) = of else {
+                    continue;
+                };
+                // Until they come (or if they fail) the data thread's sites
+                // from allocation samples stay shown.
+                if let Some(Ok(sites)) = source.heap_state_sites(pid) {
+                    heap_sites_of.store(pid, Ordering::Relaxed);
+                    if events.send(Event::Sites(pid, Ok(sites))).is_err() {
+                        return;
+                    }
                 }
-                if let Some(pid) = sites_of.filter(|&pid| census.due(pid)) {
+                if census.due(pid) {
                     let types = source
                         .census(pid, CENSUS_EVERY, true, TYPES_SHOWN)
                         .map(|mut report| {
@@ -358,7 +440,8 @@ impl CensusSchedule {
 }
 
 /// One refresh: the processes and the post-mortems, then the sites of
-/// `sites_of`. False once nobody listens any more.
+/// `sites_of` from allocation samples (no census, no pause). False once
+/// nobody listens any more.
 fn refresh(source: &Source, sites_of: SitesWanted, events: &mpsc::Sender<Event>) -> bool {
     let data = source.fetch().map_err(|e| format!("{e:#}"));
     if events.send(Event::Data(data)).is_err() {
@@ -371,7 +454,7 @@ fn refresh(source: &Source, sites_of: SitesWanted, events: &mpsc::Sender<Event>)
     let Some(pid) = sites_of else {
         return true;
     };
-    let sites = source.sites(pid).map_err(|e| format!("{e:#}"));
+    let sites = source.allocation_sites(pid).map_err(|e| format!("{e:#}"));
     events.send(Event::Sites(pid, sites)).is_ok()
 }
 

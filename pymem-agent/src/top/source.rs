@@ -43,14 +43,14 @@ impl Source {
         }
     }
 
-    /// The sites of `pid`, heaviest live bytes first: from an agent by
-    /// heap state (a census at most `SITES_CENSUS_AGE` old, so that an open
-    /// detail view pauses the process at most that often), embedded from
+    /// The sites of `pid` by heap state from an agent (a census at most
+    /// `SITES_CENSUS_AGE` old, so that an open detail view pauses the
+    /// process at most that often); None embedded, whose sites come from
     /// allocation samples.
-    pub fn sites(&self, pid: u32) -> Result<Vec<Site>> {
+    pub fn heap_state_sites(&self, pid: u32) -> Option<Result<Vec<Site>>> {
         match self {
-            Self::Agent(agent) => agent.sites(pid, SITES_CENSUS_AGE),
-            Self::Embedded(observer) => observer.sites(pid),
+            Self::Agent(agent) => Some(agent.sites(pid, SITES_CENSUS_AGE)),
+            Self::Embedded(_) => None,
         }
     }
 
@@ -274,7 +274,7 @@ fn observe(
             return Ok(());
         }
     };
-    runtime.block_on(async move {
+    let observed = runtime.block_on(async move {
         // Observer::new registers the ring buffer with the runtime's epoll.
         let started = match Observer::new(config, snapshot) {
             Ok(started) => started,
@@ -290,7 +290,12 @@ fn observe(
                 let _ = shutdown.await;
             })
             .await
-    })
+    });
+    // The probes are detached by now. A census still running on a
+    // blocking thread (a baseline of another process) is not waited for:
+    // quitting `pymem top` should not wait for a heap copy to be parsed.
+    runtime.shutdown_background();
+    observed
 }
 
 fn not_root_hint() -> String {

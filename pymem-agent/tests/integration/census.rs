@@ -73,10 +73,24 @@ fn tracer_of(pid: u32) -> u32 {
         .unwrap()
 }
 
-/// The workload still answers (it runs, it is not held in a stop).
+/// The workload still answers (it runs, it is not held in a stop). A stop
+/// that ends within seconds is another agent's pause: every test's agent
+/// takes baseline censuses of the Python processes it finds, this one too.
 fn assert_runs(work: &mut Workload) {
-    let states = thread_states(work.pid);
-    assert!(!states.contains(&'t'), "threads still stopped: {states:?}");
+    let pid = work.pid;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let states = thread_states(pid);
+        if !states.contains(&'t') {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "threads still stopped after 10 s: {states:?}, tracer {}",
+            tracer_of(pid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let ping = work.command("ping");
     assert!(ping.get("mutating").is_some(), "{ping}");
 }
@@ -480,4 +494,51 @@ fn snapshots_carry_the_census_and_diff_shows_type_growth() {
     );
     let text = pymem(&["diff", a, b]);
     assert!(text.contains("Type growth between the censuses:"), "{text}");
+}
+
+/// An agent stopped (SIGTERM, as a pod's stop) while it parses a big
+/// heap's census exits at once: the census is abandoned, not waited for,
+/// and the process it paused runs on untraced.
+#[test]
+fn an_agent_stopped_mid_census_exits_at_once_and_the_process_runs_on() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let mut work = census_workload(&python);
+    // ~7M objects: the debug build parses them for tens of seconds.
+    work.command("bloat 300");
+    work.command("dicts 1000000");
+    let mut agent = Agent::start(&["--census-baseline", "false"]);
+    agent.wait_for(work.pid, OBSERVE_TIMEOUT);
+    let url = agent.url(&format!("/api/v1/processes/{}/census", work.pid));
+    let census = std::thread::spawn(move || {
+        let http: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        http.get(&url).call().map(|r| r.status().as_u16())
+    });
+    let pid = work.pid;
+    // The pause is over (copied), the parse under way.
+    wait_until("the census's pause", Duration::from_secs(30), || {
+        tracer_of(pid) != 0
+    });
+    wait_until("the pause's end", Duration::from_secs(30), || {
+        tracer_of(pid) == 0
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !census.is_finished(),
+        "the census ended before the stop: too small a heap to test this"
+    );
+    let took = agent.stop();
+    assert!(
+        took < Duration::from_secs(5),
+        "SIGTERM to exit: {took:?}:\n{}",
+        agent.log()
+    );
+    eprintln!("stopped mid-census in {took:?}");
+    // 503 (the observer stopped) or a closed connection; never a census.
+    let answered = census.join().unwrap();
+    assert!(!matches!(answered, Ok(200)), "{answered:?}");
+    assert_runs(&mut work);
+    assert_eq!(tracer_of(pid), 0);
 }
