@@ -196,7 +196,8 @@ pub struct CensusArgs {
     #[arg(long, value_name = "N", default_value_t = crate::census::stage::CONCURRENCY)]
     pub census_concurrency: usize,
     /// Most bytes a census copies out of one process (a bigger heap is
-    /// cut off, with a warning in the census).
+    /// refused, with an error); lowered to a fifth of the memory the agent
+    /// has free under its own limit (a census peaks at about 5x its copy).
     #[arg(long, value_name = "BYTES", default_value_t = crate::census::stage::MAX_BYTES)]
     pub census_max_bytes: u64,
     /// Export `pymem_objects` and `pymem_object_bytes` for each process's N

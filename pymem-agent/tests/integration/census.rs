@@ -9,7 +9,9 @@ use std::{
 };
 
 use crate::common::{
-    Agent, OBSERVE_TIMEOUT, Workload, assert_within, free_port, get, get_ok, pyenv, stdout_of,
+    Agent, OBSERVE_TIMEOUT, Workload, assert_within,
+    cgroup::{MemoryCgroup, NO_MEMORY_HIERARCHY},
+    free_port, get, get_ok, pyenv, stdout_of,
 };
 use pymem_agent::census::{CensusErrorBody, CensusReport, TypeRow, pause::Pause};
 
@@ -541,4 +543,53 @@ fn an_agent_stopped_mid_census_exits_at_once_and_the_process_runs_on() {
     assert!(!matches!(answered, Ok(200)), "{answered:?}");
     assert_runs(&mut work);
     assert_eq!(tracer_of(pid), 0);
+}
+
+/// An agent under a memory limit (a DaemonSet's) refuses a census whose
+/// peak its free memory would not hold, saying which limit, instead of
+/// being killed for memory; a heap that fits is censused as ever.
+#[test]
+fn a_census_too_big_for_the_agents_memory_limit_is_refused_not_oom_killed() {
+    const AGENT_LIMIT: u64 = 640 << 20;
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    let Some(cgroup) = MemoryCgroup::create("census-budget", Some(AGENT_LIMIT)) else {
+        eprintln!("{NO_MEMORY_HIERARCHY}");
+        return;
+    };
+    let mut big = census_workload(&python);
+    // ~250 MiB of objects: its census would peak far above 640 MiB.
+    let bloated = big.command("bloat 250");
+    let mut small = census_workload(&python);
+    let truth = small.command("make CensusItem 20000");
+    let agent = Agent::start(&["--census-baseline", "false"]);
+    cgroup.move_in(agent.child_pid());
+    agent.wait_for(big.pid, OBSERVE_TIMEOUT);
+    agent.wait_for(small.pid, OBSERVE_TIMEOUT);
+
+    let (status, body) = get(&agent, &format!("/api/v1/processes/{}/census", big.pid));
+    eprintln!("{bloated}: HTTP {status}: {body}");
+    assert_eq!(status, 500, "{body}");
+    let error: CensusErrorBody = serde_json::from_str(&body).unwrap();
+    assert!(
+        error.error.contains("free under its memory limit")
+            && error.error.contains(&cgroup.limit_source()),
+        "{}",
+        error.error
+    );
+    assert!(
+        agent.get("/healthz").is_ok(),
+        "agent alive:\n{}",
+        agent.log()
+    );
+    assert_eq!(cgroup.oom_kills(), 0, "OOM kills in the agent's cgroup");
+    assert_runs(&mut big);
+
+    let rows: Vec<TypeRow> = get_ok(&agent, &format!("/api/v1/processes/{}/types", small.pid));
+    assert_within(
+        row(&rows, "CensusItem").count as f64,
+        truth["count"].as_f64().unwrap(),
+        0.01,
+        "CensusItem count under the agent's memory limit",
+    );
+    assert_eq!(cgroup.oom_kills(), 0, "OOM kills in the agent's cgroup");
 }

@@ -202,7 +202,9 @@ pub fn capture(pid: u32, max_bytes: u64) -> Result<HeapImage> {
     let total: u64 = chosen.iter().map(|m| m.address.1 - m.address.0).sum();
     if total > max_bytes {
         bail!(
-            "process {pid} has {total} bytes of private memory to copy, above the limit of {max_bytes}"
+            "process {pid} has {} of private memory to copy, above the limit of {}",
+            crate::format::bytes(total),
+            crate::format::bytes(max_bytes)
         );
     }
     let memory = ProcessMemory::open(pid).with_context(|| format!("opening memory of {pid}"))?;
