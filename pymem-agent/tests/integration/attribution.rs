@@ -214,8 +214,13 @@ fn a_released_peak_leaves_no_site() {
         stdout.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), what);
     };
-    expect("built");
+    // Built once the agent observes it: a heap built while the agent was
+    // still attaching the interpreter's arena probes (its first scan, on a
+    // loaded CI) would be only partly counted, as heap since attach.
+    expect("ready");
     agent.wait_for(pid, Duration::from_secs(15));
+    writeln!(stdin).unwrap();
+    expect("built");
     let held = agent.sites_report(pid);
     let heap_held = agent.settled(pid).heap_bytes;
     writeln!(stdin).unwrap();
