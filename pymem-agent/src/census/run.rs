@@ -25,6 +25,14 @@ pub fn take<R: Send + 'static>(
     let taken_at = super::unix_seconds_now();
     let cpu_before = thread_cpu_time();
     let limit = copy_limit(max_bytes, MemoryLimit::of_agent());
+    // Refused before the pause, not after: a process too big is not
+    // stopped at every request for it (an open `pymem top` asks often).
+    engine::check_size(pid, limit.bytes).map_err(|e| {
+        CensusError::Failed(format!(
+            "copying the heap of pid {pid}: {e:#} ({}); not paused",
+            limit.why
+        ))
+    })?;
     let copy_bytes = limit.bytes;
     let paused = pause::while_paused(pid, pause::STOP_TIMEOUT, move || {
         let image = engine::capture(pid, copy_bytes);

@@ -572,7 +572,8 @@ fn a_census_too_big_for_the_agents_memory_limit_is_refused_not_oom_killed() {
     let error: CensusErrorBody = serde_json::from_str(&body).unwrap();
     assert!(
         error.error.contains("free under its memory limit")
-            && error.error.contains(&cgroup.limit_source()),
+            && error.error.contains(&cgroup.limit_source())
+            && error.error.ends_with("; not paused"),
         "{}",
         error.error
     );
@@ -592,4 +593,32 @@ fn a_census_too_big_for_the_agents_memory_limit_is_refused_not_oom_killed() {
         "CensusItem count under the agent's memory limit",
     );
     assert_eq!(cgroup.oom_kills(), 0, "OOM kills in the agent's cgroup");
+}
+
+/// A heap over `--census-max-bytes` is refused before the pause, with the
+/// sizes and the option named, and the process runs on.
+#[test]
+fn a_heap_over_census_max_bytes_is_refused_before_its_pause() {
+    let python = require!(pyenv("3.11"), "pyenv 3.11");
+    // Any Python's private memory is well over 1 MiB.
+    let agent = Agent::start(&[
+        "--census-baseline",
+        "false",
+        "--census-max-bytes",
+        "1048576",
+    ]);
+    let mut work = census_workload(&python);
+    agent.wait_for(work.pid, OBSERVE_TIMEOUT);
+    let (status, body) = get(&agent, &format!("/api/v1/processes/{}/census", work.pid));
+    assert_eq!(status, 500, "{body}");
+    let error: CensusErrorBody = serde_json::from_str(&body).unwrap();
+    assert!(
+        error
+            .error
+            .contains("above the limit of 1.0 MiB (--census-max-bytes 1.0 MiB); not paused"),
+        "{}",
+        error.error
+    );
+    assert!(!error.unsupported, "{body}");
+    assert_runs(&mut work);
 }

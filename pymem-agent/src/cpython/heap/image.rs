@@ -1,7 +1,7 @@
 //! The copy of a process's memory the census reads: every private mapping
 //! that can hold objects or the strings naming their types, copied in bulk.
 use anyhow::{Context as _, Result, bail};
-use procfs::process::{MMPermissions, MMapPath, Process};
+use procfs::process::{MMPermissions, MMapPath, MemoryMap, Process};
 
 use crate::cpython::memory::ProcessMemory;
 
@@ -186,20 +186,25 @@ fn wanted(perms: MMPermissions, path: &MMapPath) -> bool {
     }
 }
 
-/// Copies every private readable non-code mapping of `pid` (anonymous:
-/// pymalloc arenas, libc heaps; file-backed: the binaries' .data/.bss with
-/// static types and `_PyRuntime`, and their read-only strings; the main
-/// thread's stack), at most
-/// `max_bytes` in all. Call while the target is paused.
-pub fn capture(pid: u32, max_bytes: u64) -> Result<HeapImage> {
+/// Fails unless `pid`'s copy would fit in `max_bytes`: read from its maps
+/// alone, so that a heap too big is refused before its process is paused.
+pub fn check_size(pid: u32, max_bytes: u64) -> Result<()> {
+    check_copy_size(pid, &copied_maps(pid)?, max_bytes)
+}
+
+/// The mappings a copy of `pid` takes: private, readable, not code.
+fn copied_maps(pid: u32) -> Result<Vec<MemoryMap>> {
     let maps = Process::new(pid as i32)
         .and_then(|p| p.maps())
         .with_context(|| format!("reading maps of {pid}"))?;
-    let chosen: Vec<_> = maps
+    Ok(maps
         .into_iter()
         .filter(|m| wanted(m.perms, &m.pathname))
-        .collect();
-    let total: u64 = chosen.iter().map(|m| m.address.1 - m.address.0).sum();
+        .collect())
+}
+
+fn check_copy_size(pid: u32, maps: &[MemoryMap], max_bytes: u64) -> Result<()> {
+    let total: u64 = maps.iter().map(|m| m.address.1 - m.address.0).sum();
     if total > max_bytes {
         bail!(
             "process {pid} has {} of private memory to copy, above the limit of {}",
@@ -207,6 +212,17 @@ pub fn capture(pid: u32, max_bytes: u64) -> Result<HeapImage> {
             crate::format::bytes(max_bytes)
         );
     }
+    Ok(())
+}
+
+/// Copies every private readable non-code mapping of `pid` (anonymous:
+/// pymalloc arenas, libc heaps; file-backed: the binaries' .data/.bss with
+/// static types and `_PyRuntime`, and their read-only strings; the main
+/// thread's stack), at most
+/// `max_bytes` in all. Call while the target is paused.
+pub fn capture(pid: u32, max_bytes: u64) -> Result<HeapImage> {
+    let chosen = copied_maps(pid)?;
+    check_copy_size(pid, &chosen, max_bytes)?;
     let memory = ProcessMemory::open(pid).with_context(|| format!("opening memory of {pid}"))?;
     let mut regions = Vec::with_capacity(chosen.len());
     for map in chosen {

@@ -15,7 +15,7 @@ mod target;
 mod tests;
 
 pub use census::take_census;
-pub use image::{Bytes, HeapImage, Region, capture};
+pub use image::{Bytes, HeapImage, Region, capture, check_size};
 pub use target::{CensusError, CensusTarget};
 
 /// One type's live objects, as Python names the type (`dict`, `str`,
