@@ -259,6 +259,7 @@ impl Observer {
                 process,
                 since: now,
                 probes_due: Some(probes_due),
+                attach_failures: 0,
                 history: HeapHistory::default(),
                 accounting: Accounting::Startup,
                 stats: ProcStats::default(),
@@ -315,13 +316,29 @@ impl Observer {
                     };
                 }
                 Err(e) => {
+                    // A mapping that changed between reading the maps and
+                    // attaching (`/proc/PID/map_files/<range>` gone) fails
+                    // once; the next attempt reads the maps anew.
+                    observed.attach_failures += 1;
+                    let retry =
+                        observed.attach_failures <= ATTACH_RETRIES && discover::is_running(pid);
                     let comm = observed.process.comm.clone();
-                    self.attach_failed(pid, &comm, e);
+                    if retry {
+                        observed.probes_due = Some(now + ATTACH_RETRY_AFTER);
+                        debug!("pid {pid} ({comm}): attaching failed, retrying: {e:#}");
+                    } else {
+                        self.attach_failed(pid, &comm, e);
+                    }
                 }
             }
         }
     }
 }
+
+/// Attempts after a failed attach of a process's per-allocation probes,
+/// and the wait before each.
+const ATTACH_RETRIES: u32 = 3;
+const ATTACH_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// How long a forked child runs before its baseline census: most forks
 /// exec another program within it.

@@ -104,6 +104,8 @@ struct Observed {
     since: Instant,
     /// When per-allocation probes are due (start-up accounting until then).
     probes_due: Option<Instant>,
+    /// Attaches of them that failed (retried up to `ATTACH_RETRIES`).
+    attach_failures: u32,
     history: HeapHistory,
     accounting: Accounting,
     stats: ProcStats,
