@@ -323,6 +323,22 @@ fn base_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
+/// `binary`'s path to open for `pid` as its maps show it now: a
+/// `/proc/PID/map_files/<range>` whose mapping was split or moved since the
+/// process was inspected (ld.so protecting its RELRO part) is gone, while
+/// `/proc/PID/exe` stays. None when the file is no longer mapped.
+pub fn current_open_path(pid: u32, binary: &Binary) -> Option<PathBuf> {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    if binary.open_path == proc_dir.join("exe") {
+        return Some(binary.open_path.clone());
+    }
+    let maps = Process::new(pid as i32).ok()?.maps().ok()?;
+    find_libpythons(&maps)
+        .into_iter()
+        .find(|(_, path)| *path == binary.display_path)
+        .map(|(range, _)| proc_dir.join("map_files").join(range))
+}
+
 /// Every distinct `libpython3.X[t].so` file in a maps file, first mapping
 /// of each: (`start-end` range for map_files, path).
 fn find_libpythons(maps: &MemoryMaps) -> Vec<(String, String)> {

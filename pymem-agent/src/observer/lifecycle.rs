@@ -316,14 +316,17 @@ impl Observer {
                     };
                 }
                 Err(e) => {
-                    // A mapping that changed between reading the maps and
-                    // attaching (`/proc/PID/map_files/<range>` gone) fails
-                    // once; the next attempt reads the maps anew.
+                    // A mapping that changed since the process was
+                    // inspected (`/proc/PID/map_files/<range>` gone) fails
+                    // once; the next attempt opens the file by its maps now.
                     observed.attach_failures += 1;
-                    let retry =
-                        observed.attach_failures <= ATTACH_RETRIES && discover::is_running(pid);
+                    let reopened = discover::current_open_path(pid, &observed.process.binary);
+                    let retry = observed.attach_failures <= ATTACH_RETRIES
+                        && discover::is_running(pid)
+                        && reopened.is_some();
                     let comm = observed.process.comm.clone();
-                    if retry {
+                    if let Some(path) = reopened.filter(|_| retry) {
+                        observed.process.binary.open_path = path;
                         observed.probes_due = Some(now + ATTACH_RETRY_AFTER);
                         debug!("pid {pid} ({comm}): attaching failed, retrying: {e:#}");
                     } else {
