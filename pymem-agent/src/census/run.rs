@@ -7,7 +7,11 @@ use super::{
     engine::{self, CensusError},
     pause,
 };
-use crate::{discover::Binary, format, limits::LimitReader};
+use crate::{
+    discover::Binary,
+    format,
+    limits::{LimitReader, MemoryLimit},
+};
 
 /// Pauses `pid`, copies at most `max_bytes` of its heap, calls `at_copy`
 /// (still paused), resumes it and counts the copy's objects by type. Blocks
@@ -24,7 +28,7 @@ pub fn take<R: Send + 'static>(
         .map_err(|e| CensusError::Unsupported(format!("{e:#}")))?;
     let taken_at = super::unix_seconds_now();
     let cpu_before = thread_cpu_time();
-    let limit = copy_limit(max_bytes, MemoryLimit::of_agent());
+    let limit = copy_limit(max_bytes, agent_memory_limit());
     // Refused before the pause, not after: a process too big is not
     // stopped at every request for it (an open `pymem top` asks often).
     engine::check_size(pid, limit.bytes).map_err(|e| {
@@ -102,24 +106,10 @@ pub fn thread_cpu_time() -> Duration {
 /// (measured: 3.9 GiB for a 1 GiB heap, about 5x for a 100 MiB one).
 pub const PEAK_PER_COPIED_BYTE: u64 = 5;
 
-/// The agent's memory: what it may use, and uses.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MemoryLimit {
-    pub free_bytes: u64,
-    /// `cgroup v1 memory.limit_in_bytes /sys/fs/cgroup/memory/…`, `host`.
-    pub source: String,
-}
-
-impl MemoryLimit {
-    /// The limit the agent itself runs under (its cgroup's, else the
-    /// host's), read now; None when it cannot be read.
-    pub fn of_agent() -> Option<Self> {
-        let limit = LimitReader::new().of_process(std::process::id())?;
-        Some(Self {
-            free_bytes: limit.limit_bytes.saturating_sub(limit.usage_bytes?),
-            source: limit.source,
-        })
-    }
+/// The memory limit the agent itself runs under (its cgroup's, else the
+/// host's), read now; None when it cannot be read.
+pub fn agent_memory_limit() -> Option<MemoryLimit> {
+    LimitReader::new().of_process(std::process::id())
 }
 
 /// The most one census may copy, and why, for the error of a heap above it.
@@ -138,10 +128,11 @@ pub fn copy_limit(max_bytes: u64, memory: Option<MemoryLimit>) -> CopyLimit {
         bytes: max_bytes,
         why: format!("--census-max-bytes {}", format::bytes(max_bytes)),
     };
-    let Some(memory) = memory else {
+    let Some((memory, usage)) = memory.and_then(|m| m.usage_bytes.map(|usage| (m, usage))) else {
         return by_option;
     };
-    let fits = memory.free_bytes / PEAK_PER_COPIED_BYTE;
+    let free_bytes = memory.limit_bytes.saturating_sub(usage);
+    let fits = free_bytes / PEAK_PER_COPIED_BYTE;
     if fits >= max_bytes {
         return by_option;
     }
@@ -149,7 +140,7 @@ pub fn copy_limit(max_bytes: u64, memory: Option<MemoryLimit>) -> CopyLimit {
         bytes: fits,
         why: format!(
             "a census peaks at about {PEAK_PER_COPIED_BYTE}x its copy, and the agent has {} free under its memory limit ({})",
-            format::bytes(memory.free_bytes),
+            format::bytes(free_bytes),
             memory.source
         ),
     }
@@ -161,16 +152,24 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
 
+    /// A 64 GiB cgroup limit with `free_bytes` of it unused.
     fn memory(free_bytes: u64) -> Option<MemoryLimit> {
         Some(MemoryLimit {
-            free_bytes,
+            limit_bytes: 64 * GIB,
+            cgroup_dir: Some("/sys/fs/cgroup/pymem".into()),
             source: "cgroup v2 memory.max /sys/fs/cgroup/pymem".into(),
+            high_bytes: None,
+            usage_bytes: Some(64 * GIB - free_bytes),
         })
     }
 
     #[test]
     fn the_option_limits_where_memory_is_plenty_or_unknown() {
-        for free in [None, memory(64 * GIB)] {
+        let unknown_usage = memory(0).map(|m| MemoryLimit {
+            usage_bytes: None,
+            ..m
+        });
+        for free in [None, unknown_usage, memory(64 * GIB)] {
             let limit = copy_limit(2 * GIB, free);
             assert_eq!(limit.bytes, 2 * GIB);
             assert_eq!(limit.why, "--census-max-bytes 2.0 GiB");
@@ -190,7 +189,12 @@ mod tests {
     fn the_agents_own_limit_is_read() {
         // Under no cgroup limit here: the host's free memory, which is
         // what /proc/meminfo's MemAvailable says.
-        let memory = MemoryLimit::of_agent().expect("the agent's memory");
-        assert!(memory.free_bytes > 0, "{memory:?}");
+        let memory = agent_memory_limit().expect("the agent's memory");
+        assert!(
+            memory
+                .usage_bytes
+                .is_some_and(|used| used < memory.limit_bytes),
+            "{memory:?}"
+        );
     }
 }
